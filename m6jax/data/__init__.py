@@ -1,0 +1,1 @@
+"""Data: catalogue CSV + images -> validated rows -> TFDS dataset -> grain batches."""

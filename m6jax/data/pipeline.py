@@ -1,0 +1,112 @@
+"""Batches from the built dataset, with grain.
+
+Images come out as uint8 RGB (B, S, S, 3): each model family normalises them
+itself (inside the jitted model), so the pipeline stays model-agnostic and
+the same cached dataset serves every backbone.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grain
+import numpy as np
+from PIL import Image
+
+
+def square_image(img: np.ndarray, size: int, rng: np.random.Generator | None = None
+                 ) -> np.ndarray:
+  """(H, W, 3) uint8 -> (size, size, 3) uint8.
+
+  Eval: shorter side resized to `size`, centre crop. Train (rng given): shorter
+  side resized to a random 1.0-1.25 x size, random crop, random horizontal flip.
+  """
+  pil = Image.fromarray(img)
+  w, h = pil.size
+  scale = 1.0 if rng is None else rng.uniform(1.0, 1.25)
+  short = max(size, int(round(size * scale)))
+  nw, nh = (short, max(short, round(h * short / w))) if w <= h else (
+      max(short, round(w * short / h)), short)
+  pil = pil.resize((nw, nh), Image.BILINEAR)
+  if rng is None:
+    left, top = (nw - size) // 2, (nh - size) // 2
+  else:
+    left, top = rng.integers(0, nw - size + 1), rng.integers(0, nh - size + 1)
+  out = np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.uint8)
+  if rng is not None and rng.random() < 0.5:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
+
+
+def _example(rec: dict, size: int, rng=None) -> dict:
+  return {
+      "image": square_image(rec["image"], size, rng),
+      "text": _str(rec["text"]),
+      "label": np.int32(rec["label"]),
+      "uniq_id": _str(rec["uniq_id"]),
+      "mask": np.bool_(True),
+  }
+
+
+def _str(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def _collate(examples: list, batch_size: int) -> dict:
+  """Stacks examples; pads to `batch_size` with mask=False so shapes stay static."""
+  n = len(examples)
+  out = {}
+  for k in examples[0]:
+    vals = [e[k] for e in examples]
+    if isinstance(vals[0], str):
+      out[k] = np.array(vals + [""] * (batch_size - n), dtype=object)
+    else:
+      arr = np.stack(vals)
+      if n < batch_size:
+        arr = np.concatenate([arr, np.zeros((batch_size - n,) + arr.shape[1:], arr.dtype)])
+      out[k] = arr
+  return out
+
+
+def dataset(source, image_size: int, *, shuffle_seed: int | None = None,
+            augment_seed: int | None = None) -> grain.MapDataset:
+  """Random-access dataset of examples {image, text, label, uniq_id, mask}.
+
+  `shuffle_seed` None keeps the stored order; `augment_seed` None means no
+  augmentation. Both are explicit so every epoch and replica is reproducible.
+  """
+  ds = grain.MapDataset.source(source)
+  if shuffle_seed is not None:
+    ds = ds.shuffle(seed=shuffle_seed)
+  if augment_seed is None:
+    return ds.map(lambda r: _example(r, image_size))
+  return ds.random_map(lambda r, rng: _example(r, image_size, rng), seed=augment_seed)
+
+
+def batches(source, batch_size: int, image_size: int, *, shuffle_seed: int | None = None,
+            augment_seed: int | None = None, drop_remainder: bool = False
+            ) -> Iterator[dict]:
+  """Yields batches: image uint8 (B, S, S, 3), label int32 (B,), mask bool (B,),
+  text and uniq_id object arrays (B,). The last batch is padded (mask False)
+  unless `drop_remainder`.
+  """
+  ds = dataset(source, image_size, shuffle_seed=shuffle_seed, augment_seed=augment_seed)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder,
+                batch_fn=lambda ex: _collate(list(ex), batch_size))
+  for i in range(len(ds)):
+    yield ds[i]
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
+  return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def columns(source) -> dict:
+  """Label, uniq_id and text of every example, in stored order (no image decode)."""
+  labels, ids, texts = [], [], []
+  for i in range(len(source)):
+    rec = source[i]
+    labels.append(rec["label"])
+    ids.append(_str(rec["uniq_id"]))
+    texts.append(_str(rec["text"]))
+  return {"label": np.asarray(labels, np.int32), "uniq_id": ids, "text": texts}

@@ -1,0 +1,1 @@
+"""Flax Linen models: one family per file, weight import beside each model."""

@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny generated catalogue with one of each bad row."""
+
+import csv
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_TRACKING_URI", "")
+
+CLASSES = ("Alpha Goods", "Beta Things", "Gamma Stuff")
+PER_CLASS = 10
+HEADER = ["uniq_id", "product_name", "product_category_tree", "description", "brand", "image"]
+# The bad rows, each with the reason the report must give.
+BAD = {
+    "missing_image": "missing image",
+    "corrupt_image": "corrupt image",
+    "huge_image": "image too large",
+    "empty_text": "empty text",
+    "bad_tree": "bad label",
+    "malformed": "malformed CSV row",
+    "dup": "duplicate uniq_id",
+}
+MAX_PIXELS = 500_000
+
+
+def _img(path, color, size=(40, 30)):
+  rng = np.random.default_rng(abs(hash(path)) % 2**32)
+  arr = np.clip(np.array(color)[None, None] + rng.integers(-20, 20, (size[1], size[0], 3)),
+                0, 255).astype(np.uint8)
+  Image.fromarray(arr).save(path, "JPEG", quality=90)
+
+
+def make_catalogue(root, classes=CLASSES, per_class=PER_CLASS, bad=True):
+  """Writes root/products.csv + root/images/*.jpg; returns the list of bad ids."""
+  img_dir = os.path.join(root, "images")
+  os.makedirs(img_dir, exist_ok=True)
+  rows = []
+  for c, cat in enumerate(classes):
+    color = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)][c % 4]
+    for i in range(per_class):
+      uid = f"{c}{i:03d}" + "a" * 8
+      _img(os.path.join(img_dir, uid + ".jpg"), color)
+      rows.append([uid, f"{cat.split()[0]} item {i}", f'["{cat} >> Sub {i % 2} >> Leaf"]',
+                   f"A {cat.lower()} product number {i}, very {cat.split()[1].lower()}.",
+                   "", uid + ".jpg"])
+  bad_ids = []
+  if bad:
+    good_tree = f'["{classes[0]} >> Sub"]'
+    _img(os.path.join(img_dir, "huge.jpg"), (90, 90, 90), size=(800, 700))
+    with open(os.path.join(img_dir, "corrupt.jpg"), "wb") as f:
+      f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg" + bytes(range(200)))
+    _img(os.path.join(img_dir, "ok_extra.jpg"), (10, 10, 10))
+    rows += [
+        ["missing_image", "Thing", good_tree, "desc", "", "nope.jpg"],
+        ["corrupt_image", "Thing", good_tree, "desc", "", "corrupt.jpg"],
+        ["huge_image", "Thing", good_tree, "desc", "", "huge.jpg"],
+        ["empty_text", "  ", good_tree, "", "", "ok_extra.jpg"],
+        ["bad_tree", "Thing", "Alpha Goods > Sub", "desc", "", "ok_extra.jpg"],
+        ["malformed", "Thing", good_tree, "desc", "", "ok_extra.jpg", "EXTRA", "FIELDS"],
+        [rows[0][0], "Dup", good_tree, "desc", "", "ok_extra.jpg"],
+    ]
+    bad_ids = list(BAD)
+  with open(os.path.join(root, "products.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(HEADER)
+    w.writerows(rows)
+  return bad_ids
+
+
+@pytest.fixture(scope="session")
+def tiny_catalogue(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("catalogue"))
+  make_catalogue(root)
+  return root
+
+
+def tiny_config(catalogue_dir, tfds_dir, **overrides):
+  """The smoke config pointed at a tiny catalogue."""
+  from configs import smoke
+  cfg = smoke.get_config()
+  cfg.data.manual_dir = catalogue_dir
+  cfg.data.tfds_dir = tfds_dir
+  cfg.data.max_image_pixels = MAX_PIXELS
+  cfg.data.image_size = 16
+  cfg.data.batch_size = 8
+  cfg.data.columns.name = "product_name"
+  cfg.train.batch_size = 8
+  cfg.train.epochs = 1
+  cfg.model.text.tfidf_dim = 16
+  for k, v in overrides.items():
+    node = cfg
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return cfg
