@@ -57,6 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
   t.warmup_steps = 20
   t.label_smoothing = 0.0
   t.data_order = "per_seed"            # per_seed | shared
+  t.bn = "frozen"                      # finetune: BN statistics 'frozen' (towers in
+                                       # inference mode) or 'update'
+  # Parameter groups (finetune): {name: {regex, lr_mult, unfreeze_at}}; every
+  # parameter path must match exactly one regex. Empty: one group.
+  t.groups = ml_collections.ConfigDict()
+  t.checkpoint = True                  # orbax: latest (resume) + best (val macro-F1)
   t.log_every = 10
 
   c.seeds = 5                          # replicas trained as one vmapped program

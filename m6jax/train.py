@@ -1,17 +1,24 @@
 """Training: seed replicas as one vmapped, jitted program.
 
-`states = jax.vmap(init)(keys)`; `jax.jit(jax.vmap(train_epoch))` advances
-all K replicas at once. Replica k is seeded with `seed + k`, so it matches a
-solo run with that seed.
+`states = jax.vmap(init)(keys)`; `jax.jit(jax.vmap(train_step))` advances all
+K replicas at once. Replica k is seeded with `seed + k`, so with per-seed data
+order it matches a solo run with that seed.
+
+Two modes share the epoch loop, validation, best-epoch selection and
+checkpoints:
+  frozen    heads train on cached tower embeddings (a whole epoch is one
+            jitted `lax.scan`);
+  finetune  towers and head train end to end on image batches.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +34,18 @@ log = logging.getLogger(__name__)
 
 @flax.struct.dataclass
 class TrainState:
+  """One replica's state (a leading K axis on every leaf when vmapped).
+
+  best_* hold the parameters of the epoch with the best validation macro-F1,
+  so each replica's selection travels with it through checkpoints.
+  """
   step: jax.Array
   params: Any
+  batch_stats: Any
   opt_state: Any
+  best_params: Any
+  best_batch_stats: Any
+  best_f1: jax.Array
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -50,50 +66,136 @@ def head_module(cfg, num_classes: int) -> fusion.FusionHead:
 def loss_fn(logits, labels, mask, num_classes: int, smoothing: float = 0.0):
   """Mean softmax cross-entropy over valid (mask) rows."""
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-  per = optax.softmax_cross_entropy(logits, targets)
+  per = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
   mask = mask.astype(per.dtype)
   return jnp.sum(per * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
-class FrozenTrainer:
-  """Trains a fusion head on cached embeddings for K seeds at once.
+def _new_state(params, batch_stats, tx) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
+                    params, batch_stats, jnp.full((), -1.0, jnp.float32))
 
-  Args:
-    cfg: the run config (model.*, train.*, seeds, seed).
-    num_classes: C.
-    feature_dims: {'image': Di, 'text': Dt} for the modalities the head reads.
-    num_train: number of training examples (fixes the steps per epoch).
-  """
 
-  def __init__(self, cfg, num_classes: int, feature_dims: dict, num_train: int):
+def _keep_best(state: TrainState, f1) -> TrainState:
+  better = f1 > state.best_f1
+  pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
+  return state.replace(best_params=pick(state.params, state.best_params),
+                       best_batch_stats=pick(state.batch_stats, state.best_batch_stats),
+                       best_f1=jnp.where(better, f1, state.best_f1))
+
+
+def _epoch_key(key, epoch, salt):
+  return jax.random.fold_in(jax.random.fold_in(key, salt), epoch)
+
+
+class Trainer:
+  """The shared epoch loop. Subclasses define init_states, run_epoch, predict."""
+
+  def __init__(self, cfg, num_classes: int, num_train: int):
     self.cfg = cfg
     self.num_classes = num_classes
-    self.head = head_module(cfg, num_classes)
-    self.mods = fusion.modalities(cfg.model.fusion)
-    self.dims = {m: feature_dims[m] for m in self.mods}
     self.batch_size = min(cfg.train.batch_size, num_train)
     self.steps_per_epoch = max(1, num_train // self.batch_size)
     self.total_steps = self.steps_per_epoch * cfg.train.epochs
+    self.keys = replica_keys(cfg.seed, cfg.seeds)
+    self._keep_best = jax.jit(jax.vmap(_keep_best), donate_argnums=(0,))
+
+  def order_keys(self):
+    """Keys that fix each replica's data order: its own, or one shared key."""
+    if self.cfg.train.data_order == "per_seed":
+      return self.keys
+    if self.cfg.train.data_order != "shared":
+      raise ValueError(f"train.data_order must be per_seed or shared, "
+                       f"got {self.cfg.train.data_order!r}")
+    return jnp.stack([jax.random.key(self.cfg.seed)] * self.cfg.seeds)
+
+  def fit(self, val_labels, checkpoints=None, progress: bool = True):
+    """Runs the epochs; returns (states with best_* filled, history list).
+
+    Resumes from `checkpoints` (m6jax.checkpoint.Checkpoints) when it holds a
+    latest step, and saves latest (each epoch) and best (by mean validation
+    macro-F1) there.
+    """
+    cfg = self.cfg
+    states = self.init_states()
+    history, start = [], 0
+    if checkpoints is not None:
+      restored = checkpoints.restore_latest(states)
+      if restored is not None:
+        states, extra = restored
+        history, start = extra["history"], extra["epoch"] + 1
+        log.info("resumed from epoch %d (step %d)", extra["epoch"], int(states.step[0]))
+    bar = tqdm.trange(start, cfg.train.epochs, desc="train", disable=not progress,
+                      leave=False, initial=start, total=cfg.train.epochs)
+    for epoch in bar:
+      t0 = time.time()
+      states, stats = self.run_epoch(states, epoch)
+      loss = np.asarray(stats["loss"], np.float64)
+      if not np.all(np.isfinite(loss)):
+        if checkpoints is not None:
+          checkpoints.save_latest(int(states.step[0]), states,
+                                  {"epoch": epoch - 1, "history": history, "nonfinite": True})
+          checkpoints.wait()
+        raise NonFiniteLoss(f"non-finite loss at epoch {epoch}: per replica {loss.tolist()}; "
+                            "the last good state is in the latest checkpoint")
+      probs = self.predict(states.params, states.batch_stats, "validation")
+      val = metrics_lib.replica_metrics(val_labels, np.asarray(probs).argmax(-1),
+                                        self.num_classes)
+      val_f1 = np.asarray(val["macro_f1"], np.float64)
+      states = self._keep_best(states, jnp.asarray(val_f1, jnp.float32))
+      rec = {"epoch": epoch, "loss": loss.tolist(),
+             "grad_norm": np.asarray(stats["grad_norm"], np.float64).tolist(),
+             "val_macro_f1": val_f1.tolist(),
+             "val_accuracy": np.asarray(val["accuracy"], np.float64).tolist(),
+             "seconds": time.time() - t0}
+      history.append(rec)
+      bar.set_postfix(loss=f"{loss.mean():.3f}", val_f1=f"{val_f1.mean():.3f}")
+      if epoch % max(1, cfg.train.log_every) == 0 or epoch == cfg.train.epochs - 1:
+        log.info("epoch %d loss %.4f val macro-F1 %.4f (per seed %s)", epoch, loss.mean(),
+                 val_f1.mean(), np.round(val_f1, 4).tolist())
+      if checkpoints is not None:
+        step = int(states.step[0])
+        extra = {"epoch": epoch, "history": history}
+        checkpoints.save_latest(step, states, extra)
+        checkpoints.save_best(step, states, float(val_f1.mean()), extra)
+    if checkpoints is not None:
+      checkpoints.wait()
+    return states, history
+
+
+class FrozenTrainer(Trainer):
+  """Fusion head on cached embeddings, K seeds at once.
+
+  feats: {split: {'image': (N, Di), 'text': (N, Dt)}} for the modalities the
+  head reads; labels: {split: (N,)}.
+  """
+
+  def __init__(self, cfg, num_classes: int, feats: dict, labels: dict):
+    super().__init__(cfg, num_classes, len(labels["train"]))
+    self.head = head_module(cfg, num_classes)
+    self.mods = fusion.modalities(cfg.model.fusion)
+    self.feats = {s: {m: jnp.asarray(f[m]) for m in self.mods} for s, f in feats.items()}
+    self.labels = {s: jnp.asarray(v) for s, v in labels.items()}
     self.tx = optim.make_optimizer(cfg.train, self.total_steps)
-    self.init = jax.jit(jax.vmap(self._init))
-    self.train_epoch = jax.jit(jax.vmap(self._train_epoch, in_axes=(0, None, None, 0, None)),
-                               donate_argnums=(0,))
-    self.predict = jax.jit(jax.vmap(self._predict, in_axes=(0, None)))
+    self._init = jax.jit(jax.vmap(self._init_one))
+    self._epoch = jax.jit(jax.vmap(self._train_epoch, in_axes=(0, None, None, 0, 0, None)),
+                          donate_argnums=(0,))
+    self._predict = jax.jit(jax.vmap(self._predict_one, in_axes=(0, None)))
 
-  def _init(self, key) -> TrainState:
-    dummy = {m: jnp.zeros((1, d), jnp.float32) for m, d in self.dims.items()}
+  def _init_one(self, key) -> TrainState:
+    dummy = {m: f[:1] for m, f in self.feats["train"].items()}
     params = self.head.init({"params": jax.random.fold_in(key, 0)}, dummy)["params"]
-    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+    return _new_state(params, {}, self.tx)
 
-  def _train_epoch(self, state: TrainState, feats: dict, labels, key, epoch):
-    """One epoch for one replica: permutation from `key` (or the shared key), scanned steps."""
+  def init_states(self):
+    return self._init(self.keys)
+
+  def _train_epoch(self, state, feats, labels, key, order_key, epoch):
     n = labels.shape[0]
-    order_key = key if self.cfg.train.data_order == "per_seed" else jax.random.key(
-        self.cfg.seed)
-    perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(order_key, 1), epoch), n)
+    perm = jax.random.permutation(_epoch_key(order_key, epoch, 1), n)
     idx = perm[: self.steps_per_epoch * self.batch_size].reshape(
         self.steps_per_epoch, self.batch_size)
-    drop_key = jax.random.fold_in(jax.random.fold_in(key, 2), epoch)
+    drop_key = _epoch_key(key, epoch, 2)
 
     def step(state, batch_idx):
       emb = {m: feats[m][batch_idx] for m in self.mods}
@@ -107,84 +209,197 @@ class FrozenTrainer:
 
       loss, grads = jax.value_and_grad(loss_of)(state.params)
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      return TrainState(state.step + 1, params, opt_state), (loss, optax.global_norm(grads))
+      state = state.replace(step=state.step + 1, opt_state=opt_state,
+                            params=optax.apply_updates(state.params, updates))
+      return state, (loss, optax.global_norm(grads))
 
     state, (losses, gnorms) = jax.lax.scan(step, state, idx)
     return state, {"loss": losses.mean(), "grad_norm": gnorms.mean()}
 
-  def _predict(self, params, feats: dict):
-    out = self.head.apply({"params": params}, {m: feats[m] for m in self.mods}, train=False)
+  def run_epoch(self, states, epoch):
+    return self._epoch(states, self.feats["train"], self.labels["train"], self.keys,
+                       self.order_keys(), epoch)
+
+  def _predict_one(self, params, feats):
+    out = self.head.apply({"params": params}, feats, train=False)
     return jax.nn.softmax(out["logits"]), out["weights"]
 
-  def fit(self, train: dict, val: dict, progress: bool = True):
-    """Trains all replicas; keeps each replica's parameters from its best
-    validation macro-F1 epoch (selection on validation, never on test).
-
-    train / val: {'image': (N, Di), 'text': (N, Dt), 'label': (N,)}.
-    Returns (best_params with a leading K axis, history list of dicts).
-    """
-    cfg = self.cfg
-    keys = replica_keys(cfg.seed, cfg.seeds)
-    states = self.init(keys)
-    feats = {m: jnp.asarray(train[m]) for m in self.mods}
-    labels = jnp.asarray(train["label"])
-    vfeats = {m: jnp.asarray(val[m]) for m in self.mods}
-    vlabels = np.asarray(val["label"])
-    best = jax.tree.map(jnp.copy, states.params)
-    best_f1 = np.full((cfg.seeds,), -1.0)
-    history = []
-    bar = tqdm.trange(cfg.train.epochs, desc="train", disable=not progress, leave=False)
-    for epoch in bar:
-      states, stats = self.train_epoch(states, feats, labels, keys, epoch)
-      loss = np.asarray(stats["loss"])
-      if not np.all(np.isfinite(loss)):
-        raise NonFiniteLoss(f"non-finite loss at epoch {epoch}: per replica {loss}")
-      probs, _ = self.predict(states.params, vfeats)
-      val_f1 = np.asarray(batched_metrics(vlabels, np.asarray(probs).argmax(-1),
-                                          self.num_classes)["macro_f1"])
-      better = val_f1 > best_f1
-      best_f1 = np.where(better, val_f1, best_f1)
-      sel = jnp.asarray(better)
-      best = jax.tree.map(lambda b, p: jnp.where(sel.reshape((-1,) + (1,) * (p.ndim - 1)), p, b),
-                          best, states.params)
-      rec = {"epoch": epoch, "loss": loss.tolist(), "grad_norm":
-             np.asarray(stats["grad_norm"]).tolist(), "val_macro_f1": val_f1.tolist()}
-      history.append(rec)
-      bar.set_postfix(loss=f"{loss.mean():.3f}", val_f1=f"{val_f1.mean():.3f}")
-      if epoch % max(1, cfg.train.log_every) == 0 or epoch == cfg.train.epochs - 1:
-        log.info("epoch %d loss %.4f val macro-F1 %.4f (per seed %s)", epoch, loss.mean(),
-                 val_f1.mean(), np.round(val_f1, 4).tolist())
-    return best, history
+  def predict(self, params, batch_stats, split, with_weights=False):
+    """(K, N, C) probabilities (and (K, N, M) modality weights) for a split."""
+    probs, weights = self._predict(params, self.feats[split])
+    return (probs, weights) if with_weights else probs
 
 
-def batched_metrics(labels, preds, num_classes: int) -> dict:
-  """labels (N,), preds (K, N) -> metrics dict with a leading K axis."""
-  return metrics_lib.replica_metrics(labels, preds, num_classes)
+class FinetuneTrainer(Trainer):
+  """Towers + head trained end to end on image (and token) batches, K seeds at once.
+
+  builder: the TFDS builder (splits are read through grain); image_tower /
+  text_tower from m6jax.models.towers (text_tower None, or a TF-IDF tower whose
+  cached features arrive in `text_feats` {split: (N, D)} keyed by row order).
+  """
+
+  def __init__(self, cfg, num_classes: int, builder, image_tower=None, text_tower=None,
+               text_feats: dict | None = None):
+    from m6jax.data import pipeline
+    self.pipeline = pipeline
+    self.sources = {s: builder.as_data_source(s) for s in ("train", "validation", "test")}
+    super().__init__(cfg, num_classes, len(self.sources["train"]))
+    self.mods = fusion.modalities(cfg.model.fusion)
+    self.image_tower = image_tower if "image" in self.mods else None
+    bert = text_tower if "text" in self.mods and text_tower and text_tower.module else None
+    self.text_tower = bert
+    self.text_lookup = None
+    if "text" in self.mods and bert is None:
+      if text_feats is None:
+        raise ValueError("fusion uses text: give a BERT text tower or cached text features")
+      self.text_lookup = {s: dict(zip(self.pipeline.columns(self.sources[s])["uniq_id"],
+                                      np.asarray(text_feats[s]))) for s in self.sources}
+    self.model = fusion.Classifier(
+        fusion=head_module(cfg, num_classes),
+        image=self.image_tower.module if self.image_tower else None,
+        text=bert.module if bert else None,
+        image_preprocess=self.image_tower.preprocess if self.image_tower else None,
+        tower_train=cfg.train.bn == "update")
+    shapes = jax.eval_shape(self._init_variables, self.keys[0])
+    self.tx = optim.make_optimizer(cfg.train, self.total_steps, shapes["params"])
+    log.info("parameter groups:\n%s", optim.describe_groups(
+        shapes["params"], dict(cfg.train.get("groups") or {})))
+    self._init = jax.jit(jax.vmap(self._init_one))
+    batch_axis = 0 if cfg.train.data_order == "per_seed" else None
+    self._step = jax.jit(jax.vmap(self._train_step, in_axes=(0, batch_axis, 0)),
+                         donate_argnums=(0,))
+    self._predict = jax.jit(jax.vmap(self._predict_one, in_axes=(0, 0, None)))
+
+  # --- model inputs -----------------------------------------------------------
+  def inputs(self, batch: dict, split: str) -> dict:
+    """A pipeline batch -> the Classifier's input dict (numpy)."""
+    out = {"label": batch["label"], "mask": batch["mask"]}
+    if self.image_tower is not None:
+      out["image"] = batch["image"]
+    if self.text_tower is not None:
+      from m6jax.data import tokenize
+      toks = tokenize.tokenize(self.text_tower.tokenizer, [str(t) for t in batch["text"]],
+                               self.cfg.data.max_text_length)
+      out["input_ids"], out["attention_mask"] = toks["input_ids"], toks["attention_mask"]
+    elif self.text_lookup is not None:
+      table = self.text_lookup[split]
+      dim = len(next(iter(table.values())))
+      out["text_embedding"] = np.stack([table.get(u, np.zeros(dim, np.float32))
+                                        for u in batch["uniq_id"]]).astype(np.float32)
+    return out
+
+  def _dummy(self):
+    b = {"label": jnp.zeros((1,), jnp.int32), "mask": jnp.ones((1,), bool)}
+    s = self.cfg.data.image_size
+    if self.image_tower is not None:
+      b["image"] = jnp.zeros((1, s, s, 3), jnp.uint8)
+    if self.text_tower is not None:
+      b["input_ids"] = jnp.zeros((1, 8), jnp.int32)
+      b["attention_mask"] = jnp.ones((1, 8), jnp.int32)
+    elif self.text_lookup is not None:
+      dim = len(next(iter(self.text_lookup["train"].values())))
+      b["text_embedding"] = jnp.zeros((1, dim), jnp.float32)
+    return b
+
+  # --- init -----------------------------------------------------------------
+  def _init_variables(self, key):
+    v = self.model.init({"params": jax.random.fold_in(key, 0),
+                         "dropout": jax.random.fold_in(key, 1)}, self._dummy(), train=False)
+    params, stats = dict(v["params"]), dict(v.get("batch_stats", {}))
+    # Pretrained towers are the same for every replica; only the head differs.
+    if self.image_tower is not None and self.image_tower.variables.get("params"):
+      params["image"] = self.image_tower.variables["params"]
+      if "batch_stats" in self.image_tower.variables:
+        stats["image"] = self.image_tower.variables["batch_stats"]
+    if self.text_tower is not None:
+      params["text"] = self.text_tower.params["params"]
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), stats)
+    return {"params": params, "batch_stats": stats}
+
+  def _init_one(self, key):
+    v = self._init_variables(key)
+    return _new_state(v["params"], v["batch_stats"], self.tx)
+
+  def init_states(self):
+    return self._init(self.keys)
+
+  # --- steps ----------------------------------------------------------------
+  def _train_step(self, state: TrainState, batch: dict, key):
+    rng = jax.random.fold_in(jax.random.fold_in(key, 3), state.step)
+    mutable = ["batch_stats"] if self.cfg.train.bn == "update" else []
+
+    def loss_of(params):
+      out, upd = self.model.apply({"params": params, "batch_stats": state.batch_stats},
+                                  batch, train=True, rngs={"dropout": rng}, mutable=mutable)
+      loss = loss_fn(out["logits"], batch["label"], batch["mask"], self.num_classes,
+                     self.cfg.train.label_smoothing)
+      return loss, upd
+
+    (loss, upd), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, opt_state=opt_state,
+                          params=optax.apply_updates(state.params, updates),
+                          batch_stats=upd.get("batch_stats", state.batch_stats))
+    return state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+  def _predict_one(self, params, batch_stats, batch):
+    out = self.model.apply({"params": params, "batch_stats": batch_stats}, batch, train=False)
+    return jax.nn.softmax(out["logits"]), out["weights"]
+
+  def _shuffle_seed(self, k: int, epoch: int) -> int:
+    base = self.cfg.seed + k if self.cfg.train.data_order == "per_seed" else self.cfg.seed
+    return (base * 1_000_003 + epoch) % (2**31 - 1)
+
+  def run_epoch(self, states, epoch):
+    cfg, p = self.cfg, self.pipeline
+    k_iters = cfg.seeds if cfg.train.data_order == "per_seed" else 1
+    iters = [p.batches(self.sources["train"], self.batch_size, cfg.data.image_size,
+                       shuffle_seed=self._shuffle_seed(k, epoch),
+                       augment_seed=(self._shuffle_seed(k, epoch) + 7 if cfg.data.augment
+                                     else None), drop_remainder=True)
+             for k in range(k_iters)]
+    losses, gnorms = [], []
+    for _ in tqdm.trange(self.steps_per_epoch, desc=f"epoch {epoch}", leave=False,
+                         disable=self.steps_per_epoch < 5):
+      batch = [self.inputs(next(it), "train") for it in iters]
+      batch = (jax.tree.map(lambda *xs: np.stack(xs), *batch) if k_iters > 1 else batch[0])
+      states, m = self._step(states, batch, self.keys)
+      losses.append(m["loss"])
+      gnorms.append(m["grad_norm"])
+    return states, {"loss": jnp.stack(losses).mean(0), "grad_norm": jnp.stack(gnorms).mean(0)}
+
+  def predict(self, params, batch_stats, split, with_weights=False):
+    """(K, N, C) probabilities (and (K, N, M) modality weights) for a split."""
+    probs, weights = [], []
+    for batch in self.pipeline.batches(self.sources[split], self.cfg.data.batch_size,
+                                       self.cfg.data.image_size):
+      pr, w = self._predict(params, batch_stats, self.inputs(batch, split))
+      probs.append(np.asarray(pr)[:, batch["mask"]])
+      weights.append(np.asarray(w)[:, batch["mask"]])
+    probs, weights = np.concatenate(probs, 1), np.concatenate(weights, 1)
+    return (probs, weights) if with_weights else probs
 
 
-def _split_arrays(feats: dict, cols: dict, split: str) -> dict:
-  out = {m: f[split] for m, f in feats.items()}
-  out["label"] = cols[split]["label"]
-  return out
+def _text_features_needed(cfg) -> bool:
+  return "text" in fusion.modalities(cfg.model.fusion) and (
+      cfg.train.mode == "frozen" or cfg.model.text.name == "tfidf")
 
 
 def train_and_evaluate(cfg, workdir: str) -> dict:
-  """config -> data -> embeddings -> K-seed training -> test scores in `workdir`.
+  """config -> data -> (embeddings) -> K-seed training -> test scores in `workdir`.
 
   Returns the results dict also written to `workdir/results.json`.
   """
-  import os
-  import time
-
-  from m6jax import embed, results
+  from m6jax import checkpoint, embed, results
   from m6jax.data import pipeline, tfds_builder
+  from m6jax.models import towers
 
   t0 = time.time()
   os.makedirs(workdir, exist_ok=True)
   results.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
-  if cfg.train.mode != "frozen":
-    raise NotImplementedError(f"train.mode={cfg.train.mode!r}: only 'frozen' is built so far")
+  if cfg.train.mode not in ("frozen", "finetune"):
+    raise ValueError(f"train.mode must be 'frozen' or 'finetune', got {cfg.train.mode!r}")
 
   builder, report = tfds_builder.prepare(cfg.data)
   report.write(workdir)
@@ -197,31 +412,45 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   for s in splits:
     if not len(cols[s]["label"]):
       raise ValueError(f"split {s!r} is empty; the catalogue is too small for data.split")
+  labels = {s: cols[s]["label"] for s in splits}
   t_data = time.time()
 
   cache = os.path.join(workdir, "cache")
-  feats = {}
   mods = fusion.modalities(cfg.model.fusion)
-  if "image" in mods:
+  feats = {}
+  if cfg.train.mode == "frozen" and "image" in mods:
     feats["image"] = embed.image_embeddings(cfg, builder, splits, cache, seed=cfg.seed)
-  if "text" in mods:
+  if _text_features_needed(cfg):
     feats["text"] = embed.text_embeddings(cfg, {s: cols[s]["text"] for s in splits}, cache,
                                           data_id=builder.data_dir)
   t_embed = time.time()
 
-  dims = {m: f["train"].shape[1] for m, f in feats.items()}
-  trainer = FrozenTrainer(cfg, len(class_names), dims, len(cols["train"]["label"]))
-  params, history = trainer.fit(_split_arrays(feats, cols, "train"),
-                                _split_arrays(feats, cols, "validation"))
+  if cfg.train.mode == "frozen":
+    trainer = FrozenTrainer(cfg, len(class_names),
+                            {s: {m: f[s] for m, f in feats.items()} for s in splits}, labels)
+  else:
+    image_tower = (towers.image_tower(cfg.model.image.name, cfg.model.image.weights,
+                                      cfg.data.image_size, seed=cfg.seed)
+                   if "image" in mods else None)
+    text_tower = (towers.text_tower(cfg.model.text.name, cfg.model.text.weights)
+                  if "text" in mods and cfg.model.text.name != "tfidf" else None)
+    trainer = FinetuneTrainer(cfg, len(class_names), builder, image_tower, text_tower,
+                              feats.get("text"))
+  ckpt = checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint)
+  try:
+    states, history = trainer.fit(labels["validation"], ckpt)
+  finally:
+    ckpt.close()
   t_train = time.time()
 
-  test = _split_arrays(feats, cols, "test")
-  probs, weights = trainer.predict(params, {m: jnp.asarray(test[m]) for m in mods})
-  scores = results.score(test["label"], probs, class_names)
+  probs, weights = trainer.predict(states.best_params, states.best_batch_stats, "test",
+                                   with_weights=True)
+  scores = results.score(labels["test"], probs, class_names)
   extra = {
-      "config_name": cfg.name, "seeds": [cfg.seed + k for k in range(cfg.seeds)],
-      "fusion": cfg.model.fusion, "modality_weights_mean": dict(zip(
-          mods, np.asarray(weights).mean(axis=(0, 1)).tolist())),
+      "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
+      "seeds": [cfg.seed + k for k in range(cfg.seeds)],
+      "modality_weights_mean": dict(zip(mods, np.asarray(weights).mean(axis=(0, 1)).tolist())),
+      "best_val_macro_f1": np.asarray(states.best_f1, np.float64).tolist(),
       "data": report.to_dict() | {"skipped": len(report.bad)},
       "history": history,
       "timing_s": {"data": t_data - t0, "embeddings": t_embed - t_data,
@@ -229,9 +458,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       "devices": [str(d) for d in jax.devices()],
   }
   out = results.write_outputs(workdir, scores, class_names, cols["test"]["uniq_id"],
-                              test["label"], probs, extra)
+                              labels["test"], probs, extra)
   s = out["test"]["summary"]
-  log.info("test accuracy %.4f +- %.4f, macro-F1 %.4f +- %.4f over %d seeds; ensemble acc %.4f",
-           s["accuracy"]["mean"], s["accuracy"]["std"], s["macro_f1"]["mean"],
-           s["macro_f1"]["std"], cfg.seeds, out["test"]["ensemble"]["accuracy"])
+  log.info("test accuracy %.4f +- %.4f, macro-F1 %.4f +- %.4f over %d seeds; "
+           "ensemble accuracy %.4f (%.0f s)", s["accuracy"]["mean"], s["accuracy"]["std"],
+           s["macro_f1"]["mean"], s["macro_f1"]["std"], cfg.seeds,
+           out["test"]["ensemble"]["accuracy"], time.time() - t0)
   return out

@@ -13,6 +13,15 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "")
 
+import jax  # noqa: E402
+
+# Many tests build the same small programs in new trainer objects; XLA's
+# persistent cache turns those repeat compiles into lookups.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("M6JAX_TEST_XLA_CACHE", os.path.join(REPO, ".pytest_cache", "xla")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 CLASSES = ("Alpha Goods", "Beta Things", "Gamma Stuff")
 PER_CLASS = 10
 HEADER = ["uniq_id", "product_name", "product_category_tree", "description", "brand", "image"]

@@ -102,6 +102,7 @@ class Classifier(nn.Module):
   image: nn.Module | None = None
   text: nn.Module | None = None
   image_preprocess: Callable | None = None
+  tower_train: bool = True   # False: towers run in inference mode (BN statistics fixed)
 
   def __call__(self, batch: dict, train: bool = False):
     emb = {}
@@ -111,10 +112,10 @@ class Classifier(nn.Module):
       elif m == "image":
         x = batch["image"].astype(jnp.float32)
         x = self.image_preprocess(x) if self.image_preprocess else x
-        emb[m] = self.image(x, train=train)["embedding"]
+        emb[m] = self.image(x, train=train and self.tower_train)["embedding"]
       else:
         emb[m] = self.text(batch["input_ids"], batch["attention_mask"],
-                           train=train)["embedding"]
+                           train=train and self.tower_train)["embedding"]
     out = dict(self.fusion(emb, train))
     out["embeddings"] = emb
     return out

@@ -1,0 +1,138 @@
+"""Tests for m6jax.feasibility (KMeans ARI study + projection plots)."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from threadpoolctl import threadpool_limits
+
+from m6jax import feasibility as fz
+
+N_CLASSES = 3
+N = 90
+CLASS_NAMES = ["shoes", "phones", "books"]
+
+
+def _blobs(dim, seed, spread=0.05):
+  """Well-separated Gaussian blobs: (N, dim) points, (N,) labels."""
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(N_CLASSES, dim))
+  labels = np.repeat(np.arange(N_CLASSES), N // N_CLASSES)
+  x = centers[labels] + spread * rng.normal(size=(N, dim))
+  return x.astype(np.float32), labels
+
+
+def test_separated_blobs_high_ari():
+  x, y = _blobs(16, 0)
+  r = fz.kmeans_ari(x, y, N_CLASSES)
+  assert r["ari"] > 0.9 and r["nmi"] > 0.9
+  assert sorted(r["cluster_sizes"]) == [30, 30, 30]
+  assert r["cluster_sizes"] == sorted(r["cluster_sizes"], reverse=True)
+  assert isinstance(r["ari"], float) and isinstance(r["nmi"], float)
+
+
+def test_random_labels_ari_near_zero():
+  x, _ = _blobs(16, 0)
+  y = np.random.default_rng(1).integers(0, N_CLASSES, size=N)
+  assert abs(fz.kmeans_ari(x, y, N_CLASSES)["ari"]) < 0.1
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_matches_direct_sklearn(normalize):
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(N, 8)) * rng.uniform(0.5, 3.0, size=(N, 1))
+  y = rng.integers(0, N_CLASSES, size=N)
+  feats = x / np.linalg.norm(x, axis=1, keepdims=True) if normalize else x
+  with threadpool_limits(limits=1):
+    pred = KMeans(n_clusters=N_CLASSES, n_init=10,
+                  random_state=7).fit_predict(feats)
+  r = fz.kmeans_ari(x, y, N_CLASSES, seed=7, normalize=normalize)
+  assert r["ari"] == pytest.approx(adjusted_rand_score(y, pred), abs=1e-12)
+  assert r["nmi"] == pytest.approx(normalized_mutual_info_score(y, pred),
+                                   abs=1e-12)
+
+
+def test_fuse_normalises_each_modality():
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=(N, 5)), rng.normal(size=(N, 7))
+  out = fz.fuse({"text": a, "image": b})
+  assert out.shape == (N, 12)
+  np.testing.assert_allclose(np.linalg.norm(out[:, :5], axis=1), 1.0)
+  np.testing.assert_allclose(np.linalg.norm(out[:, 5:], axis=1), 1.0)
+  np.testing.assert_allclose(fz.fuse({"text": a, "image": 1000.0 * b}), out,
+                             rtol=1e-10, atol=1e-12)
+  with pytest.raises(ValueError):
+    fz.fuse({"text": a, "image": b[:10]})
+
+
+def test_project_2d_shapes():
+  x, _ = _blobs(16, 4)
+  assert fz.project_2d(x, method="pca").shape == (N, 2)
+  p = fz.project_2d(x, method="tsne", max_iter=250)
+  assert p.shape == (N, 2) and np.isfinite(p).all()
+  with pytest.raises(ValueError):
+    fz.project_2d(x, method="umap")
+
+
+def _png_ok(path):
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  import matplotlib.image as mpimg
+  img = mpimg.imread(path)
+  assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+  # Not blank: many distinct colours (scatter points, text, legend).
+  rgb = (img[..., :3] * 255).astype(np.uint8).reshape(-1, 3)
+  assert len(np.unique(rgb, axis=0)) > 10
+  assert img[..., :3].std() > 0.01
+
+
+def test_plot_projection_writes_png(tmp_path):
+  x, y = _blobs(2, 5, spread=0.3)
+  path = fz.plot_projection(x, y, CLASS_NAMES, tmp_path / "sub" / "p.png",
+                            title="blobs")
+  _png_ok(path)
+
+
+def _study_inputs():
+  text, y = _blobs(24, 10)
+  image, _ = _blobs(12, 11)
+  # Image carries no class signal: shuffle its rows relative to the labels.
+  image = image[np.random.default_rng(12).permutation(N)]
+  return {"text": text, "image": image}, y
+
+
+def test_feasibility_study_outputs(tmp_path):
+  embs, y = _study_inputs()
+  res = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path)
+  _png_ok(res["plot"])
+  with open(tmp_path / "feasibility.json") as f:
+    data = json.load(f)
+  assert list(data) == ["text", "image", "fused"]
+  for name, r in data.items():
+    assert set(r) == {"ari", "nmi", "cluster_sizes"}
+    assert sum(r["cluster_sizes"]) == N
+    assert r == res[name]
+  assert data["text"]["ari"] > 0.9
+  assert abs(data["image"]["ari"]) < 0.1
+  with pytest.raises(ValueError):
+    fz.feasibility_study({"fused": embs["text"]}, y, CLASS_NAMES, tmp_path)
+
+
+def test_single_set_has_no_fused(tmp_path):
+  embs, y = _study_inputs()
+  res = fz.feasibility_study({"text": embs["text"]}, y, CLASS_NAMES,
+                             tmp_path, method="pca")
+  assert set(res) == {"text", "plot"}
+
+
+def test_deterministic(tmp_path):
+  embs, y = _study_inputs()
+  a = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "a", seed=3)
+  b = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "b", seed=3)
+  a.pop("plot"), b.pop("plot")
+  assert a == b
+  x = embs["text"]
+  np.testing.assert_allclose(fz.project_2d(x, seed=3), fz.project_2d(x, seed=3),
+                             rtol=1e-6, atol=1e-6)
