@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint = True                  # orbax: latest (resume) + best (val macro-F1)
   t.log_every = 10
 
+  c.feasibility = True                 # KMeans ARI + t-SNE of the frozen embeddings
   c.seeds = 5                          # replicas trained as one vmapped program
   c.seed = 0                           # replica k uses seed `seed + k`
   return c

@@ -16,4 +16,5 @@ def get_config():
   c.train.epochs = 2
   c.train.batch_size = 8
   c.seeds = 2
+  c.feasibility = False
   return c

@@ -58,51 +58,58 @@ def image_embeddings(cfg, builder, splits, cache_dir=None, seed: int = 0) -> dic
   def compute():
     tower = towers.image_tower(name, spec, size, seed=seed)
 
-    @jax.jit
-    def embed(variables, images):
-      x = tower.preprocess(images.astype(jnp.float32))
-      return tower.module.apply(variables, x, train=False)["embedding"]
-
-    out = {}
     bs = cfg.data.batch_size
+    out = {}
     for split in splits:
       src = builder.as_data_source(split)
-      chunks = []
-      for batch in tqdm.tqdm(pipeline.batches(src, bs, size),
-                             total=pipeline.num_batches(len(src), bs),
-                             desc=f"{name} {split}", leave=False):
-        e = np.asarray(embed(tower.variables, batch["image"]))
-        chunks.append(e[batch["mask"]])
-      out[split] = np.concatenate(chunks).astype(np.float32)
+      out[split] = embed_image_batches(
+          tower, tqdm.tqdm(pipeline.batches(src, bs, size),
+                           total=pipeline.num_batches(len(src), bs),
+                           desc=f"{name} {split}", leave=False))
     return out
 
   return _cached(cache_dir, key, compute)
 
 
-def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = "") -> dict:
-  """{split: float32 (N, D)} from the text tower; `texts` is {split: list[str]}.
+def embed_image_batches(tower, batches) -> np.ndarray:
+  """Frozen image tower over batches {'image': uint8 (B, S, S, 3), 'mask'} -> (N, D)."""
 
-  TF-IDF is fit on the 'train' texts only.
+  @jax.jit
+  def embed(variables, images):
+    x = tower.preprocess(images.astype(jnp.float32))
+    return tower.module.apply(variables, x, train=False)["embedding"]
+
+  chunks = [np.asarray(embed(tower.variables, b["image"]))[b["mask"]] for b in batches]
+  return np.concatenate(chunks).astype(np.float32)
+
+
+def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = ""):
+  """({split: float32 (N, D)}, fitted TfidfFeatures or None) from the text tower.
+
+  `texts` is {split: list[str]}; TF-IDF is fit on the 'train' texts only.
   """
   name, spec = cfg.model.text.name, cfg.model.text.weights
   if name == "tfidf":
     from m6jax.models import tfidf
-    feats = tfidf.TfidfFeatures(dim=cfg.model.text.tfidf_dim).fit(texts["train"])
-    return {s: feats.transform(t).astype(np.float32) for s, t in texts.items()}
+    feats = tfidf.TfidfFeatures(dim=cfg.model.text.tfidf_dim, seed=cfg.seed).fit(texts["train"])
+    return {s: feats.transform(t).astype(np.float32) for s, t in texts.items()}, feats
   key = dict(tower=name, weights=_weights_id(spec), max_len=cfg.data.max_text_length,
              data=data_id, splits=sorted(texts))
 
   def compute():
-    from m6jax.data import tokenize
     tower = towers.text_tower(name, spec)
+    return {s: embed_texts(cfg, tower, t) for s, t in texts.items()}
 
-    @jax.jit
-    def apply(input_ids, attention_mask):
-      return tower.module.apply(tower.params, input_ids, attention_mask,
-                                train=False)["embedding"]
+  return _cached(cache_dir, key, compute), None
 
-    return {s: np.asarray(tokenize.embed_texts(
-        apply, tower.tokenizer, t, cfg.data.batch_size, cfg.data.max_text_length),
-        np.float32) for s, t in texts.items()}
 
-  return _cached(cache_dir, key, compute)
+def embed_texts(cfg, tower, texts) -> np.ndarray:
+  """Frozen BERT tower over a list of texts -> float32 (N, D), length-bucketed."""
+  from m6jax.data import tokenize
+
+  @jax.jit
+  def apply(input_ids, attention_mask):
+    return tower.module.apply(tower.params, input_ids, attention_mask, train=False)["embedding"]
+
+  return np.asarray(tokenize.embed_texts(apply, tower.tokenizer, texts, cfg.data.batch_size,
+                                         cfg.data.max_text_length), np.float32)

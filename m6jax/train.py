@@ -13,6 +13,7 @@ checkpoints:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -132,12 +133,14 @@ class Trainer:
       states, stats = self.run_epoch(states, epoch)
       loss = np.asarray(stats["loss"], np.float64)
       if not np.all(np.isfinite(loss)):
+        # The bad state is not saved: the latest checkpoint stays the last good epoch.
+        saved = "none saved"
         if checkpoints is not None:
-          checkpoints.save_latest(int(states.step[0]), states,
-                                  {"epoch": epoch - 1, "history": history, "nonfinite": True})
           checkpoints.wait()
-        raise NonFiniteLoss(f"non-finite loss at epoch {epoch}: per replica {loss.tolist()}; "
-                            "the last good state is in the latest checkpoint")
+          if checkpoints.latest_step() is not None:
+            saved = f"last good state: {checkpoints.directory}/latest, epoch {epoch - 1}"
+        raise NonFiniteLoss(f"non-finite loss at epoch {epoch}: per replica {loss.tolist()} "
+                            f"({saved})")
       probs = self.predict(states.params, states.batch_stats, "validation")
       val = metrics_lib.replica_metrics(val_labels, np.asarray(probs).argmax(-1),
                                         self.num_classes)
@@ -386,26 +389,27 @@ def _text_features_needed(cfg) -> bool:
       cfg.train.mode == "frozen" or cfg.model.text.name == "tfidf")
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict:
-  """config -> data -> (embeddings) -> K-seed training -> test scores in `workdir`.
+@dataclasses.dataclass
+class Setup:
+  """Everything a run builds before training; `predict` rebuilds it from a workdir."""
+  trainer: Trainer
+  builder: Any
+  report: Any
+  class_names: list
+  cols: dict            # {split: {'label', 'uniq_id', 'text'}}
+  feats: dict           # {modality: {split: (N, D)}} cached embeddings (frozen mode)
+  text_features: Any    # the fitted TfidfFeatures, when the text tower is TF-IDF
 
-  Returns the results dict also written to `workdir/results.json`.
-  """
-  from m6jax import checkpoint, embed, results
+
+def setup(cfg, workdir: str) -> Setup:
+  """config -> dataset, embeddings (frozen mode) and the trainer for `workdir`."""
+  from m6jax import embed
   from m6jax.data import pipeline, tfds_builder
   from m6jax.models import towers
 
-  t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  results.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
   if cfg.train.mode not in ("frozen", "finetune"):
     raise ValueError(f"train.mode must be 'frozen' or 'finetune', got {cfg.train.mode!r}")
-
   builder, report = tfds_builder.prepare(cfg.data)
-  report.write(workdir)
-  if report.bad:
-    log.warning("%d bad rows skipped; see %s", len(report.bad),
-                os.path.join(workdir, "data_report.txt"))
   class_names = tfds_builder.class_names(builder)
   splits = ("train", "validation", "test")
   cols = {s: pipeline.columns(builder.as_data_source(s)) for s in splits}
@@ -413,18 +417,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     if not len(cols[s]["label"]):
       raise ValueError(f"split {s!r} is empty; the catalogue is too small for data.split")
   labels = {s: cols[s]["label"] for s in splits}
-  t_data = time.time()
-
   cache = os.path.join(workdir, "cache")
   mods = fusion.modalities(cfg.model.fusion)
-  feats = {}
+  feats, text_features = {}, None
   if cfg.train.mode == "frozen" and "image" in mods:
     feats["image"] = embed.image_embeddings(cfg, builder, splits, cache, seed=cfg.seed)
   if _text_features_needed(cfg):
-    feats["text"] = embed.text_embeddings(cfg, {s: cols[s]["text"] for s in splits}, cache,
-                                          data_id=builder.data_dir)
-  t_embed = time.time()
-
+    feats["text"], text_features = embed.text_embeddings(
+        cfg, {s: cols[s]["text"] for s in splits}, cache, data_id=builder.data_dir)
   if cfg.train.mode == "frozen":
     trainer = FrozenTrainer(cfg, len(class_names),
                             {s: {m: f[s] for m, f in feats.items()} for s in splits}, labels)
@@ -436,28 +436,56 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                   if "text" in mods and cfg.model.text.name != "tfidf" else None)
     trainer = FinetuneTrainer(cfg, len(class_names), builder, image_tower, text_tower,
                               feats.get("text"))
+  return Setup(trainer, builder, report, class_names, cols, feats, text_features)
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict:
+  """config -> data -> (embeddings) -> K-seed training -> test scores in `workdir`.
+
+  Returns the results dict also written to `workdir/results.json`.
+  """
+  from m6jax import checkpoint, results
+
+  t0 = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  results.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  run = setup(cfg, workdir)
+  run.report.write(workdir)
+  if run.report.bad:
+    log.warning("%d bad rows skipped; see %s", len(run.report.bad),
+                os.path.join(workdir, "data_report.txt"))
+  t_setup = time.time()
+  labels = {s: c["label"] for s, c in run.cols.items()}
   ckpt = checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint)
   try:
-    states, history = trainer.fit(labels["validation"], ckpt)
+    states, history = run.trainer.fit(labels["validation"], ckpt)
   finally:
     ckpt.close()
   t_train = time.time()
 
-  probs, weights = trainer.predict(states.best_params, states.best_batch_stats, "test",
-                                   with_weights=True)
-  scores = results.score(labels["test"], probs, class_names)
+  mods = fusion.modalities(cfg.model.fusion)
+  probs, weights = run.trainer.predict(states.best_params, states.best_batch_stats, "test",
+                                       with_weights=True)
+  scores = results.score(labels["test"], probs, run.class_names)
   extra = {
       "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
       "seeds": [cfg.seed + k for k in range(cfg.seeds)],
       "modality_weights_mean": dict(zip(mods, np.asarray(weights).mean(axis=(0, 1)).tolist())),
       "best_val_macro_f1": np.asarray(states.best_f1, np.float64).tolist(),
-      "data": report.to_dict() | {"skipped": len(report.bad)},
+      "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
       "history": history,
-      "timing_s": {"data": t_data - t0, "embeddings": t_embed - t_data,
-                   "train": t_train - t_embed, "total": time.time() - t0},
+      "timing_s": {"data_and_embeddings": t_setup - t0, "train": t_train - t_setup,
+                   "total": time.time() - t0},
       "devices": [str(d) for d in jax.devices()],
   }
-  out = results.write_outputs(workdir, scores, class_names, cols["test"]["uniq_id"],
+  if cfg.get("feasibility") and run.feats:
+    from m6jax import feasibility
+    extra["feasibility"] = feasibility.feasibility_study(
+        {m: np.concatenate([f[s] for s in ("train", "validation", "test")])
+         for m, f in run.feats.items()},
+        np.concatenate([labels[s] for s in ("train", "validation", "test")]),
+        run.class_names, workdir, seed=cfg.seed)
+  out = results.write_outputs(workdir, scores, run.class_names, run.cols["test"]["uniq_id"],
                               labels["test"], probs, extra)
   s = out["test"]["summary"]
   log.info("test accuracy %.4f +- %.4f, macro-F1 %.4f +- %.4f over %d seeds; "

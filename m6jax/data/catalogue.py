@@ -160,7 +160,7 @@ def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
 
 def read_catalogue(csv_path: str, image_dir: str, columns: dict, label_depth: int = 1,
                    classes: Iterable[str] = (), max_image_pixels: int = 150_000_000,
-                   check_images: bool = True):
+                   check_images: bool = True, require_label: bool = True):
   """CSV + image folder -> (rows, report).
 
   Args:
@@ -168,6 +168,8 @@ def read_catalogue(csv_path: str, image_dir: str, columns: dict, label_depth: in
       description / category_tree / image to its column names.
     classes: allowed categories; empty means every category found.
     check_images: fully decode each image to catch corrupt files.
+    require_label: False for new products (prediction): the category column
+      may be absent or empty, and `Row.category` is then ''.
   Returns:
     (list[Row], DataReport); bad rows are in `report.bad`, not in rows.
   """
@@ -177,7 +179,8 @@ def read_catalogue(csv_path: str, image_dir: str, columns: dict, label_depth: in
   allowed = set(classes)
   with open(csv_path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
-    missing_cols = [c for c in columns.values() if c not in (reader.fieldnames or [])]
+    needed = [c for role, c in columns.items() if require_label or role != "category_tree"]
+    missing_cols = [c for c in needed if c not in (reader.fieldnames or [])]
     if missing_cols:
       raise DataError(f"{csv_path}: missing column(s) {missing_cols}; "
                       f"found {reader.fieldnames}")
@@ -205,12 +208,15 @@ def read_catalogue(csv_path: str, image_dir: str, columns: dict, label_depth: in
       if not text:
         bad(f"{columns['name']}+{columns['description']}", "empty text")
         continue
+      tree = rec.get(columns["category_tree"]) or ""
       try:
-        category = category_label(rec[columns["category_tree"]], label_depth)
+        category = category_label(tree, label_depth) if (require_label or tree.strip()) else ""
       except ValueError as e:
-        bad(columns["category_tree"], f"bad label: {e}")
-        continue
-      if allowed and category not in allowed:
+        if require_label:
+          bad(columns["category_tree"], f"bad label: {e}")
+          continue
+        category = ""
+      if require_label and allowed and category not in allowed:
         bad(columns["category_tree"], f"unknown label: {category!r}")
         continue
       image_name = rec[columns["image"]].strip()

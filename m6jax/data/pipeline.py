@@ -38,6 +38,29 @@ def square_image(img: np.ndarray, size: int, rng: np.random.Generator | None = N
   return np.ascontiguousarray(out)
 
 
+def image_from_file(path: str, data_cfg) -> np.ndarray:
+  """A new product's photo -> uint8 (S, S, 3), exactly as a stored training image.
+
+  Stored images were shrunk to `store_size` and JPEG re-encoded; doing the
+  same here keeps prediction inputs identical in distribution.
+  """
+  import io
+
+  from m6jax.data import catalogue
+  img = catalogue.load_image(path, data_cfg.max_image_pixels, data_cfg.store_size)
+  img = Image.open(io.BytesIO(catalogue.encode_jpeg(img))).convert("RGB")
+  return square_image(np.asarray(img), data_cfg.image_size)
+
+
+def row_batches(rows, data_cfg, batch_size: int) -> Iterator[dict]:
+  """Batches (as `batches`) from catalogue rows read outside the dataset."""
+  for i in range(0, len(rows), batch_size):
+    chunk = rows[i:i + batch_size]
+    yield _collate([{"image": image_from_file(r.image_path, data_cfg), "text": r.text,
+                     "label": np.int32(0), "uniq_id": r.uniq_id, "mask": np.bool_(True)}
+                    for r in chunk], batch_size)
+
+
 def _example(rec: dict, size: int, rng=None) -> dict:
   return {
       "image": square_image(rec["image"], size, rng),

@@ -1,0 +1,124 @@
+"""Predict categories of new products with a trained run.
+
+  python -m m6jax.predict --workdir runs/default --csv new.csv --images new_images/ \\
+      --out predictions.csv
+
+One row per usable product: uniq_id, predicted category, one probability
+column per category (the mean over the seed replicas). Bad rows are skipped
+and listed in `<out>.data_report.txt` (or stop the run with --on_bad_row=fail).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+flags.DEFINE_string("workdir", None, "a finished training run")
+flags.DEFINE_string("csv", None, "catalogue CSV of the products to classify")
+flags.DEFINE_string("images", None, "folder with their images")
+flags.DEFINE_string("out", "predictions.csv", "output CSV")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "which saved parameters")
+flags.DEFINE_enum("on_bad_row", None, ["skip", "fail"], "default: the run's data.on_bad_row")
+FLAGS = flags.FLAGS
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = "best",
+            on_bad_row: str | None = None) -> dict:
+  """Writes `out`; returns {'probs': (N, C) ensemble, 'uniq_id', 'classes', 'report'}."""
+  from m6jax import checkpoint, embed, train
+  from m6jax.data import catalogue, pipeline
+  from m6jax.models import fusion
+
+  cfg = load_config(workdir)
+  policy = on_bad_row or cfg.data.on_bad_row
+  rows, report = catalogue.read_catalogue(
+      csv_path, image_dir, dict(cfg.data.columns), cfg.data.label_depth,
+      max_image_pixels=cfg.data.max_image_pixels, require_label=False)
+  out_dir = os.path.dirname(os.path.abspath(out))
+  os.makedirs(out_dir, exist_ok=True)
+  report.write(out_dir)
+  if report.bad:
+    logging.warning("%d of %d rows skipped:\n%s", len(report.bad), report.total_rows,
+                    report.summary())
+    if policy == "fail":
+      raise catalogue.DataError(f"{len(report.bad)} bad row(s) in {csv_path}:\n"
+                                + "\n".join(str(b) for b in report.bad))
+  if not rows:
+    raise catalogue.DataError(f"no usable rows in {csv_path}")
+
+  run = train.setup(cfg, workdir)
+  with checkpoint.Checkpoints(workdir) as ckpt:
+    target = run.trainer.init_states()
+    restored = ckpt.restore_best(target) if which == "best" else ckpt.restore_latest(target)
+  if restored is None:
+    raise FileNotFoundError(f"no {which} checkpoint in {workdir}/checkpoints")
+  states, _ = restored
+  params = states.best_params if which == "best" else states.params
+  stats = states.best_batch_stats if which == "best" else states.batch_stats
+  mods = fusion.modalities(cfg.model.fusion)
+  bs = cfg.data.batch_size
+  texts = [r.text for r in rows]
+
+  if cfg.train.mode == "frozen":
+    feats = {}
+    if "image" in mods:
+      from m6jax.models import towers
+      tower = towers.image_tower(cfg.model.image.name, cfg.model.image.weights,
+                                 cfg.data.image_size, seed=cfg.seed)
+      feats["image"] = embed.embed_image_batches(tower, pipeline.row_batches(rows, cfg.data, bs))
+    if "text" in mods:
+      feats["text"] = _text_features(cfg, run, texts)
+    probs, _ = run.trainer._predict(params, {m: jnp.asarray(f) for m, f in feats.items()})
+    probs = np.asarray(probs)
+  else:
+    tfidf = _text_features(cfg, run, texts) if run.text_features is not None else None
+    if tfidf is not None:
+      run.trainer.text_lookup["new"] = dict(zip([r.uniq_id for r in rows], tfidf))
+    chunks = []
+    for b in pipeline.row_batches(rows, cfg.data, bs):
+      pr, _ = run.trainer._predict(params, stats, run.trainer.inputs(b, "new"))
+      chunks.append(np.asarray(pr)[:, b["mask"]])
+    probs = np.concatenate(chunks, 1)
+
+  ens = probs.mean(0)
+  tmp = out + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["uniq_id", "predicted"] + [f"p_{c}" for c in run.class_names])
+    for r, p in zip(rows, ens):
+      w.writerow([r.uniq_id, run.class_names[int(p.argmax())]] + [f"{v:.6f}" for v in p])
+  os.replace(tmp, out)
+  logging.info("wrote %d predictions to %s (%d rows skipped)", len(rows), out, len(report.bad))
+  return {"probs": ens, "uniq_id": [r.uniq_id for r in rows], "classes": run.class_names,
+          "report": report}
+
+
+def _text_features(cfg, run, texts):
+  if run.text_features is not None:   # TF-IDF fit on the training split
+    return run.text_features.transform(texts).astype(np.float32)
+  from m6jax.models import towers
+  from m6jax import embed
+  tower = towers.text_tower(cfg.model.text.name, cfg.model.text.weights)
+  return embed.embed_texts(cfg, tower, texts)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  predict(FLAGS.workdir, FLAGS.csv, FLAGS.images, FLAGS.out, FLAGS.checkpoint, FLAGS.on_bad_row)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "csv", "images"])
+  app.run(main)
