@@ -69,3 +69,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.seeds = 5                          # replicas trained as one vmapped program
   c.seed = 0                           # replica k uses seed `seed + k`
   return c
+
+
+# Image-tower parameter paths split into 'early' and 'late' layers, per family
+# (names as in m6jax/models/*.py).
+_LATE = {
+    "tiny": r"image/(conv1|bn1)/.*",
+    "vgg16": r"image/block5_conv\d/.*",
+    "resnet50": r"image/stage4_block\d+/.*",
+    "mobilenetv2": r"image/(stage[67]_block\d+|head_conv|head_bn)/.*",
+    "efficientnetb0": r"image/(block[67]_\d+|head)/.*",
+}
+
+
+def finetune_groups(backbone: str, late_mult=0.1, early_mult=0.01, unfreeze_early_at=0,
+                    text_mult=0.05) -> ml_collections.ConfigDict:
+  """Discriminative learning rates: head x1, late image layers x late_mult,
+  early image layers x early_mult (unfrozen at step `unfreeze_early_at`), text x text_mult."""
+  late = _LATE.get(backbone) or _LATE["efficientnetb0"]   # the Lite family shares B0's names
+  return ml_collections.ConfigDict({
+      "head": {"regex": r"fusion/.*", "lr_mult": 1.0, "unfreeze_at": 0},
+      "image_late": {"regex": late, "lr_mult": late_mult, "unfreeze_at": 0},
+      "image_early": {"regex": rf"(?!{late})image/.*", "lr_mult": early_mult,
+                      "unfreeze_at": unfreeze_early_at},
+      "text": {"regex": r"text/.*", "lr_mult": text_mult, "unfreeze_at": 0},
+  })

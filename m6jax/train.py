@@ -110,8 +110,11 @@ class Trainer:
                        f"got {self.cfg.train.data_order!r}")
     return jnp.stack([jax.random.key(self.cfg.seed)] * self.cfg.seeds)
 
-  def fit(self, val_labels, checkpoints=None, progress: bool = True):
+  def fit(self, val_labels, checkpoints=None, progress: bool = True, on_epoch=None):
     """Runs the epochs; returns (states with best_* filled, history list).
+
+    on_epoch(record) is called after each epoch with the history record
+    (epoch, per-replica loss / grad_norm / val_macro_f1 / val_accuracy lists).
 
     Resumes from `checkpoints` (m6jax.checkpoint.Checkpoints) when it holds a
     latest step, and saves latest (each epoch) and best (by mean validation
@@ -152,6 +155,8 @@ class Trainer:
              "val_accuracy": np.asarray(val["accuracy"], np.float64).tolist(),
              "seconds": time.time() - t0}
       history.append(rec)
+      if on_epoch is not None:
+        on_epoch(rec)
       bar.set_postfix(loss=f"{loss.mean():.3f}", val_f1=f"{val_f1.mean():.3f}")
       if epoch % max(1, cfg.train.log_every) == 0 or epoch == cfg.train.epochs - 1:
         log.info("epoch %d loss %.4f val macro-F1 %.4f (per seed %s)", epoch, loss.mean(),
@@ -439,10 +444,11 @@ def setup(cfg, workdir: str) -> Setup:
   return Setup(trainer, builder, report, class_names, cols, feats, text_features)
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict:
+def train_and_evaluate(cfg, workdir: str, on_epoch=None) -> dict:
   """config -> data -> (embeddings) -> K-seed training -> test scores in `workdir`.
 
   Returns the results dict also written to `workdir/results.json`.
+  on_epoch: optional callback for each epoch's history record (tracking).
   """
   from m6jax import checkpoint, results
 
@@ -458,7 +464,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   labels = {s: c["label"] for s, c in run.cols.items()}
   ckpt = checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint)
   try:
-    states, history = run.trainer.fit(labels["validation"], ckpt)
+    states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch)
   finally:
     ckpt.close()
   t_train = time.time()

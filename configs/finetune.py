@@ -1,0 +1,31 @@
+"""Fine-tune the image tower end to end, fused with cached MiniLM text embeddings.
+
+  --config configs/finetune.py                    EfficientNet-Lite0, 3 seeds
+  --config configs/finetune.py:tiny               the tiny CNN (tests, first runs)
+
+Discriminative learning rates by layer group (configs.base.finetune_groups):
+head x1, last stage x0.1, earlier layers x0.01 unfrozen after one epoch.
+BatchNorm statistics stay frozen (small data).
+"""
+
+from configs.base import base_config, finetune_groups
+from configs.image_only import PRETRAINED
+
+
+def get_config(backbone: str = "efficientnet-lite0"):
+  c = base_config()
+  c.name = f"finetune_{backbone}"
+  c.train.mode = "finetune"
+  c.model.image.name = backbone
+  c.model.image.weights = PRETRAINED.get(backbone, "none")
+  c.data.augment = True
+  c.data.image_size = 224 if backbone != "tiny" else 32
+  c.train.epochs = 6
+  c.train.batch_size = 32
+  c.train.learning_rate = 1e-3
+  c.train.bn = "frozen"
+  c.train.data_order = "shared"   # one decoded batch feeds every replica
+  steps_per_epoch = 588 // c.train.batch_size
+  c.train.groups = finetune_groups(backbone, unfreeze_early_at=steps_per_epoch)
+  c.seeds = 3
+  return c

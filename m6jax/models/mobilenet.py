@@ -1,0 +1,165 @@
+"""MobileNetV2 (keras.applications layout) in Flax Linen, with Keras weight import.
+
+Keras specifics kept: ReLU6, BN eps 1e-3 / momentum 0.999, no conv biases,
+strided depthwise convs padded with ``correct_pad`` (asymmetric for even
+sizes: the extra pixel goes after) then 'valid'.
+
+Parameter paths: ``stem_conv``, ``stem_bn`` (Keras Conv1/bn_Conv1),
+``stage{1..7}_block{i}/{expand,expand_bn,depthwise,depthwise_bn,project,
+project_bn}`` (the 7 bottleneck groups of the paper; Keras block_0..block_16),
+``head_conv``, ``head_bn`` (Keras Conv_1/Conv_1_bn), ``classifier`` (Keras
+'predictions').
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from m6jax.models.vgg import (assign_keras, expected_shapes, head_classes,
+                              read_keras_h5)
+
+FEATURE_DIM = 1280
+# (expansion, filters, repeats, first stride) per stage, as in Keras/the paper.
+STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+          (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.999
+# Two-pass BatchNorm variance (use_fast_variance=False), as Keras's jnp.var.
+
+
+def preprocess(images):
+  """RGB float 0..255 (B, H, W, 3) -> [-1, 1] (Keras 'tf' mode)."""
+  return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+  """Keras _make_divisible: round to a multiple of divisor, never >10% down."""
+  new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+  if new < 0.9 * v:
+    new += divisor
+  return new
+
+
+def correct_pad(size: tuple[int, int], kernel: int = 3):
+  """Keras imagenet_utils.correct_pad: zero padding before a strided 'valid' conv."""
+  c = kernel // 2
+  return ((c - (1 - size[0] % 2), c), (c - (1 - size[1] % 2), c))
+
+
+def _bn(train, dtype, name):
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                      epsilon=BN_EPS, use_fast_variance=False,
+                      dtype=dtype, name=name)
+
+
+class InvertedResidual(nn.Module):
+  """Keras _inverted_res_block: [1x1 expand] -> 3x3 depthwise/s -> 1x1 project.
+
+  (B, H, W, Cin) -> (B, ~H/stride, ~W/stride, filters); residual add when
+  stride 1 and Cin == filters.
+  """
+  filters: int
+  expansion: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    cin = x.shape[-1]
+    y = x
+    if self.expansion != 1:
+      y = nn.Conv(cin * self.expansion, (1, 1), use_bias=False, dtype=self.dtype,
+                  name="expand")(y)
+      y = nn.relu6(_bn(train, self.dtype, "expand_bn")(y))
+    pad = "SAME" if self.stride == 1 else correct_pad(y.shape[1:3], 3)
+    y = nn.Conv(y.shape[-1], (3, 3), (self.stride, self.stride), padding=pad,
+                feature_group_count=y.shape[-1], use_bias=False, dtype=self.dtype,
+                name="depthwise")(y)
+    y = nn.relu6(_bn(train, self.dtype, "depthwise_bn")(y))
+    y = nn.Conv(self.filters, (1, 1), use_bias=False, dtype=self.dtype,
+                name="project")(y)
+    y = _bn(train, self.dtype, "project_bn")(y)
+    if self.stride == 1 and cin == self.filters:
+      y = x + y
+    return y
+
+
+class MobileNetV2(nn.Module):
+  """keras.applications.MobileNetV2(alpha).
+
+  Input (B, H, W, 3) in [-1, 1]. Returns {'feature_map': (B, ~H/32, ~W/32,
+  1280) after Conv_1 + BN + ReLU6 (= Keras include_top=False output),
+  'embedding': (B, 1280) f32 global average (= Keras pooling='avg'),
+  'stem', 'stage1'..'stage7' (stage outputs, 16..320 channels at alpha 1),
+  and 'logits' (B, num_classes) f32 if num_classes > 0}.
+  """
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+  alpha: float = 1.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = jnp.asarray(x, self.dtype)
+    out = {}
+    # Keras: padding='same' stride 2 (== correct_pad + 'valid').
+    x = nn.Conv(make_divisible(32 * self.alpha), (3, 3), (2, 2), padding="SAME",
+                use_bias=False, dtype=self.dtype, name="stem_conv")(x)
+    x = nn.relu6(_bn(train, self.dtype, "stem_bn")(x))
+    out["stem"] = x
+    for s, (t, c, n, stride) in enumerate(STAGES, 1):
+      filters = make_divisible(int(c * self.alpha))
+      for b in range(n):
+        x = InvertedResidual(filters, t, stride if b == 0 else 1, dtype=self.dtype,
+                             name=f"stage{s}_block{b}")(x, train)
+      out[f"stage{s}"] = x
+    last = make_divisible(1280 * self.alpha) if self.alpha > 1.0 else 1280
+    x = nn.Conv(last, (1, 1), use_bias=False, dtype=self.dtype, name="head_conv")(x)
+    x = nn.relu6(_bn(train, self.dtype, "head_bn")(x))
+    fmap = self.perturb("feature_map", x)
+    out["feature_map"] = fmap
+    out["embedding"] = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+    if self.num_classes > 0:
+      out["logits"] = nn.Dense(self.num_classes, dtype=jnp.float32,
+                               name="classifier")(out["embedding"])
+    return out
+
+
+def keras_table() -> list[tuple[str, tuple[str, ...], str]]:
+  """(Keras layer name, Flax module path, kind) for the backbone."""
+  t = [("Conv1", ("stem_conv",), "conv_nobias"), ("bn_Conv1", ("stem_bn",), "bn")]
+  block_id = 0
+  for s, (t_exp, _, n, _) in enumerate(STAGES, 1):
+    for b in range(n):
+      f = f"stage{s}_block{b}"
+      k = f"block_{block_id}_" if block_id else "expanded_conv_"
+      if t_exp != 1:
+        t += [(f"{k}expand", (f, "expand"), "conv_nobias"),
+              (f"{k}expand_BN", (f, "expand_bn"), "bn")]
+      t += [(f"{k}depthwise", (f, "depthwise"), "dw"),
+            (f"{k}depthwise_BN", (f, "depthwise_bn"), "bn"),
+            (f"{k}project", (f, "project"), "conv_nobias"),
+            (f"{k}project_BN", (f, "project_bn"), "bn")]
+      block_id += 1
+  t += [("Conv_1", ("head_conv",), "conv_nobias"), ("Conv_1_bn", ("head_bn",), "bn")]
+  return t
+
+
+def load_keras(path, num_classes: int | None = 0, alpha: float = 1.0) -> dict:
+  """Keras MobileNetV2 weight file (.h5 legacy/ImageNet cache or .weights.h5)
+  -> {'params', 'batch_stats'} for ``MobileNetV2(num_classes, alpha=alpha)``.
+
+  num_classes: 0 -> backbone only (a head in the file is ignored); None -> the
+  head if the file has one; N -> the file's N-class 'predictions' head.
+  """
+  origin = str(path)
+  layers = read_keras_h5(path)
+  n_cls = head_classes(layers, num_classes, origin)
+  table = keras_table()
+  head = [("predictions", ("classifier",), "dense")]
+  if n_cls:
+    table += head
+  expected = expected_shapes(MobileNetV2(num_classes=n_cls, alpha=alpha), 32)
+  return assign_keras(layers, table, expected, origin, ignore=[h[0] for h in head])
