@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
                                           tfidf_dim=256))  # SVD size for name="tfidf"
   m.hidden = 256                       # fusion head width (0 = linear head)
   m.dropout = 0.2
-  m.modality_dropout = 0.0             # prob. of zeroing one modality per example
+  m.modality_dropout = 0.3             # prob. of zeroing one modality per example
+  m.dtype = "float32"                  # compute dtype: float32 | bfloat16 (params stay f32)
 
   # --- training ---------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
@@ -62,8 +63,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Parameter groups (finetune): {name: {regex, lr_mult, unfreeze_at}}; every
   # parameter path must match exactly one regex. Empty: one group.
   t.groups = ml_collections.ConfigDict()
+  t.cache_dir = ""                     # frozen embeddings; "" = <workdir>/cache
+                                       # (a sweep shares one across its cells)
   t.checkpoint = True                  # orbax: latest (resume) + best (val macro-F1)
   t.log_every = 10
+
+  # --- devices ----------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict(dict(
+      seed=0, data=0,                  # ('seed', 'data') mesh sizes; 0 = inferred
+      distributed=ml_collections.FieldReference(None, field_type=bool)))  # multi-host
 
   c.feasibility = True                 # KMeans ARI + t-SNE of the frozen embeddings
   c.seeds = 5                          # replicas trained as one vmapped program

@@ -52,6 +52,18 @@ log = logging.getLogger(__name__)
 
 _FORMAT = 1
 _METRIC = "metric"
+
+
+def _quiet_orbax(record) -> bool:
+  # orbax logs every async save step at INFO through absl; keep its warnings.
+  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+try:
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().addFilter(_quiet_orbax)
+except ImportError:  # absl is an orbax dependency; this is belt and braces
+  pass
 _ITEMS = ("state", "extra", "meta")
 
 

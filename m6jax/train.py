@@ -26,6 +26,7 @@ import numpy as np
 import optax
 import tqdm
 
+from m6jax import mesh as mesh_lib
 from m6jax import metrics as metrics_lib
 from m6jax import optim
 from m6jax.models import fusion
@@ -58,10 +59,16 @@ def replica_keys(seed: int, num: int) -> jax.Array:
   return jax.vmap(jax.random.key)(jnp.arange(num) + seed)
 
 
+def compute_dtype(cfg):
+  """cfg.model.dtype -> the towers' and head's compute dtype (params stay float32)."""
+  return jnp.dtype(cfg.model.get("dtype", "float32"))
+
+
 def head_module(cfg, num_classes: int) -> fusion.FusionHead:
   m = cfg.model
   return fusion.FusionHead(mode=m.fusion, num_classes=num_classes, hidden=m.hidden,
-                           dropout=m.dropout, modality_dropout=m.modality_dropout)
+                           dropout=m.dropout, modality_dropout=m.modality_dropout,
+                           dtype=compute_dtype(cfg))
 
 
 def loss_fn(logits, labels, mask, num_classes: int, smoothing: float = 0.0):
@@ -98,8 +105,12 @@ class Trainer:
     self.batch_size = min(cfg.train.batch_size, num_train)
     self.steps_per_epoch = max(1, num_train // self.batch_size)
     self.total_steps = self.steps_per_epoch * cfg.train.epochs
-    self.keys = replica_keys(cfg.seed, cfg.seeds)
-    self._keep_best = jax.jit(jax.vmap(_keep_best), donate_argnums=(0,))
+    mcfg = cfg.get("mesh") or {}
+    self.mesh = mesh_lib.make_mesh(cfg.seeds, mcfg.get("seed", 0), mcfg.get("data", 0))
+    self.replicas = mesh_lib.replicas(self.mesh)
+    self.keys = mesh_lib.put_global(replica_keys(cfg.seed, cfg.seeds), self.replicas)
+    self._keep_best = jax.jit(jax.vmap(_keep_best), donate_argnums=(0,),
+                              out_shardings=self.replicas)
 
   def order_keys(self):
     """Keys that fix each replica's data order: its own, or one shared key."""
@@ -108,7 +119,8 @@ class Trainer:
     if self.cfg.train.data_order != "shared":
       raise ValueError(f"train.data_order must be per_seed or shared, "
                        f"got {self.cfg.train.data_order!r}")
-    return jnp.stack([jax.random.key(self.cfg.seed)] * self.cfg.seeds)
+    return mesh_lib.put_global(jnp.stack([jax.random.key(self.cfg.seed)] * self.cfg.seeds),
+                               self.replicas)
 
   def fit(self, val_labels, checkpoints=None, progress: bool = True, on_epoch=None):
     """Runs the epochs; returns (states with best_* filled, history list).
@@ -182,13 +194,18 @@ class FrozenTrainer(Trainer):
     super().__init__(cfg, num_classes, len(labels["train"]))
     self.head = head_module(cfg, num_classes)
     self.mods = fusion.modalities(cfg.model.fusion)
-    self.feats = {s: {m: jnp.asarray(f[m]) for m in self.mods} for s, f in feats.items()}
-    self.labels = {s: jnp.asarray(v) for s, v in labels.items()}
+    # Cached embeddings are small: every device holds all of them.
+    rep = mesh_lib.replicated(self.mesh)
+    self.feats = {s: mesh_lib.put_global({m: np.asarray(f[m]) for m in self.mods}, rep)
+                  for s, f in feats.items()}
+    self.labels = {s: mesh_lib.put_global(np.asarray(v), rep) for s, v in labels.items()}
     self.tx = optim.make_optimizer(cfg.train, self.total_steps)
-    self._init = jax.jit(jax.vmap(self._init_one))
-    self._epoch = jax.jit(jax.vmap(self._train_epoch, in_axes=(0, None, None, 0, 0, None)),
-                          donate_argnums=(0,))
-    self._predict = jax.jit(jax.vmap(self._predict_one, in_axes=(0, None)))
+    self._init = jax.jit(jax.vmap(self._init_one), out_shardings=self.replicas)
+    self._epoch = jax.jit(
+        jax.vmap(self._train_epoch, in_axes=(0, None, None, 0, 0, None), spmd_axis_name="seed"),
+        donate_argnums=(0,), out_shardings=(self.replicas, self.replicas))
+    self._predict = jax.jit(jax.vmap(self._predict_one, in_axes=(0, None)),
+                            out_shardings=self.replicas)
 
   def _init_one(self, key) -> TrainState:
     dummy = {m: f[:1] for m, f in self.feats["train"].items()}
@@ -205,9 +222,15 @@ class FrozenTrainer(Trainer):
         self.steps_per_epoch, self.batch_size)
     drop_key = _epoch_key(key, epoch, 2)
 
+    data_size = self.mesh.shape["data"]
+
     def step(state, batch_idx):
       emb = {m: feats[m][batch_idx] for m in self.mods}
       y = labels[batch_idx]
+      if data_size > 1 and self.batch_size % data_size == 0:
+        # Split each replica's batch over the 'data' devices of its seed group.
+        emb = jax.lax.with_sharding_constraint(
+            emb, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data")))
       rng = jax.random.fold_in(drop_key, state.step)
 
       def loss_of(params):
@@ -272,11 +295,17 @@ class FinetuneTrainer(Trainer):
     self.tx = optim.make_optimizer(cfg.train, self.total_steps, shapes["params"])
     log.info("parameter groups:\n%s", optim.describe_groups(
         shapes["params"], dict(cfg.train.get("groups") or {})))
-    self._init = jax.jit(jax.vmap(self._init_one))
-    batch_axis = 0 if cfg.train.data_order == "per_seed" else None
-    self._step = jax.jit(jax.vmap(self._train_step, in_axes=(0, batch_axis, 0)),
-                         donate_argnums=(0,))
-    self._predict = jax.jit(jax.vmap(self._predict_one, in_axes=(0, 0, None)))
+    self._init = jax.jit(jax.vmap(self._init_one), out_shardings=self.replicas)
+    per_seed = cfg.train.data_order == "per_seed"
+    self.train_batch_sharding = mesh_lib.batch(self.mesh, per_seed)
+    self.eval_batch_sharding = mesh_lib.batch(self.mesh, False)
+    self._step = jax.jit(
+        jax.vmap(self._train_step, in_axes=(0, 0 if per_seed else None, 0),
+                 spmd_axis_name="seed"),
+        donate_argnums=(0,), out_shardings=(self.replicas, self.replicas))
+    self._predict = jax.jit(
+        jax.vmap(self._predict_one, in_axes=(0, 0, None), spmd_axis_name="seed"),
+        out_shardings=self.replicas)
 
   # --- model inputs -----------------------------------------------------------
   def inputs(self, batch: dict, split: str) -> dict:
@@ -372,6 +401,7 @@ class FinetuneTrainer(Trainer):
                          disable=self.steps_per_epoch < 5):
       batch = [self.inputs(next(it), "train") for it in iters]
       batch = (jax.tree.map(lambda *xs: np.stack(xs), *batch) if k_iters > 1 else batch[0])
+      batch = mesh_lib.put_global(batch, self.train_batch_sharding)
       states, m = self._step(states, batch, self.keys)
       losses.append(m["loss"])
       gnorms.append(m["grad_norm"])
@@ -382,7 +412,8 @@ class FinetuneTrainer(Trainer):
     probs, weights = [], []
     for batch in self.pipeline.batches(self.sources[split], self.cfg.data.batch_size,
                                        self.cfg.data.image_size):
-      pr, w = self._predict(params, batch_stats, self.inputs(batch, split))
+      pr, w = self._predict(params, batch_stats,
+                            mesh_lib.put_global(self.inputs(batch, split), self.eval_batch_sharding))
       probs.append(np.asarray(pr)[:, batch["mask"]])
       weights.append(np.asarray(w)[:, batch["mask"]])
     probs, weights = np.concatenate(probs, 1), np.concatenate(weights, 1)
@@ -422,7 +453,7 @@ def setup(cfg, workdir: str) -> Setup:
     if not len(cols[s]["label"]):
       raise ValueError(f"split {s!r} is empty; the catalogue is too small for data.split")
   labels = {s: cols[s]["label"] for s in splits}
-  cache = os.path.join(workdir, "cache")
+  cache = cfg.train.get("cache_dir") or os.path.join(workdir, "cache")
   mods = fusion.modalities(cfg.model.fusion)
   feats, text_features = {}, None
   if cfg.train.mode == "frozen" and "image" in mods:
@@ -434,10 +465,11 @@ def setup(cfg, workdir: str) -> Setup:
     trainer = FrozenTrainer(cfg, len(class_names),
                             {s: {m: f[s] for m, f in feats.items()} for s in splits}, labels)
   else:
+    dtype = compute_dtype(cfg)
     image_tower = (towers.image_tower(cfg.model.image.name, cfg.model.image.weights,
-                                      cfg.data.image_size, seed=cfg.seed)
+                                      cfg.data.image_size, dtype=dtype, seed=cfg.seed)
                    if "image" in mods else None)
-    text_tower = (towers.text_tower(cfg.model.text.name, cfg.model.text.weights)
+    text_tower = (towers.text_tower(cfg.model.text.name, cfg.model.text.weights, dtype=dtype)
                   if "text" in mods and cfg.model.text.name != "tfidf" else None)
     trainer = FinetuneTrainer(cfg, len(class_names), builder, image_tower, text_tower,
                               feats.get("text"))

@@ -25,15 +25,17 @@ def modalities(mode: str) -> tuple[str, ...]:
 
 
 class MLP(nn.Module):
-  """LayerNorm -> [Dense(hidden) -> ReLU -> Dropout] -> Dense(out)."""
+  """[LayerNorm] -> [Dense(hidden) -> ReLU -> Dropout] -> Dense(out)."""
   out: int
   hidden: int = 0
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  norm: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
+    if self.norm:
+      x = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
     if self.hidden:
       x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(x))
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -68,12 +70,15 @@ class FusionHead(nn.Module):
       drop = jax.random.bernoulli(k1, self.modality_dropout, (b,))
       which = jax.random.randint(k2, (b,), 0, len(xs))
       xs = [jnp.where((drop & (which == i))[:, None], 0.0, x) for i, x in enumerate(xs)]
-    mlp = lambda name: MLP(self.num_classes, self.hidden, self.dropout, self.dtype,
-                           name=name)
+    mlp = lambda name, norm=True: MLP(self.num_classes, self.hidden, self.dropout, self.dtype,
+                                      norm, name=name)
     if len(xs) == 1:
       return {"logits": mlp("head")(xs[0], train), "weights": jnp.ones((b, 1))}
     if self.mode == "early":
-      logits = mlp("head")(jnp.concatenate(xs, -1), train)
+      # Normalise each modality on its own so the wider one (1280-d image vs
+      # 384-d text) does not dominate the concatenation.
+      xs = [nn.LayerNorm(dtype=self.dtype, name=f"norm_{m}")(x) for m, x in zip(names, xs)]
+      logits = mlp("head", norm=False)(jnp.concatenate(xs, -1), train)
       return {"logits": logits, "weights": jnp.full((b, len(xs)), 1.0 / len(xs))}
     if self.mode == "late":
       per = jnp.stack([mlp(f"head_{m}")(x, train) for m, x in zip(names, xs)], 1)
@@ -96,7 +101,8 @@ class Classifier(nn.Module):
   batch may carry precomputed embeddings ('image_embedding', 'text_embedding',
   frozen mode) or raw inputs ('image' uint8 (B, S, S, 3) and 'input_ids' /
   'attention_mask' (B, L), finetune mode). Returns the head's dict plus the
-  embeddings used.
+  embeddings used, and 'image_feature_map' (B, h, w, c) when the image tower
+  ran (Grad-CAM, m6jax.explain).
   """
   fusion: FusionHead
   image: nn.Module | None = None
@@ -105,17 +111,20 @@ class Classifier(nn.Module):
   tower_train: bool = True   # False: towers run in inference mode (BN statistics fixed)
 
   def __call__(self, batch: dict, train: bool = False):
-    emb = {}
+    emb, fmap = {}, None
     for m in modalities(self.fusion.mode):
       if f"{m}_embedding" in batch:
         emb[m] = batch[f"{m}_embedding"]
       elif m == "image":
         x = batch["image"].astype(jnp.float32)
         x = self.image_preprocess(x) if self.image_preprocess else x
-        emb[m] = self.image(x, train=train and self.tower_train)["embedding"]
+        feats = self.image(x, train=train and self.tower_train)
+        emb[m], fmap = feats["embedding"], feats["feature_map"]
       else:
         emb[m] = self.text(batch["input_ids"], batch["attention_mask"],
                            train=train and self.tower_train)["embedding"]
     out = dict(self.fusion(emb, train))
     out["embeddings"] = emb
+    if fmap is not None:
+      out["image_feature_map"] = fmap
     return out

@@ -1,0 +1,47 @@
+"""The ('seed', 'data') mesh on 8 forced CPU devices (in a subprocess: XLA_FLAGS
+must be set before jax starts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from m6jax import mesh as mesh_lib
+from tests.conftest import REPO
+
+
+def test_mesh_shape_inference_and_errors():
+  assert mesh_lib.mesh_shape(5, 1) == (1, 1)
+  assert mesh_lib.mesh_shape(8, 8) == (8, 1)
+  assert mesh_lib.mesh_shape(4, 8) == (4, 2)
+  assert mesh_lib.mesh_shape(5, 8) == (1, 8)
+  assert mesh_lib.mesh_shape(4, 8, data=4) == (2, 4)
+  with pytest.raises(ValueError, match="do not split"):
+    mesh_lib.mesh_shape(3, 8, seed=2)
+  with pytest.raises(ValueError, match="does not use"):
+    mesh_lib.mesh_shape(4, 8, seed=2, data=2)
+
+
+@pytest.mark.slow
+def test_meshes_give_the_single_device_result(tiny_catalogue, tmp_path):
+  r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "mesh_check.py"),
+                      tiny_catalogue, str(tmp_path / "tfds")],
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads(r.stdout.split("RESULT ", 1)[1])
+  assert res["devices"] == 8
+  for name, rec in res["frozen"].items():
+    seed, data = map(int, name.split("x"))
+    assert rec["mesh"] == {"seed": seed, "data": data}
+    assert rec["state_spec"] == "P('seed',)"
+    assert rec["state_devices"] == seed * data
+    # Same K-seed run on every mesh; only reduction order may differ (float32).
+    assert rec["max_diff_probs"] <= 1e-5, (name, rec)
+    assert rec["max_diff_params"] <= 1e-5, (name, rec)
+  assert set(res["finetune"]) == {"1x1", "2x4", "4x2"}
+  for name, rec in res["finetune"].items():
+    assert rec["state_spec"] == "P('seed',)"
+    assert rec["batch_spec"] == "P('seed', 'data')"   # per-seed data order
+    assert rec["max_diff_params"] <= 1e-5, (name, rec)
