@@ -4,6 +4,9 @@
 #   ./launch.sh demo [ARGS...]   setup, then the main job on the bundled data
 #   ./launch.sh test [ARGS...]   setup with the test extra, then the test suite
 #   ./launch.sh run CONFIG WORKDIR [ARGS...]   one experiment
+#   ./launch.sh sweep FILE [ARGS...]   a sweep (experiments/*.py) into runs/<name>/, resumable
+#   ./launch.sh compare ROOT [ARGS...] table + plot + best cell of a sweep (runs/<name>)
+#   ./launch.sh ui [ARGS...]     MLflow UI for runs/mlflow.db on http://127.0.0.1:5000
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${M6JAX_VENV:-.venv}
@@ -39,5 +42,16 @@ case "$cmd" in
   run)
     config=$1; workdir=$2; shift 2
     "$PY" -m m6jax.main --config "$config" --workdir "$workdir" "$@" ;;
-  *) sed -n '2,7p' "$0"; exit 2 ;;
+  sweep)
+    file=$1; shift
+    "$PY" -m m6jax.sweep --sweep "$file" "$@" ;;
+  compare)
+    root=$1; shift
+    "$PY" -m m6jax.compare --root "$root" "$@" ;;
+  ui)
+    # The store `run`/`sweep` write by default (workdirs under runs/).
+    mkdir -p runs
+    exec "$PY" -m mlflow ui --backend-store-uri "sqlite:///$PWD/runs/mlflow.db" \
+      --host 127.0.0.1 --port 5000 "$@" ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
 esac

@@ -73,6 +73,15 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0, data=0,                  # ('seed', 'data') mesh sizes; 0 = inferred
       distributed=ml_collections.FieldReference(None, field_type=bool)))  # multi-host
 
+  # --- explain / track ----------------------------------------------------------
+  c.explain = ml_collections.ConfigDict(dict(
+      enabled=True, method="gradcam",   # gradcam | gradcam++ | hirescam
+      n_per_class=3))                    # gallery: correct and wrong examples per class
+  c.track = ml_collections.ConfigDict(dict(
+      enabled=True,                      # False: no MLflow (metrics.jsonl is still written)
+      uri="",                            # '' = $MLFLOW_TRACKING_URI, else sqlite:///<workdir/..>/mlflow.db
+      experiment="m6jax"))
+
   c.feasibility = True                 # KMeans ARI + t-SNE of the frozen embeddings
   c.seeds = 5                          # replicas trained as one vmapped program
   c.seed = 0                           # replica k uses seed `seed + k`

