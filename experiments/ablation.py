@@ -12,6 +12,8 @@ def get_sweep():
   return {
       "name": "ablation",
       "base": "configs/default.py",
+      # One embedding cache for all cells: each tower is computed once.
+      "overrides": {"train.cache_dir": "runs/ablation/cache"},
       "cells": [
           {"name": "text_minilm", "base": "configs/text_only.py:minilm"},
           {"name": "text_tfidf", "base": "configs/text_only.py:tfidf"},

@@ -160,7 +160,8 @@ class Checkpoints:
     self.enabled = bool(enabled)
     self.is_primary = jax.process_index() == 0
     self.keep_latest, self.keep_best, self.best_mode = keep_latest, keep_best, best_mode
-    self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+    # orbax needs absolute paths (relative workdirs are common on the CLI).
+    self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
     self._latest = self._best = None
     self._closed = False
     self._best_metrics: dict[int, float] = {}

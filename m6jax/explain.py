@@ -352,7 +352,7 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
   'accuracy': ensemble accuracy (None without labels), 'n': images explained,
   'probs': (n, C) ensemble probabilities, 'uniq_id': their ids}.
   """
-  from m6jax import checkpoint, train
+  from m6jax import train
   from m6jax.data import catalogue, pipeline
   from m6jax.models import fusion, towers
 
@@ -362,15 +362,7 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
   mods = fusion.modalities(cfg.model.fusion)
   if "image" not in mods:
     raise ValueError(f"run {workdir} has no image tower (fusion {cfg.model.fusion!r})")
-  run = train.setup(cfg, workdir)
-  with checkpoint.Checkpoints(workdir) as ckpt:
-    target = run.trainer.init_states()
-    restored = ckpt.restore_best(target) if which == "best" else ckpt.restore_latest(target)
-  if restored is None:
-    raise FileNotFoundError(f"no {which} checkpoint in {workdir}/checkpoints")
-  states, _ = restored
-  params = states.best_params if which == "best" else states.params
-  stats = states.best_batch_stats if which == "best" else states.batch_stats
+  cfg, run, params, stats = train.restore(workdir, which)
   bs, size = cfg.data.batch_size, cfg.data.image_size
 
   # Rows: the test split, or new products read as predict reads them.

@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = "best",
             on_bad_row: str | None = None) -> dict:
   """Writes `out`; returns {'probs': (N, C) ensemble, 'uniq_id', 'classes', 'report'}."""
-  from m6jax import checkpoint, embed, train
+  from m6jax import embed, train
   from m6jax.data import catalogue, pipeline
   from m6jax.models import fusion
 
@@ -50,15 +50,7 @@ def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = 
   if not rows:
     raise catalogue.DataError(f"no usable rows in {csv_path}")
 
-  run = train.setup(cfg, workdir)
-  with checkpoint.Checkpoints(workdir) as ckpt:
-    target = run.trainer.init_states()
-    restored = ckpt.restore_best(target) if which == "best" else ckpt.restore_latest(target)
-  if restored is None:
-    raise FileNotFoundError(f"no {which} checkpoint in {workdir}/checkpoints")
-  states, _ = restored
-  params = states.best_params if which == "best" else states.params
-  stats = states.best_batch_stats if which == "best" else states.batch_stats
+  cfg, run, params, stats = train.restore(workdir, which)
   mods = fusion.modalities(cfg.model.fusion)
   bs = cfg.data.batch_size
   texts = [r.text for r in rows]

@@ -447,6 +447,26 @@ class Setup:
     return embed.embed_texts(self.cfg, tower, texts)
 
 
+def restore(workdir: str, which: str = "best"):
+  """A finished run -> (cfg, Setup, params, batch_stats).
+
+  which: 'best' (each replica's best-validation parameters) or 'latest'.
+  Parameters carry the leading replica axis K.
+  """
+  from m6jax import checkpoint
+  cfg = load_config(workdir)
+  run = setup(cfg, workdir)
+  with checkpoint.Checkpoints(workdir) as ckpt:
+    target = run.trainer.init_states()
+    restored = ckpt.restore_best(target) if which == "best" else ckpt.restore_latest(target)
+  if restored is None:
+    raise FileNotFoundError(f"no {which} checkpoint in {workdir}/checkpoints")
+  states, _ = restored
+  if which == "best":
+    return cfg, run, states.best_params, states.best_batch_stats
+  return cfg, run, states.params, states.batch_stats
+
+
 def load_config(workdir: str):
   """The ConfigDict a run saved in `workdir/config.json`."""
   import json

@@ -33,7 +33,7 @@ def test_train_and_evaluate_writes_outputs(tiny_catalogue, tmp_path):
 
 def test_main_cli_with_overrides(tiny_catalogue, tmp_path):
   args = [sys.executable, "-m", "m6jax.main", "--config", os.path.join(REPO, "configs/smoke.py"),
-          "--workdir", str(tmp_path / "run"),
+          "--workdir", "run",  # relative on purpose: orbax needs it made absolute
           f"--config.data.manual_dir={tiny_catalogue}",
           f"--config.data.tfds_dir={tmp_path / 'tfds'}",
           "--config.data.max_image_pixels=500000", "--config.data.image_size=16",

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m6jax.models import keras_h5
+
 FEATURE_DIM = 1280
 VARIANTS = ("b0", "lite0", "lite1", "lite2")
 
@@ -431,28 +433,24 @@ def load_torch(src, variant: str, include_classifier: bool = True) -> dict:
   return b.variables
 
 
-# Keras EfficientNetB0 layer names: block{s}{a,b,..}_{expand_conv,...}.
+# Keras EfficientNetB0 layer names: block{s}{a,b,..}_{expand_conv,...}; kinds
+# as in keras_h5.KERAS_VARS.
 def _keras_names(variant: str) -> list[tuple[str, tuple[str, ...], str]]:
-  out = [("stem_conv", ("stem", "conv"), "conv"), ("stem_bn", ("stem", "bn"), "bn")]
+  out = [("stem_conv", ("stem", "conv"), "conv_nobias"), ("stem_bn", ("stem", "bn"), "bn")]
   for sp in block_specs(variant):
     t, f = f"block{sp.stage}{chr(97 + sp.index)}_", (sp.name,)
     if sp.expand_ratio != 1:
-      out += [(t + "expand_conv", f + ("expand", "conv"), "conv"),
+      out += [(t + "expand_conv", f + ("expand", "conv"), "conv_nobias"),
               (t + "expand_bn", f + ("expand", "bn"), "bn")]
     out += [(t + "dwconv", f + ("dw", "conv"), "dw"), (t + "bn", f + ("dw", "bn"), "bn")]
     if sp.se_filters:
-      out += [(t + "se_reduce", f + ("se", "reduce"), "se"),
-              (t + "se_expand", f + ("se", "expand"), "se")]
-    out += [(t + "project_conv", f + ("project", "conv"), "conv"),
+      out += [(t + "se_reduce", f + ("se", "reduce"), "conv"),
+              (t + "se_expand", f + ("se", "expand"), "conv")]
+    out += [(t + "project_conv", f + ("project", "conv"), "conv_nobias"),
             (t + "project_bn", f + ("project", "bn"), "bn")]
-  out += [("top_conv", ("head", "conv"), "conv"), ("top_bn", ("head", "bn"), "bn"),
-          ("predictions", ("classifier",), "fc")]
+  out += [("top_conv", ("head", "conv"), "conv_nobias"), ("top_bn", ("head", "bn"), "bn"),
+          ("predictions", ("classifier",), "dense")]
   return out
-
-
-_KERAS_VARS = {"conv": ("kernel",), "dw": ("kernel",), "se": ("kernel", "bias"),
-               "fc": ("kernel", "bias"),
-               "bn": ("gamma", "beta", "moving_mean", "moving_variance")}
 
 
 def _read_keras_h5(path) -> tuple[dict[str, list[np.ndarray]], bool]:
@@ -465,7 +463,6 @@ def _read_keras_h5(path) -> tuple[dict[str, list[np.ndarray]], bool]:
   not the layer name; the caller maps those by order.
   """
   import h5py
-  out: dict[str, list[np.ndarray]] = {}
   with h5py.File(path, "r") as f:
     if "layers" in f and "layer_names" not in f.attrs:
       g = f["layers"]
@@ -475,25 +472,16 @@ def _read_keras_h5(path) -> tuple[dict[str, list[np.ndarray]], bool]:
         if len(subs) != 1:
           raise KeyError(f"{path}: no 'layers/conv2d' in this Keras 3 weights file")
         g = g[subs[0]]["layers"]
-      for name in g:
-        if "vars" in g[name] and len(g[name]["vars"]):
-          v = g[name]["vars"]
-          out[name] = [np.asarray(v[str(i)]) for i in range(len(v))]
-      return out, True
+      out = {name: keras_h5.layer_vars(g[name]) for name in g}
+      return {name: a for name, a in out.items() if a}, True
     g = f["model_weights"] if "model_weights" in f else f
     if "layer_names" not in g.attrs:
       raise KeyError(f"{path}: not a Keras weights file (no 'layers' group or 'layer_names')")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in g.attrs["layer_names"]]
-    for name in names:
-      wn = [n.decode() if isinstance(n, bytes) else str(n)
-            for n in g[name].attrs.get("weight_names", [])]
-      if wn:
-        out[name] = [np.asarray(g[name][w]) for w in wn]
-  return out, False
+    return keras_h5.read_legacy_group(g), False
 
 
-_KERAS3_CLASS = {"conv": "conv2d", "se": "conv2d", "dw": "depthwise_conv2d",
-                 "bn": "batch_normalization", "fc": "dense"}
+_KERAS3_CLASS = {"conv_nobias": "conv2d", "conv": "conv2d", "dw": "depthwise_conv2d",
+                 "bn": "batch_normalization", "dense": "dense"}
 
 
 def _keras3_names(variant: str) -> dict[str, str]:
@@ -527,36 +515,16 @@ def load_keras(path, variant: str = "b0", include_classifier: bool = True) -> di
     layers = {k: layers[v] for k, v in _keras3_names(variant).items() if v in layers}
   has_fc = include_classifier and "predictions" in layers
   num_classes = layers["predictions"][0].shape[1] if has_fc else 0
-  shapes = _expected_shapes(variant, num_classes)
-  b = _Builder({}, str(path))
+  expected = keras_h5.expected_shapes(EfficientNet(variant, num_classes=num_classes), 64)
+  variables: dict = {"params": {}, "batch_stats": {}}
   for lname, fpath, kind in _keras_names(variant):
-    if kind == "fc" and not has_fc:
+    if kind == "dense" and not has_fc:
       continue
     if lname not in layers:
       raise KeyError(f"{path}: missing Keras layer {lname!r}")
-    arrays = layers[lname]
-    want = _KERAS_VARS[kind]
-    if len(arrays) != len(want):
-      raise ValueError(f"{path}: layer {lname!r} has {len(arrays)} variables, "
-                       f"expected {len(want)} {want}")
-    b.src = {f"{lname}/{w}": a for w, a in zip(want, arrays)}
-    g = lambda w, shape: b.get(f"{lname}/{w}", shape)  # noqa: E731
-    if kind == "bn":
-      n = _lookup(shapes["params"], fpath + ("scale",))
-      b.put("params", fpath + ("scale",), g("gamma", n))
-      b.put("params", fpath + ("bias",), g("beta", n))
-      b.put("batch_stats", fpath + ("mean",), g("moving_mean", n))
-      b.put("batch_stats", fpath + ("var",), g("moving_variance", n))
-    else:
-      k = _lookup(shapes["params"], fpath + ("kernel",))
-      if kind == "dw":  # keras depthwise (kh, kw, C, 1) -> flax (kh, kw, 1, C)
-        w = g("kernel", (k[0], k[1], k[3], 1)).transpose(0, 1, 3, 2)
-      else:
-        w = g("kernel", k)
-      b.put("params", fpath + ("kernel",), np.ascontiguousarray(w))
-      if kind in ("se", "fc"):
-        b.put("params", fpath + ("bias",), g("bias", (k[-1],)))
-  return b.variables
+    keras_h5.assign_layer(variables, layers[lname], lname, fpath, kind, expected,
+                          str(path))
+  return variables
 
 
 # ----------------------------------------------------------------------------

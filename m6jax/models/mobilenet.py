@@ -18,8 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from m6jax.models.vgg import (assign_keras, expected_shapes, head_classes,
-                              read_keras_h5)
+from m6jax.models.common import pooled_outputs
+from m6jax.models.keras_h5 import load_backbone
 
 FEATURE_DIM = 1280
 # (expansion, filters, repeats, first stride) per stage, as in Keras/the paper.
@@ -118,13 +118,7 @@ class MobileNetV2(nn.Module):
     last = make_divisible(1280 * self.alpha) if self.alpha > 1.0 else 1280
     x = nn.Conv(last, (1, 1), use_bias=False, dtype=self.dtype, name="head_conv")(x)
     x = nn.relu6(_bn(train, self.dtype, "head_bn")(x))
-    fmap = self.perturb("feature_map", x)
-    out["feature_map"] = fmap
-    out["embedding"] = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
-    if self.num_classes > 0:
-      out["logits"] = nn.Dense(self.num_classes, dtype=jnp.float32,
-                               name="classifier")(out["embedding"])
-    return out
+    return {**out, **pooled_outputs(self, x, self.num_classes)}
 
 
 def keras_table() -> list[tuple[str, tuple[str, ...], str]]:
@@ -154,12 +148,5 @@ def load_keras(path, num_classes: int | None = 0, alpha: float = 1.0) -> dict:
   num_classes: 0 -> backbone only (a head in the file is ignored); None -> the
   head if the file has one; N -> the file's N-class 'predictions' head.
   """
-  origin = str(path)
-  layers = read_keras_h5(path)
-  n_cls = head_classes(layers, num_classes, origin)
-  table = keras_table()
-  head = [("predictions", ("classifier",), "dense")]
-  if n_cls:
-    table += head
-  expected = expected_shapes(MobileNetV2(num_classes=n_cls, alpha=alpha), 32)
-  return assign_keras(layers, table, expected, origin, ignore=[h[0] for h in head])
+  return load_backbone(path, num_classes, keras_table(),
+                       lambda n: MobileNetV2(num_classes=n, alpha=alpha))

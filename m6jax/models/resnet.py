@@ -16,8 +16,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from m6jax.models.vgg import (assign_keras, expected_shapes, head_classes,
-                              preprocess_caffe, read_keras_h5)
+from m6jax.models.common import pooled_outputs
+from m6jax.models.keras_h5 import load_backbone
+from m6jax.models.vgg import preprocess_caffe
 
 FEATURE_DIM = 2048
 STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (filters, blocks, stride)
@@ -109,13 +110,7 @@ class ResNet50(nn.Module):
                        dtype=self.dtype, name=f"stage{s}_block{b}")(x, train)
       if s < len(STAGES):
         out[f"stage{s}"] = x
-    fmap = self.perturb("feature_map", x)
-    out["feature_map"] = fmap
-    out["embedding"] = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
-    if self.num_classes > 0:
-      out["logits"] = nn.Dense(self.num_classes, dtype=jnp.float32,
-                               name="classifier")(out["embedding"])
-    return out
+    return {**out, **pooled_outputs(self, x, self.num_classes)}
 
 
 def keras_table() -> list[tuple[str, tuple[str, ...], str]]:
@@ -140,12 +135,5 @@ def load_keras(path, num_classes: int | None = 0) -> dict:
   num_classes: 0 -> backbone only (a head in the file is ignored); None -> the
   head if the file has one; N -> the file's N-class 'predictions' head.
   """
-  origin = str(path)
-  layers = read_keras_h5(path)
-  n_cls = head_classes(layers, num_classes, origin)
-  table = keras_table()
-  head = [("predictions", ("classifier",), "dense")]
-  if n_cls:
-    table += head
-  expected = expected_shapes(ResNet50(num_classes=n_cls), 32)
-  return assign_keras(layers, table, expected, origin, ignore=[h[0] for h in head])
+  return load_backbone(path, num_classes, keras_table(),
+                       lambda n: ResNet50(num_classes=n))

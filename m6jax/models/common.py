@@ -1,0 +1,22 @@
+"""Pieces shared by the image backbones' Flax modules."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def pooled_outputs(module: nn.Module, x, num_classes: int) -> dict:
+  """Final map ``x`` -> {'feature_map', 'embedding' (f32 global average),
+  'logits' (f32, if num_classes > 0)}.
+
+  Call from ``module``'s compact ``__call__``: the 'feature_map' perturbation
+  and the 'classifier' Dense then belong to ``module``, so variable paths are
+  the same as when written inline (checkpoints and optimizer regexes use them).
+  """
+  fmap = module.perturb("feature_map", x)
+  emb = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+  out = {"feature_map": fmap, "embedding": emb}
+  if num_classes > 0:
+    out["logits"] = nn.Dense(num_classes, dtype=jnp.float32, name="classifier")(emb)
+  return out
