@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import os
 
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
@@ -64,7 +63,7 @@ def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = 
       feats["image"] = embed.embed_image_batches(tower, pipeline.row_batches(rows, cfg.data, bs))
     if "text" in mods:
       feats["text"] = run.text_features_for(texts)
-    probs, _ = run.trainer._predict(params, {m: jnp.asarray(f) for m, f in feats.items()})
+    probs, _ = run.trainer.predict_features(params, feats)
     probs = np.asarray(probs)
   else:
     tfidf = run.text_features_for(texts) if run.text_features is not None else None
@@ -72,7 +71,7 @@ def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = 
       run.trainer.text_lookup["new"] = dict(zip([r.uniq_id for r in rows], tfidf))
     chunks = []
     for b in pipeline.row_batches(rows, cfg.data, bs):
-      pr, _ = run.trainer._predict(params, stats, run.trainer.inputs(b, "new"))
+      pr, _ = run.trainer.predict_batch(params, stats, b, "new")
       chunks.append(np.asarray(pr)[:, b["mask"]])
     probs = np.concatenate(chunks, 1)
 

@@ -255,10 +255,30 @@ class FrozenTrainer(Trainer):
     out = self.head.apply({"params": params}, feats, train=False)
     return jax.nn.softmax(out["logits"]), out["weights"]
 
+  def predict_features(self, params, feats: dict):
+    """Embeddings {modality: (N, D)} -> (K, N, C) probabilities, (K, N, M) weights."""
+    rep = mesh_lib.replicated(self.mesh)
+    return self._predict(params, mesh_lib.put_global(
+        {m: np.asarray(feats[m], np.float32) for m in self.mods}, rep))
+
   def predict(self, params, batch_stats, split, with_weights=False):
     """(K, N, C) probabilities (and (K, N, M) modality weights) for a split."""
     probs, weights = self._predict(params, self.feats[split])
     return (probs, weights) if with_weights else probs
+
+  def modality_importance(self, params, split="test") -> dict:
+    """Accuracy of the seed ensemble with each modality's embedding zeroed (what
+    modality dropout trains the head to cope with): {'full': acc, 'without_<m>': acc,
+    'drop_<m>': full - without}."""
+    labels = np.asarray(self.labels[split])
+    acc = lambda f: float((np.asarray(self.predict_features(params, f)[0]).mean(0)
+                           .argmax(-1) == labels).mean())
+    feats = {m: np.asarray(v) for m, v in self.feats[split].items()}
+    out = {"full": acc(feats)}
+    for m in self.mods:
+      out[f"without_{m}"] = acc(dict(feats, **{m: np.zeros_like(feats[m])}))
+      out[f"drop_{m}"] = out["full"] - out[f"without_{m}"]
+    return out
 
 
 class FinetuneTrainer(Trainer):
@@ -407,13 +427,17 @@ class FinetuneTrainer(Trainer):
       gnorms.append(m["grad_norm"])
     return states, {"loss": jnp.stack(losses).mean(0), "grad_norm": jnp.stack(gnorms).mean(0)}
 
+  def predict_batch(self, params, batch_stats, batch: dict, split: str):
+    """A pipeline batch -> (K, B, C) probabilities, (K, B, M) modality weights."""
+    return self._predict(params, batch_stats,
+                         mesh_lib.put_global(self.inputs(batch, split), self.eval_batch_sharding))
+
   def predict(self, params, batch_stats, split, with_weights=False):
     """(K, N, C) probabilities (and (K, N, M) modality weights) for a split."""
     probs, weights = [], []
     for batch in self.pipeline.batches(self.sources[split], self.cfg.data.batch_size,
                                        self.cfg.data.image_size):
-      pr, w = self._predict(params, batch_stats,
-                            mesh_lib.put_global(self.inputs(batch, split), self.eval_batch_sharding))
+      pr, w = self.predict_batch(params, batch_stats, batch, split)
       probs.append(np.asarray(pr)[:, batch["mask"]])
       weights.append(np.asarray(w)[:, batch["mask"]])
     probs, weights = np.concatenate(probs, 1), np.concatenate(weights, 1)
@@ -555,6 +579,10 @@ def train_and_evaluate(cfg, workdir: str, on_epoch=None) -> dict:
                    "total": time.time() - t0},
       "devices": [str(d) for d in jax.devices()],
   }
+  if cfg.train.mode == "frozen" and len(mods) > 1:
+    extra["modality_importance"] = run.trainer.modality_importance(states.best_params)
+    log.info("modality importance (test, ensemble accuracy): %s",
+             {k: round(v, 4) for k, v in extra["modality_importance"].items()})
   if cfg.get("feasibility") and run.feats:
     from m6jax import feasibility
     extra["feasibility"] = feasibility.feasibility_study(

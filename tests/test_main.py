@@ -42,6 +42,9 @@ def test_main_cli_with_overrides(tiny_catalogue, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((tmp_path / "run" / "results.json").read_text())
   assert res["fusion"] == "late" and len(res["test"]["per_seed"]["accuracy"]) == 3
+  imp = res["modality_importance"]
+  assert set(imp) == {"full", "without_image", "without_text", "drop_image", "drop_text"}
+  assert abs(imp["full"] - res["test"]["ensemble"]["accuracy"]) < 1e-6
   cfg = json.loads((tmp_path / "run" / "config.json").read_text())
   assert cfg["seeds"] == 3 and cfg["train"]["epochs"] == 1
   assert "skipped" in r.stderr  # the bad rows are reported, not silently dropped
