@@ -82,6 +82,20 @@ def make_catalogue(root, classes=CLASSES, per_class=PER_CLASS, bad=True):
   return bad_ids
 
 
+def new_products_csv(catalogue_dir, ids, path):
+  """Writes the products `ids` of a catalogue as a new CSV without the category
+  column, plus one row whose photo is missing ('no_photo'); returns the rows kept."""
+  with open(os.path.join(catalogue_dir, "products.csv")) as f:
+    src = [r for r in csv.DictReader(f) if r["uniq_id"] in ids]
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["uniq_id", "product_name", "description", "image"])
+    for r in src:
+      w.writerow([r["uniq_id"], r["product_name"], r["description"], r["image"]])
+    w.writerow(["no_photo", "Thing", "desc", "missing.jpg"])
+  return src
+
+
 @pytest.fixture(scope="session")
 def tiny_catalogue(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("catalogue"))

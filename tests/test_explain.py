@@ -16,7 +16,7 @@ from PIL import Image
 
 from m6jax import explain
 from m6jax.models import fusion, tiny
-from tests.conftest import tiny_config
+from tests.conftest import new_products_csv, tiny_config
 
 # --- a tiny model: TinyCNN tower + early-fusion head with a fixed text input ----
 
@@ -334,15 +334,8 @@ def test_explain_new_products_and_cli(tiny_catalogue, frozen_run, tmp_path):
   cfg, wd = frozen_run
   want = _run_predictions(wd)
   # The run's test products as a new CSV without categories, plus one bad row.
-  with open(os.path.join(tiny_catalogue, "products.csv")) as f:
-    src = [r for r in csv.DictReader(f) if r["uniq_id"] in want]
   path = str(tmp_path / "new.csv")
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["uniq_id", "product_name", "description", "image"])
-    for r in src:
-      w.writerow([r["uniq_id"], r["product_name"], r["description"], r["image"]])
-    w.writerow(["no_photo", "Thing", "desc", "missing.jpg"])
+  src = new_products_csv(tiny_catalogue, want, path)
   images = os.path.join(tiny_catalogue, "images")
   res = explain.explain_run(wd, n_per_class=2, csv=path, images=images)
   assert res["accuracy"] is None and res["n"] == len(src)

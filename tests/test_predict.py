@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from m6jax import predict, train
-from tests.conftest import tiny_config
+from tests.conftest import new_products_csv, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,8 @@ def _new_catalogue(trained_dir, tiny_catalogue, tmp):
   """The run's test products as a new CSV without the category column, plus one bad row."""
   with open(os.path.join(trained_dir, "predictions_test.csv")) as f:
     expected = {r["uniq_id"]: r for r in csv.DictReader(f)}
-  with open(os.path.join(tiny_catalogue, "products.csv")) as f:
-    src = [r for r in csv.DictReader(f) if r["uniq_id"] in expected]
   path = os.path.join(tmp, "new.csv")
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["uniq_id", "product_name", "description", "image"])
-    for r in src:
-      w.writerow([r["uniq_id"], r["product_name"], r["description"], r["image"]])
-    w.writerow(["no_photo", "Thing", "desc", "missing.jpg"])
+  new_products_csv(tiny_catalogue, expected, path)
   return path, expected
 
 
