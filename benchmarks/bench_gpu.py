@@ -72,12 +72,17 @@ def bench(name, k, batch, size, dtype, iters, mode="vmap"):
   v = jax.jit(model.init)(jax.random.key(0), x[:1])
   tx = optax.adamw(1e-4)
   step = make_step(model, tx)
-  reps = k if mode == "vmap" else 1
+  reps = 1 if mode == "loop" else k
   params = jax.tree.map(lambda a: jnp.stack([a] * reps), v["params"])
   stats = jax.tree.map(lambda a: jnp.stack([a] * reps), v["batch_stats"])
   opt = jax.vmap(tx.init)(params)
   keys = jax.vmap(jax.random.key)(jnp.arange(reps))
-  fn = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, None, 0)), donate_argnums=(0, 1, 2))
+  if mode == "map":   # one program, replicas in sequence (lax.map): dense convolutions
+    def mapped(p, s, o, x, y, ks):
+      return jax.lax.map(lambda a: step(a[0], a[1], a[2], x, y, a[3]), (p, s, o, ks))
+    fn = jax.jit(mapped, donate_argnums=(0, 1, 2))
+  else:
+    fn = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, None, 0)), donate_argnums=(0, 1, 2))
   t0 = time.perf_counter()
   compiled = fn.lower(params, stats, opt, x, y, keys).compile()
   compile_s = time.perf_counter() - t0
@@ -107,6 +112,7 @@ def main():
   ap.add_argument("--size", type=int, default=224)
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--modes", default="vmap,map,loop", help="for K > 1")
   ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
   a = ap.parse_args()
   # The loop rows reuse the K=1 program: let the persistent cache find it.
@@ -123,7 +129,7 @@ def main():
   rows = []
   for name in a.models.split(","):
     for k in map(int, a.ks.split(",")):
-      for mode in (("vmap", "loop") if k > 1 else ("vmap",)):
+      for mode in ((a.modes.split(",")) if k > 1 else ("vmap",)):
         r = bench(name, k, a.batch, a.size, jnp.dtype(a.dtype), a.iters, mode)
         tf = r["tflops"]
         mfu = f"{tf * 1e12 / peak:.1%}" if peak else "n/a"
@@ -132,9 +138,9 @@ def main():
         rows.append(r)
   by = {(r["model"], r["K"], r["mode"]): r for r in rows}
   for (m, k, mode), r in by.items():
-    if mode == "loop":
-      print(f"{m} K={k}: vmapped is {by[(m, k, 'vmap')]['img_s'] / r['img_s']:.2f}x "
-            f"a loop of {k} solo steps")
+    if mode != "loop" and k > 1 and (m, k, "loop") in by:
+      print(f"{m} K={k}: {mode} runs at {r['img_s'] / by[(m, k, 'loop')]['img_s']:.2f}x "
+            f"the speed of a loop of {k} solo steps")
 
 
 if __name__ == "__main__":

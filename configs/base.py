@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.warmup_steps = 20
   t.label_smoothing = 0.0
   t.data_order = "per_seed"            # per_seed | shared
+  t.replica_loop = "vmap"              # finetune: vmap | map (lax.map: dense convs on GPU)
   t.bn = "frozen"                      # finetune: BN statistics 'frozen' (towers in
                                        # inference mode) or 'update'
   # Parameter groups (finetune): {name: {regex, lr_mult, unfreeze_at}}; every

@@ -5,7 +5,9 @@
 
 Discriminative learning rates by layer group (configs.base.finetune_groups):
 head x1, last stage x0.1, earlier layers x0.01 unfrozen after one epoch.
-BatchNorm statistics stay frozen (small data).
+BatchNorm statistics stay frozen (small data). On one GPU add
+--config.train.replica_loop=map: vmapped replicas make grouped convolutions,
+3.3x slower there (benchmarks/bench_gpu.md).
 """
 
 from configs.base import base_config, finetune_groups

@@ -319,10 +319,8 @@ class FinetuneTrainer(Trainer):
     per_seed = cfg.train.data_order == "per_seed"
     self.train_batch_sharding = mesh_lib.batch(self.mesh, per_seed)
     self.eval_batch_sharding = mesh_lib.batch(self.mesh, False)
-    self._step = jax.jit(
-        jax.vmap(self._train_step, in_axes=(0, 0 if per_seed else None, 0),
-                 spmd_axis_name="seed"),
-        donate_argnums=(0,), out_shardings=(self.replicas, self.replicas))
+    self._step = jax.jit(self._replicated_step(per_seed), donate_argnums=(0,),
+                         out_shardings=(self.replicas, self.replicas))
     self._predict = jax.jit(
         jax.vmap(self._predict_one, in_axes=(0, 0, None), spmd_axis_name="seed"),
         out_shardings=self.replicas)
@@ -382,6 +380,30 @@ class FinetuneTrainer(Trainer):
     return self._init(self.keys)
 
   # --- steps ----------------------------------------------------------------
+  def _replicated_step(self, per_seed: bool):
+    """The K-replica step: `vmap` (default) or `lax.map` (train.replica_loop='map').
+
+    vmap over parameters turns each convolution into a grouped convolution,
+    which GPUs run far below dense speed (benchmarks/bench_gpu.md); `lax.map`
+    keeps one program and one compile but runs the replicas one after another
+    with dense convolutions. 'map' needs the whole replica axis on each device.
+    """
+    how = self.cfg.train.get("replica_loop", "vmap")
+    if how == "vmap":
+      return jax.vmap(self._train_step, in_axes=(0, 0 if per_seed else None, 0),
+                      spmd_axis_name="seed")
+    if how != "map":
+      raise ValueError(f"train.replica_loop must be 'vmap' or 'map', got {how!r}")
+    if self.mesh.shape["seed"] != 1:
+      raise ValueError("train.replica_loop='map' runs replicas in sequence on each device: "
+                       "use a mesh with seed=1")
+
+    def step(states, batch, keys):
+      if per_seed:
+        return jax.lax.map(lambda a: self._train_step(*a), (states, batch, keys))
+      return jax.lax.map(lambda a: self._train_step(a[0], batch, a[1]), (states, keys))
+    return step
+
   def _train_step(self, state: TrainState, batch: dict, key):
     rng = jax.random.fold_in(jax.random.fold_in(key, 3), state.step)
     mutable = ["batch_stats"] if self.cfg.train.bn == "update" else []

@@ -110,3 +110,18 @@ def test_finetune_frozen_group_does_not_move(tiny_catalogue, tmp_path):
   assert trainer._step._cache_size() == 1
   probs = trainer.predict(s1.params, s1.batch_stats, "validation")
   assert probs.shape[:2] == (2, len(builder.as_data_source("validation")))
+
+
+def test_finetune_replica_loop_map_equals_vmap(tiny_catalogue, tmp_path):
+  out = {}
+  for how in ("vmap", "map"):
+    cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"), **{
+        "train.mode": "finetune", "model.fusion": "image", "seeds": 2, "train.epochs": 1,
+        "train.replica_loop": how})
+    builder, _ = tfds_builder.prepare(cfg.data)
+    tower = towers.image_tower("tiny", "none", cfg.data.image_size)
+    trainer = train.FinetuneTrainer(cfg, 3, builder, image_tower=tower)
+    states, _ = trainer.run_epoch(trainer.init_states(), 0)
+    out[how] = jax.tree.map(np.asarray, states.params)
+  for a, b in zip(jax.tree.leaves(out["vmap"]), jax.tree.leaves(out["map"])):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
