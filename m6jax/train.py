@@ -65,10 +65,7 @@ def compute_dtype(cfg):
 
 
 def head_module(cfg, num_classes: int) -> fusion.FusionHead:
-  m = cfg.model
-  return fusion.FusionHead(mode=m.fusion, num_classes=num_classes, hidden=m.hidden,
-                           dropout=m.dropout, modality_dropout=m.modality_dropout,
-                           dtype=compute_dtype(cfg))
+  return fusion.head_from_config(cfg.model, num_classes, compute_dtype(cfg))
 
 
 def loss_fn(logits, labels, mask, num_classes: int, smoothing: float = 0.0):
