@@ -228,6 +228,18 @@ def test_bom_is_accepted_and_offsets_count_it(tmp_path):
   assert f"byte offset {offset}" in report.bad[0].reason
 
 
+def test_bad_byte_in_header_is_a_clear_error(tmp_path):
+  root = str(tmp_path)
+  _good_rows(root)
+  path = os.path.join(root, "products.csv")
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(b"uniq\xffid" + data[len(b"uniq_id"):])
+  with pytest.raises(catalogue.DataError, match=r"header \(line 1\).*byte offset 4"):
+    _read(root)
+
+
 def test_unknown_or_non_ascii_compatible_encoding_is_refused(tmp_path):
   root = str(tmp_path)
   _good_rows(root)
@@ -256,6 +268,13 @@ def test_size_caps_are_checked_from_the_header(tmp_path):
     images.load_image(path, limits)
   with pytest.raises(ValueError, match="max_image_side"):
     images.Limits(max_side=70_000)               # JPEG cannot store it
+  # Without the full decode (check_images=False) the caps still apply.
+  root = str(tmp_path / "cat")
+  good = _good_rows(root)
+  write_png(os.path.join(root, "images", "wide.png"), 66000, 1)
+  _write_csv(root, good + [["wide", "T", TREE, "d", "", "wide.png"]])
+  rows, report = _read(root, check_images=False)
+  assert len(rows) == len(good) and report.bad[0].reason.startswith("image too large")
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -391,7 +410,7 @@ def test_rare_classes_refused_by_config(tmp_path):
   os.makedirs(root)
   _rare_catalogue(root)
   cfg = tiny_config(root, str(tmp_path / "tfds"), **{"data.rare_classes": "fail"})
-  with pytest.raises(catalogue.DataError, match=r"fewer than 5 usable.*'Zeta Rare': 2"):
+  with pytest.raises(catalogue.DataError, match=r"too few usable products \(5 needed.*'Zeta Rare': 2"):
     tfds_builder.prepare(cfg.data)
   cfg.data.min_class_count = 7                   # 6 per class < 7: every class is rare
   with pytest.raises(catalogue.DataError, match=r"min_class_count=7.*'Alpha Goods': 6"):
@@ -440,3 +459,15 @@ def test_fuzz_every_row_is_used_or_named(tmp_path):
   assert stored["rotated"]["image"].shape == (40, 20, 3)
   assert pipeline._str(stored["nested"]["image_file"]) == os.path.join("sub", "deep",
                                                                        "nested.jpg")
+
+
+def test_large_non_jpeg_is_reduced_before_conversion(tmp_path):
+  p = str(tmp_path / "big.png")
+  arr = np.zeros((600, 1000, 4), np.uint8)
+  arr[..., 0] = np.linspace(0, 255, 1000)[None, :]
+  arr[..., 3] = 255
+  Image.fromarray(arr, "RGBA").save(p)
+  img = images.load_image(p, images.Limits(), short_side=100)
+  assert img.size == (167, 100) and img.mode == "RGB"
+  direct = Image.fromarray(arr[..., :3]).resize((167, 100), Image.BICUBIC)
+  assert np.abs(np.asarray(img, float) - np.asarray(direct, float)).max() <= 3

@@ -124,7 +124,7 @@ def category_label(tree: str, depth: int = 1) -> str:
 
 
 def _decoded_lines(f, encoding: str, errors: dict) -> Iterator[str]:
-  """Lines of a binary file as csv reads them (split at \n, \r\n or \r), decoded.
+  """Lines of a binary file as csv reads them (split at LF, CRLF or CR), decoded.
 
   Records the first undecodable byte of line k (1-based) as
   errors[k] = (byte offset in the file, the bad bytes); such a line is decoded
@@ -192,7 +192,7 @@ def read_records(csv_path: str, encoding: str = "utf-8") -> tuple[list[str], Ite
     raise DataError(f"{csv_path}: cannot read the CSV header: {e or 'empty file'}") from None
   if errors:
     f.close()
-    (off, bad), = [errors[min(errors)]]
+    off, bad = errors[min(errors)]
     raise DataError(f"{csv_path}: header (line {min(errors)}): byte {bad!r} at byte offset "
                     f"{off} is not valid {encoding} (data.encoding)")
 

@@ -91,7 +91,7 @@ def load_image(path: str, limits: Limits, short_side: int | None = None) -> Imag
         out = _to_8bit(img)
         factor = min(out.size) // (2 * short_side) if short_side else 0
         if factor >= 2 and out.mode not in ("P", "PA", "1"):   # no averaging of indices
-          out = out.reduce(factor)
+          out = _reduce(out, factor)
         out = to_rgb(out)
   except ImageError:
     raise
@@ -103,6 +103,18 @@ def load_image(path: str, limits: Limits, short_side: int | None = None) -> Imag
     raise ImageError(f"corrupt image: {type(e).__name__}: {e}") from None
   if short_side and min(out.size) > short_side:
     out = out.resize(_scaled(*out.size, short_side), Image.BICUBIC)
+  return out
+
+
+def _reduce(img: Image.Image, factor: int) -> Image.Image:
+  """Image.reduce (box average of factor x factor blocks), in bands of rows: for
+  RGBA, PIL's own would first copy the whole image premultiplied."""
+  w, h = img.size
+  out = Image.new(img.mode, (-(-w // factor), -(-h // factor)))
+  band = factor * max(1, (1 << 22) // max(w * factor, 1))
+  for top in range(0, h, band):
+    out.paste(img.crop((0, top, w, min(h, top + band))).reduce(factor), (0, top // factor))
+  out.info = dict(img.info)
   return out
 
 

@@ -167,18 +167,18 @@ def _drop_rare_classes(rows, report, data_cfg, csv_path, columns):
   if not rare:
     return rows
   need = catalogue.min_products_per_class(fractions, min_count)
-  why = (f"fewer than {need} usable products, too few for every split of {fractions}"
-         + (f" or below data.min_class_count={min_count}" if min_count else ""))
+  why = (f"{need} needed for one in every split of {fractions}"
+         + (f" and by data.min_class_count={min_count}" if min_count else ""))
   if data_cfg.get("rare_classes", "drop") == "fail":
     raise catalogue.DataError(
-        f"{csv_path}: class(es) with {why}: {rare} (usable products per class). Add "
+        f"{csv_path}: class(es) with too few usable products ({why}): {rare}. Add "
         "products, merge or remove these classes, or set data.rare_classes='drop'.")
-  log.warning("classes left out, %s: %s", why, rare)
+  log.warning("classes left out, too few usable products (%s): %s", why, rare)
   for r in rows:
     if r.category in rare:
       report.bad.append(catalogue.BadRow(
           r.row, r.line, r.uniq_id, columns["category_tree"], "",
-          f"rare class: {r.category!r} has {rare[r.category]} usable product(s), {why}"))
+          f"rare class: {r.category!r} has {rare[r.category]} usable product(s); {why}"))
   report.bad.sort(key=lambda b: b.row)
   report.dropped_classes = rare
   report.class_counts = {c: n for c, n in report.class_counts.items() if c not in rare}
