@@ -29,7 +29,12 @@ def base_config() -> ml_collections.ConfigDict:
   d.split_seed = 0
   d.split = ml_collections.ConfigDict(dict(train=0.7, validation=0.15, test=0.15))
   d.on_bad_row = "skip"                # 'skip' (counted and listed) or 'fail'
+  d.encoding = "utf-8"                 # CSV encoding (ASCII-compatible); a UTF-8 BOM is accepted
   d.max_image_pixels = 150_000_000     # decompression-bomb cap (one real photo is ~93 MP)
+  d.max_image_side = 20_000            # longest image side; both caps are read from the header
+  d.rare_classes = "drop"              # classes with too few products for every split:
+                                       # 'drop' (rows listed in the report) or 'fail'
+  d.min_class_count = 0                # and classes below this count (0: no extra minimum)
   d.store_size = 256                   # images are stored with shorter side <= this
   d.image_size = 224                   # model input (square)
   d.max_text_length = 128              # tokens

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from m6jax.data import catalogue
+from m6jax.data import catalogue, images
 from tests.conftest import BAD, CLASSES, MAX_PIXELS, PER_CLASS, make_catalogue
 
 COLUMNS = dict(id="uniq_id", name="product_name", description="description",
@@ -87,9 +87,11 @@ def test_load_image_shrinks_and_rejects(tmp_path):
   from PIL import Image
   p = str(tmp_path / "big.jpg")
   Image.fromarray(np.zeros((600, 900, 3), np.uint8)).save(p)
-  img = catalogue.load_image(p, max_pixels=10**7, max_side=100)
+  img = images.load_image(p, images.Limits(max_pixels=10**7), short_side=100)
   assert min(img.size) == 100 and img.mode == "RGB"
   with pytest.raises(ValueError, match="image too large"):
-    catalogue.load_image(p, max_pixels=1000)
+    images.load_image(p, images.Limits(max_pixels=1000))
+  with pytest.raises(ValueError, match="image too large"):
+    images.load_image(p, images.Limits(max_side=800))
   with pytest.raises(ValueError, match="missing image"):
-    catalogue.load_image(str(tmp_path / "nope.jpg"), max_pixels=1000)
+    images.load_image(str(tmp_path / "nope.jpg"), images.Limits(max_pixels=1000))

@@ -98,3 +98,29 @@ def test_square_image_eval_is_centre_crop():
   out = pipeline.square_image(img, 10)
   assert out.shape == (10, 10, 3)
   assert out.mean() > 200           # the bright centre survives the crop
+
+
+def test_square_image_extreme_aspect_resamples_only_the_crop():
+  strip = np.zeros((2, 40000, 3), np.uint8)
+  strip[:, 20000:] = 255                          # right half white
+  out = pipeline.square_image(strip, 16)
+  assert out.shape == (16, 16, 3)
+  # The centre crop straddles the black/white edge: left columns dark, right bright.
+  assert out[:, :4].mean() < 60 and out[:, -4:].mean() > 195
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+  from PIL import Image
+  whole = np.asarray(Image.fromarray(img).resize((27, 16), Image.BILINEAR))[:, 5:21]
+  np.testing.assert_array_equal(pipeline.square_image(img, 16), whole)  # usual path unchanged
+
+
+def test_image_from_file_uses_the_image_policy(tmp_path, tiny_catalogue):
+  from PIL import Image
+  p = str(tmp_path / "g16.png")
+  Image.fromarray(np.full((20, 30), 0x4040, np.uint16)).save(p)
+  cfg = tiny_config(tiny_catalogue, str(tmp_path))
+  out = pipeline.image_from_file(p, cfg.data)
+  assert out.shape == (16, 16, 3) and abs(float(out.mean()) - 64) < 3   # not white
+  cfg.data.max_image_side = 25
+  with pytest.raises(ValueError, match="image too large"):
+    pipeline.image_from_file(p, cfg.data)

@@ -7,17 +7,18 @@ ever substituted.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
-import io
 import json
 import os
 import re
-import warnings
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
+
+from m6jax.data import images
 
 # Category trees look like '["Home Furnishing >> Curtains >> ..."]'.
 _TREE = re.compile(r'^\s*\[\s*"(?P<tree>.*)"\s*\]\s*$', re.S)
@@ -34,6 +35,7 @@ class Row:
   text: str           # name + ' ' + description
   category: str       # label at the configured depth
   image_path: str
+  row: int = 0        # 1-based data row (as BadRow.row)
 
 
 @dataclasses.dataclass
@@ -58,6 +60,8 @@ class DataReport:
   bad: list = dataclasses.field(default_factory=list)
   class_counts: dict = dataclasses.field(default_factory=dict)
   split_counts: dict = dataclasses.field(default_factory=dict)
+  # Classes left out (too few products for every split): {class: usable products}.
+  dropped_classes: dict = dataclasses.field(default_factory=dict)
 
   @property
   def used_rows(self) -> int:
@@ -69,21 +73,25 @@ class DataReport:
         "skipped_rows": len(self.bad),
         "skipped_by_reason": _count_reasons(self.bad),
         "class_counts": self.class_counts, "split_counts": self.split_counts,
+        "dropped_classes": self.dropped_classes,
         "skipped": [dataclasses.asdict(b) for b in self.bad],
     }
 
   def summary(self) -> str:
     lines = [f"{self.csv}: {self.total_rows} rows, {self.used_rows} used, "
              f"{len(self.bad)} skipped"]
+    if self.dropped_classes:
+      lines.append(f"  classes left out (too few products for every split): "
+                   f"{self.dropped_classes}")
     lines += [f"  skipped: {b}" for b in self.bad]
     return "\n".join(lines)
 
   def write(self, directory: str) -> None:
-    """Writes data_report.json and data_report.txt into `directory`."""
+    """Writes data_report.txt, then data_report.json (last: it marks a finished build)."""
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, "data_report.json"),
+    atomic_write(os.path.join(directory, "data_report.txt"), self.summary() + "\n")
+    atomic_write(os.path.join(directory, "data_report.json"),
                   json.dumps(self.to_dict(), indent=2))
-    _atomic_write(os.path.join(directory, "data_report.txt"), self.summary() + "\n")
 
 
 def _count_reasons(bad: Iterable[BadRow]) -> dict:
@@ -94,9 +102,9 @@ def _count_reasons(bad: Iterable[BadRow]) -> dict:
   return out
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with open(tmp, "w", newline="") as f:
     f.write(text)
   os.replace(tmp, path)
 
@@ -115,61 +123,130 @@ def category_label(tree: str, depth: int = 1) -> str:
   return " >> ".join(parts[:depth])
 
 
-def load_image(path: str, max_pixels: int, max_side: int | None = None) -> Image.Image:
-  """Opens and fully decodes an RGB image; shrinks it so its shorter side is <= max_side.
+def _decoded_lines(f, encoding: str, errors: dict) -> Iterator[str]:
+  """Lines of a binary file as csv reads them (split at LF, CRLF or CR), decoded.
 
-  Raises ValueError (missing, unreadable, corrupt, too large) with the reason.
-  JPEG draft mode decodes huge photos at reduced size, so a 93 MP image costs
-  a fraction of its full decode.
+  Records the first undecodable byte of line k (1-based) as
+  errors[k] = (byte offset in the file, the bad bytes); such a line is decoded
+  with U+FFFD in place of the bad bytes. A UTF-8 byte-order mark is skipped.
   """
-  if not os.path.isfile(path):
-    raise ValueError("missing image: no such file")
+  offset, k = 0, 0
+  first = True
+  for chunk in iter(f.readline, b""):
+    if first and encoding == "utf-8" and chunk.startswith(codecs.BOM_UTF8):
+      chunk, offset = chunk[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+    first = False
+    for raw in chunk.splitlines(keepends=True):
+      k += 1
+      try:
+        yield raw.decode(encoding)
+      except UnicodeDecodeError as e:
+        errors[k] = (offset + e.start, raw[e.start:e.end])
+        yield raw.decode(encoding, "replace")
+      offset += len(raw)
+
+
+def _check_encoding(encoding: str) -> str:
+  """Codec name of `encoding`; raises DataError unless it is ASCII-compatible."""
   try:
-    with warnings.catch_warnings():
-      # Our own cap below decides; PIL's global one would only warn here.
-      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      img = Image.open(path)
-      w, h = img.size
-      if w * h > max_pixels:
-        raise ValueError(f"image too large: {w}x{h} = {w * h} pixels > {max_pixels}")
-      if max_side and img.format == "JPEG":
-        img.draft("RGB", _scaled(w, h, max_side))
-      img = img.convert("RGB")
-      img.load()
-  except ValueError:
-    raise
-  except Image.DecompressionBombError as e:
-    raise ValueError(f"image too large: {e}") from None
-  except (OSError, SyntaxError) as e:
-    raise ValueError(f"corrupt image: {type(e).__name__}: {e}") from None
-  if max_side and min(img.size) > max_side:
-    img = img.resize(_scaled(*img.size, max_side), Image.BICUBIC)
-  return img
+    name = codecs.lookup(encoding).name
+  except LookupError:
+    raise DataError(f"data.encoding: unknown encoding {encoding!r}") from None
+  name = "utf-8" if name == "utf-8-sig" else name
+  probe = '\r\n,"azAZ09 '
+  if probe.encode(name, "replace") != probe.encode("ascii"):
+    raise DataError(f"data.encoding={encoding!r} is not ASCII-compatible; convert the CSV "
+                    "to UTF-8 (or latin-1, cp1252, ...) first")
+  return name
 
 
-def _scaled(w: int, h: int, max_side: int) -> tuple[int, int]:
-  s = max_side / min(w, h)
-  return (max(1, round(w * s)), max(1, round(h * s))) if s < 1 else (w, h)
+@dataclasses.dataclass
+class Record:
+  """One CSV record: its fields, or why it could not be read."""
+  line: int                    # CSV line where the record ends
+  fields: dict                 # column -> value (what could be read when `error` is set)
+  error: str = ""              # decode or csv error; names line and byte offset
 
 
-def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
-  buf = io.BytesIO()
-  img.save(buf, "JPEG", quality=quality)
-  return buf.getvalue()
+def read_records(csv_path: str, encoding: str = "utf-8") -> tuple[list[str], Iterator[Record]]:
+  """(header, records) of a CSV; a record with an undecodable byte or a csv error
+  carries the reason instead of raising, so one bad row never stops the rest.
+
+  Raises DataError when the header itself cannot be read.
+  """
+  enc = _check_encoding(encoding)
+  errors: dict = {}
+  pending: list = []                     # text lines of the record being parsed
+
+  def tap(lines):
+    for text in lines:
+      pending.append(text)
+      yield text
+
+  f = open(csv_path, "rb")
+  reader = csv.reader(tap(_decoded_lines(f, enc, errors)))
+  try:
+    header = next(reader)
+  except (StopIteration, csv.Error) as e:
+    f.close()
+    raise DataError(f"{csv_path}: cannot read the CSV header: {e or 'empty file'}") from None
+  if errors:
+    f.close()
+    off, bad = errors[min(errors)]
+    raise DataError(f"{csv_path}: header (line {min(errors)}): byte {bad!r} at byte offset "
+                    f"{off} is not valid {encoding} (data.encoding)")
+
+  def records():
+    prev = reader.line_num
+    with f:
+      while True:
+        pending.clear()
+        try:
+          values = next(reader)
+        except StopIteration:
+          return
+        except csv.Error as e:
+          # Best effort for the report: the leading fields of the record's first line.
+          head = next(csv.reader([pending[0][:4096]]), []) if pending else []
+          yield Record(reader.line_num, dict(zip(header, head)), f"malformed CSV row: {e}")
+          prev = reader.line_num
+          continue
+        line, lines = reader.line_num, range(prev + 1, reader.line_num + 1)
+        prev = line
+        if not values:                       # blank line, as csv.DictReader skips
+          continue
+        fields = dict(zip(header, values))
+        bad = [k for k in lines if k in errors]
+        if bad:
+          off, raw = errors[bad[0]]
+          yield Record(line, fields, f"decode error: byte {raw!r} at byte offset {off} "
+                                   f"(line {bad[0]}) is not valid {encoding} (data.encoding)")
+          continue
+        if len(values) != len(header):
+          yield Record(line, fields, f"malformed CSV row: {len(values)} fields, "
+                                     f"expected {len(header)}")
+          continue
+        yield Record(line, fields)
+
+  return header, records()
 
 
 def read_catalogue(csv_path: str, image_dir: str, columns: dict, label_depth: int = 1,
-                   classes: Iterable[str] = (), max_image_pixels: int = 150_000_000,
-                   check_images: bool = True, require_label: bool = True):
+                   classes: Iterable[str] = (), max_image_pixels: int = images.DEFAULT_MAX_PIXELS,
+                   check_images: bool = True, require_label: bool = True,
+                   max_image_side: int = images.DEFAULT_MAX_SIDE, encoding: str = "utf-8"):
   """CSV + image folder -> (rows, report).
 
   Args:
-    csv_path: the catalogue CSV; `columns` maps the roles id / name /
-      description / category_tree / image to its column names.
+    csv_path: the catalogue CSV, read with `encoding` (a UTF-8 BOM is
+      accepted); `columns` maps the roles id / name / description /
+      category_tree / image to its column names.
     classes: allowed categories; empty means every category found.
-    check_images: fully decode each image to catch corrupt files.
+    check_images: fully decode each image (at reduced size) to catch corrupt
+      files; the size caps are always checked from the header.
     require_label: False for new products (prediction): the category column
       may be absent or empty, and `Row.category` is then ''.
+    max_image_pixels, max_image_side: caps checked before decoding.
   Returns:
     (list[Row], DataReport); bad rows are in `report.bad`, not in rows.
   """
@@ -177,66 +254,93 @@ def read_catalogue(csv_path: str, image_dir: str, columns: dict, label_depth: in
   rows: list[Row] = []
   seen: dict[str, int] = {}
   allowed = set(classes)
-  with open(csv_path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    needed = [c for role, c in columns.items() if require_label or role != "category_tree"]
-    missing_cols = [c for c in needed if c not in (reader.fieldnames or [])]
-    if missing_cols:
-      raise DataError(f"{csv_path}: missing column(s) {missing_cols}; "
-                      f"found {reader.fieldnames}")
-    for rec in reader:
-      report.total_rows += 1
-      line = reader.line_num
-      uid = (rec.get(columns["id"]) or "").strip()
+  limits = images.Limits(max_image_pixels, max_image_side)
+  header, records = read_records(csv_path, encoding)
+  needed = [c for role, c in columns.items() if require_label or role != "category_tree"]
+  missing_cols = [c for c in needed if c not in header]
+  if missing_cols:
+    raise DataError(f"{csv_path}: missing column(s) {missing_cols}; found {header}")
+  for rec in records:
+    report.total_rows += 1
+    line = rec.line
+    uid = (rec.fields.get(columns["id"]) or "").strip()
 
-      def bad(field, reason, file=""):
-        report.bad.append(BadRow(report.total_rows, line, uid, field, file, reason))
+    def bad(field, reason, file=""):
+      report.bad.append(BadRow(report.total_rows, line, uid, field, file, reason))
 
-      if None in rec or any(v is None for v in rec.values()):
-        n = len(rec) - (1 if None in rec else 0) + len(rec.get(None) or [])
-        bad("*", f"malformed CSV row: {n} fields, expected {len(reader.fieldnames)}")
+    if rec.error:
+      bad("*", rec.error, csv_path)
+      continue
+    fields = rec.fields
+    if not uid:
+      bad(columns["id"], "empty id")
+      continue
+    if uid in seen:
+      bad(columns["id"], f"duplicate uniq_id: first seen on line {seen[uid]}")
+      continue
+    seen[uid] = line
+    text = " ".join(s for s in (fields[columns["name"]].strip(),
+                                fields[columns["description"]].strip()) if s)
+    if not text:
+      bad(f"{columns['name']}+{columns['description']}", "empty text")
+      continue
+    tree = fields.get(columns["category_tree"]) or ""
+    try:
+      category = category_label(tree, label_depth) if (require_label or tree.strip()) else ""
+    except ValueError as e:
+      if require_label:
+        bad(columns["category_tree"], f"bad label: {e}")
         continue
-      if not uid:
-        bad(columns["id"], "empty id")
-        continue
-      if uid in seen:
-        bad(columns["id"], f"duplicate uniq_id: first seen on line {seen[uid]}")
-        continue
-      seen[uid] = line
-      text = " ".join(s for s in (rec[columns["name"]].strip(),
-                                  rec[columns["description"]].strip()) if s)
-      if not text:
-        bad(f"{columns['name']}+{columns['description']}", "empty text")
-        continue
-      tree = rec.get(columns["category_tree"]) or ""
-      try:
-        category = category_label(tree, label_depth) if (require_label or tree.strip()) else ""
-      except ValueError as e:
-        if require_label:
-          bad(columns["category_tree"], f"bad label: {e}")
-          continue
-        category = ""
-      if require_label and allowed and category not in allowed:
-        bad(columns["category_tree"], f"unknown label: {category!r}")
-        continue
-      image_name = rec[columns["image"]].strip()
-      image_path = os.path.join(image_dir, image_name)
-      if not image_name:
-        bad(columns["image"], "missing image: empty file name")
-        continue
+      category = ""
+    if require_label and allowed and category not in allowed:
+      bad(columns["category_tree"], f"unknown label: {category!r}")
+      continue
+    image_name = fields[columns["image"]].strip()
+    shown = os.path.join(image_dir, image_name) if image_name else ""
+    try:
+      image_path = images.confined_path(image_dir, image_name)
       if check_images:
-        try:
-          load_image(image_path, max_image_pixels, max_side=64)
-        except ValueError as e:
-          bad(columns["image"], str(e), image_path)
-          continue
-      elif not os.path.isfile(image_path):
-        bad(columns["image"], "missing image: no such file", image_path)
-        continue
-      rows.append(Row(line, uid, text, category, image_path))
+        images.load_image(image_path, limits, short_side=64)
+      else:
+        with Image.open(image_path) as img:   # header only: the size caps
+          images.check_size(*img.size, limits)
+    except images.ImageError as e:
+      bad(columns["image"], str(e), shown)
+      continue
+    except Exception as e:  # noqa: BLE001  (header unreadable with check_images=False)
+      bad(columns["image"], f"corrupt image: {type(e).__name__}: {e}", shown)
+      continue
+    rows.append(Row(line, uid, text, category, image_path, report.total_rows))
   for r in rows:
     report.class_counts[r.category] = report.class_counts.get(r.category, 0) + 1
   return rows, report
+
+
+def split_sizes(n: int, fractions: dict) -> dict[str, int]:
+  """n items -> {split: size}, fractions rounded by largest remainder (sizes sum to n)."""
+  names = list(fractions)
+  fr = np.array([fractions[k] for k in names], dtype=np.float64)
+  raw = fr * n
+  counts = np.floor(raw).astype(int)
+  for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
+    counts[i] += 1
+  return dict(zip(names, (int(c) for c in counts)))
+
+
+def min_products_per_class(fractions: dict, min_count: int = 0) -> int:
+  """Smallest class size with >= 1 product in every split of positive fraction
+  (and >= min_count)."""
+  need = [k for k, v in fractions.items() if v > 0]
+  n = max(1, min_count)
+  while any(split_sizes(n, fractions)[k] == 0 for k in need):
+    n += 1
+  return n
+
+
+def rare_classes(class_counts: dict, fractions: dict, min_count: int = 0) -> dict[str, int]:
+  """{class: count} of the classes with fewer than `min_products_per_class` products."""
+  need = min_products_per_class(fractions, min_count)
+  return {c: n for c, n in sorted(class_counts.items()) if n < need}
 
 
 def stratified_split(rows: list[Row], fractions: dict, seed: int) -> dict[str, list[Row]]:
@@ -255,12 +359,10 @@ def stratified_split(rows: list[Row], fractions: dict, seed: int) -> dict[str, l
     members = sorted((r for r in rows if r.category == cat), key=lambda r: r.uniq_id)
     order = rng.permutation(len(members))
     # Largest-remainder rounding keeps every class's total exact.
-    raw = fr * len(members)
-    counts = np.floor(raw).astype(int)
-    for i in np.argsort(-(raw - counts), kind="stable")[: len(members) - counts.sum()]:
-      counts[i] += 1
+    sizes = split_sizes(len(members), fractions)
     start = 0
-    for name, n in zip(names, counts):
+    for name in names:
+      n = sizes[name]
       out[name].extend(members[i] for i in order[start:start + n])
       start += n
   for name in names:

@@ -7,11 +7,14 @@ the same cached dataset serves every backbone.
 
 from __future__ import annotations
 
+import io
 from typing import Iterator
 
 import grain
 import numpy as np
 from PIL import Image
+
+from m6jax.data import images
 
 
 def square_image(img: np.ndarray, size: int, rng: np.random.Generator | None = None
@@ -20,6 +23,9 @@ def square_image(img: np.ndarray, size: int, rng: np.random.Generator | None = N
 
   Eval: shorter side resized to `size`, centre crop. Train (rng given): shorter
   side resized to a random 1.0-1.25 x size, random crop, random horizontal flip.
+  An extreme aspect ratio (resized area > 16 crops) resamples only the crop
+  (equal up to +-1 rounding), so a 40000x2 strip costs (size, size), not
+  (size, 20000 x size); other images are resized whole, then cropped.
   """
   pil = Image.fromarray(img)
   w, h = pil.size
@@ -27,12 +33,17 @@ def square_image(img: np.ndarray, size: int, rng: np.random.Generator | None = N
   short = max(size, int(round(size * scale)))
   nw, nh = (short, max(short, round(h * short / w))) if w <= h else (
       max(short, round(w * short / h)), short)
-  pil = pil.resize((nw, nh), Image.BILINEAR)
   if rng is None:
     left, top = (nw - size) // 2, (nh - size) // 2
   else:
     left, top = rng.integers(0, nw - size + 1), rng.integers(0, nh - size + 1)
-  out = np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.uint8)
+  if nw * nh <= 16 * size * size:
+    pil = pil.resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size))
+  else:
+    sx, sy = w / nw, h / nh
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    pil = pil.resize((size, size), Image.BILINEAR, box=box)
+  out = np.asarray(pil, dtype=np.uint8)
   if rng is not None and rng.random() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)
@@ -41,14 +52,12 @@ def square_image(img: np.ndarray, size: int, rng: np.random.Generator | None = N
 def image_from_file(path: str, data_cfg) -> np.ndarray:
   """A new product's photo -> uint8 (S, S, 3), exactly as a stored training image.
 
-  Stored images were shrunk to `store_size` and JPEG re-encoded; doing the
-  same here keeps prediction inputs identical in distribution.
+  Stored images were checked, converted (images.load_image), shrunk to
+  `store_size` and JPEG re-encoded; doing the same here keeps prediction
+  inputs identical in distribution. Raises images.ImageError.
   """
-  import io
-
-  from m6jax.data import catalogue
-  img = catalogue.load_image(path, data_cfg.max_image_pixels, data_cfg.store_size)
-  img = Image.open(io.BytesIO(catalogue.encode_jpeg(img))).convert("RGB")
+  img = images.load_image(path, images.Limits.from_config(data_cfg), data_cfg.store_size)
+  img = Image.open(io.BytesIO(images.encode_jpeg(img))).convert("RGB")
   return square_image(np.asarray(img), data_cfg.image_size)
 
 

@@ -8,9 +8,12 @@ stratified, and recorded both as TFDS splits and in `split.csv`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -18,11 +21,13 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from m6jax.data import catalogue
+from m6jax.data import catalogue, images
 
 log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "validation", "test")
+# (CatalogueConfig has a field named `images`, which hides the module there.)
+_MAX_PIXELS, _MAX_SIDE = images.DEFAULT_MAX_PIXELS, images.DEFAULT_MAX_SIDE
 
 
 @dataclasses.dataclass(eq=False)
@@ -35,7 +40,8 @@ class CatalogueConfig(tfds.core.BuilderConfig):
   class_names: tuple = ()
   split_seed: int = 0
   fractions: tuple = ()            # ((split, fraction), ...)
-  max_image_pixels: int = 150_000_000
+  max_image_pixels: int = _MAX_PIXELS
+  max_image_side: int = _MAX_SIDE
   store_size: int = 256
 
 
@@ -73,16 +79,23 @@ class ProductCatalogue(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     if self._rows_by_split is None:
       raise RuntimeError("build the dataset with m6jax.data.tfds_builder.prepare()")
-    return {s: self._generate_examples(self._rows_by_split[s]) for s in _SPLITS}
+    image_dir = os.path.join(dl_manager.manual_dir, self.builder_config.images)
+    return {s: self._generate_examples(self._rows_by_split[s], image_dir) for s in _SPLITS}
 
-  def _generate_examples(self, rows):
+  def _generate_examples(self, rows, image_dir):
     cfg = self.builder_config
     names = list(cfg.class_names)
+    limits = images.Limits(cfg.max_image_pixels, cfg.max_image_side)
     for r in rows:
-      img = catalogue.load_image(r.image_path, cfg.max_image_pixels, cfg.store_size)
+      try:
+        img = images.load_image(r.image_path, limits, cfg.store_size)
+      except images.ImageError as e:
+        raise catalogue.DataError(f"{r.image_path} (line {r.line}, uniq_id={r.uniq_id}) "
+                                  f"passed validation but now fails: {e}; was it changed "
+                                  "during the build?") from None
       yield r.uniq_id, {
-          "uniq_id": r.uniq_id, "text": r.text, "image": catalogue.encode_jpeg(img),
-          "image_file": os.path.basename(r.image_path),
+          "uniq_id": r.uniq_id, "text": r.text, "image": images.encode_jpeg(img),
+          "image_file": os.path.relpath(r.image_path, image_dir),
           "label": names.index(r.category), "line": r.line,
       }
 
@@ -90,19 +103,86 @@ class ProductCatalogue(tfds.core.GeneratorBasedBuilder):
 def _config_dict(cfg: CatalogueConfig) -> dict:
   d = dataclasses.asdict(cfg)
   return {k: d[k] for k in ("csv", "images", "columns", "label_depth", "class_names",
-                            "split_seed", "fractions", "max_image_pixels", "store_size")}
+                            "split_seed", "fractions", "max_image_pixels", "max_image_side",
+                            "store_size")}
 
 
-def _fingerprint(csv_path: str, image_dir: str) -> str:
-  """Content hash of the CSV and (name, size, mtime) of the images."""
+def _fingerprint(csv_path: str, image_dir: str, image_column: str, encoding: str) -> str:
+  """Content hash of the CSV, and (name, size, mtime_ns) of every image file it
+  references (subfolders included), so a changed photo changes the dataset."""
   h = hashlib.sha1()
   with open(csv_path, "rb") as f:
-    h.update(f.read())
-  if os.path.isdir(image_dir):
-    for e in sorted(os.scandir(image_dir), key=lambda e: e.name):
-      st = e.stat()
-      h.update(f"{e.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  try:
+    header, records = catalogue.read_records(csv_path, encoding)
+  except catalogue.DataError:
+    return h.hexdigest()                  # unreadable header: validation names it
+  if image_column in header:
+    names = sorted({(r.fields.get(image_column) or "").strip() for r in records} - {""})
+    for name in names:
+      try:
+        st = os.stat(images.confined_path(image_dir, name))
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "replace"))
+      except (images.ImageError, OSError):
+        h.update(f"{name}\0-\n".encode("utf-8", "replace"))
   return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _build_lock(path: str):
+  """Exclusive lock on `path` (created if needed); blocks while another process
+  holds it. The kernel drops it when its holder dies, so no lock goes stale."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      log.info("waiting for another process building the same dataset (%s)", path)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _reuse(built: str):
+  """(builder, report) of a finished build in `built`, or None."""
+  if not (os.path.isfile(os.path.join(built, "dataset_info.json"))
+          and os.path.isfile(os.path.join(built, "data_report.json"))):
+    return None
+  log.info("reusing dataset %s", built)
+  with open(os.path.join(built, "data_report.json")) as f:
+    return tfds.builder_from_directory(built), _report_from_dict(json.load(f))
+
+
+def _drop_rare_classes(rows, report, data_cfg, csv_path, columns):
+  """Rows of classes too small for every split: refused (DataError) or moved to
+  the report (`rare_classes='drop'`). Returns the rows kept."""
+  fractions = dict(data_cfg.split)
+  min_count = int(data_cfg.get("min_class_count", 0))
+  counts = {c: 0 for c in data_cfg.classes}
+  counts.update(report.class_counts)
+  rare = catalogue.rare_classes(counts, fractions, min_count)
+  if not rare:
+    return rows
+  need = catalogue.min_products_per_class(fractions, min_count)
+  why = (f"{need} needed for one in every split of {fractions}"
+         + (f" and by data.min_class_count={min_count}" if min_count else ""))
+  if data_cfg.get("rare_classes", "drop") == "fail":
+    raise catalogue.DataError(
+        f"{csv_path}: class(es) with too few usable products ({why}): {rare}. Add "
+        "products, merge or remove these classes, or set data.rare_classes='drop'.")
+  log.warning("classes left out, too few usable products (%s): %s", why, rare)
+  for r in rows:
+    if r.category in rare:
+      report.bad.append(catalogue.BadRow(
+          r.row, r.line, r.uniq_id, columns["category_tree"], "",
+          f"rare class: {r.category!r} has {rare[r.category]} usable product(s); {why}"))
+  report.bad.sort(key=lambda b: b.row)
+  report.dropped_classes = rare
+  report.class_counts = {c: n for c, n in report.class_counts.items() if c not in rare}
+  return [r for r in rows if r.category not in rare]
 
 
 def prepare(data_cfg):
@@ -111,10 +191,18 @@ def prepare(data_cfg):
   Reads the CSV and checks every row first. With `on_bad_row='fail'` any bad
   row raises DataError naming each one, before anything is written. With
   'skip', bad rows are counted and listed in `data_report.{json,txt}` beside
-  the dataset. A built dataset is reused when nothing it depends on changed.
+  the dataset. Classes with too few products for every split are refused or
+  left out and named (`data.rare_classes`). A built dataset is reused when
+  nothing it depends on changed (the CSV and every image it references);
+  concurrent builds of one dataset wait for each other and reuse the result.
   """
   if data_cfg.on_bad_row not in ("skip", "fail"):
     raise ValueError(f"data.on_bad_row must be 'skip' or 'fail', got {data_cfg.on_bad_row!r}")
+  rare_policy = data_cfg.get("rare_classes", "drop")
+  if rare_policy not in ("drop", "fail"):
+    raise ValueError(f"data.rare_classes must be 'drop' or 'fail', got {rare_policy!r}")
+  encoding = data_cfg.get("encoding", "utf-8")
+  limits = images.Limits.from_config(data_cfg)
   manual_dir = os.path.abspath(data_cfg.manual_dir)
   csv_path = os.path.join(manual_dir, data_cfg.csv)
   image_dir = os.path.join(manual_dir, data_cfg.images)
@@ -122,22 +210,21 @@ def prepare(data_cfg):
     raise catalogue.DataError(f"catalogue CSV not found: {csv_path}")
   columns = dict(data_cfg.columns)
   key = json.dumps(dict(
-      fp=_fingerprint(csv_path, image_dir), columns=columns, depth=data_cfg.label_depth,
-      classes=list(data_cfg.classes), seed=data_cfg.split_seed,
-      split=dict(data_cfg.split), maxpix=data_cfg.max_image_pixels,
-      store=data_cfg.store_size, policy=data_cfg.on_bad_row), sort_keys=True)
+      fp=_fingerprint(csv_path, image_dir, columns["image"], encoding), columns=columns,
+      depth=data_cfg.label_depth, classes=list(data_cfg.classes), seed=data_cfg.split_seed,
+      split=dict(data_cfg.split), maxpix=limits.max_pixels, maxside=limits.max_side,
+      store=data_cfg.store_size, policy=data_cfg.on_bad_row, encoding=encoding,
+      rare=rare_policy, min_class=int(data_cfg.get("min_class_count", 0))), sort_keys=True)
   name = "c" + hashlib.sha1(key.encode()).hexdigest()[:12]
   data_dir = os.path.abspath(data_cfg.tfds_dir)
-  built = os.path.join(data_dir, "product_catalogue", name, ProductCatalogue.VERSION.__str__())
-  if os.path.isfile(os.path.join(built, "dataset_info.json")) and os.path.isfile(
-      os.path.join(built, "data_report.json")):
-    log.info("reusing dataset %s", built)
-    with open(os.path.join(built, "data_report.json")) as f:
-      return tfds.builder_from_directory(built), _report_from_dict(json.load(f))
+  built = os.path.join(data_dir, "product_catalogue", name, str(ProductCatalogue.VERSION))
+  done = _reuse(built)
+  if done:
+    return done
 
   rows, report = catalogue.read_catalogue(
       csv_path, image_dir, columns, data_cfg.label_depth, data_cfg.classes,
-      data_cfg.max_image_pixels)
+      limits.max_pixels, max_image_side=limits.max_side, encoding=encoding)
   if report.bad:
     log.warning("%d of %d rows skipped:\n%s", len(report.bad), report.total_rows,
                 report.summary())
@@ -145,9 +232,11 @@ def prepare(data_cfg):
       raise catalogue.DataError(
           f"{len(report.bad)} bad row(s) in {csv_path} (data.on_bad_row='fail'):\n"
           + "\n".join(str(b) for b in report.bad))
+  rows = _drop_rare_classes(rows, report, data_cfg, csv_path, columns)
   if not rows:
     raise catalogue.DataError(f"no usable rows in {csv_path}:\n{report.summary()}")
-  class_names = tuple(data_cfg.classes) or tuple(sorted({r.category for r in rows}))
+  class_names = tuple(c for c in data_cfg.classes if c not in report.dropped_classes) or tuple(
+      sorted({r.category for r in rows}))
   parts = catalogue.stratified_split(rows, dict(data_cfg.split), data_cfg.split_seed)
   for s in _SPLITS:
     parts.setdefault(s, [])
@@ -157,25 +246,33 @@ def prepare(data_cfg):
       columns=tuple(sorted(columns.items())), label_depth=data_cfg.label_depth,
       class_names=class_names, split_seed=data_cfg.split_seed,
       fractions=tuple(dict(data_cfg.split).items()),
-      max_image_pixels=data_cfg.max_image_pixels, store_size=data_cfg.store_size)
-  builder = ProductCatalogue(data_dir=data_dir, config=cfg, file_format="array_record",
-                             rows_by_split=parts)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  report.write(builder.data_dir)
-  with open(os.path.join(builder.data_dir, "split.csv"), "w", newline="") as f:
-    w = csv.writer(f)
+      max_image_pixels=limits.max_pixels, max_image_side=limits.max_side,
+      store_size=data_cfg.store_size)
+  # One build per dataset: a second process waits here, then reuses the first's.
+  with _build_lock(os.path.join(data_dir, "product_catalogue", f".{name}.lock")):
+    done = _reuse(built)
+    if done:
+      return done
+    builder = ProductCatalogue(data_dir=data_dir, config=cfg, file_format="array_record",
+                               rows_by_split=parts)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
     w.writerow(["uniq_id", "split", "category", "line"])
     for s in _SPLITS:
       for r in parts[s]:
         w.writerow([r.uniq_id, s, r.category, r.line])
+    catalogue.atomic_write(os.path.join(builder.data_dir, "split.csv"), buf.getvalue())
+    report.write(builder.data_dir)          # data_report.json last: marks the build done
   log.info("built %s: %s", builder.data_dir, report.split_counts)
   return tfds.builder_from_directory(builder.data_dir), report
 
 
 def _report_from_dict(d: dict) -> catalogue.DataReport:
   rep = catalogue.DataReport(csv=d["csv"], total_rows=d["total_rows"],
-                             class_counts=d["class_counts"], split_counts=d["split_counts"])
+                             class_counts=d["class_counts"], split_counts=d["split_counts"],
+                             dropped_classes=d.get("dropped_classes", {}))
   rep.bad = [catalogue.BadRow(**b) for b in d["skipped"]]
   return rep
 
