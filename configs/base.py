@@ -67,10 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.label_smoothing = 0.0
   t.data_order = "per_seed"            # per_seed | shared
   t.replica_loop = "vmap"              # finetune: vmap | map (lax.map: dense convs on GPU)
-  t.bn = "frozen"                      # finetune: BN statistics 'frozen' (towers in
-                                       # inference mode) or 'update'
-  # Parameter groups (finetune): {name: {regex, lr_mult, unfreeze_at}}; every
-  # parameter path must match exactly one regex. Empty: one group.
+  t.bn = "fixed"                       # finetune: tower BatchNorm statistics 'fixed' (towers
+                                       # in inference mode) or 'update' (train mode)
+  # Parameter groups (finetune): {name: {regex, lr_mult, unfreeze_at (steps) or
+  # unfreeze_at_epoch}}; every parameter path must match exactly one regex.
+  # Empty: one group.
   t.groups = ml_collections.ConfigDict()
   t.cache_dir = ""                     # frozen embeddings; "" = <workdir>/cache
                                        # (a sweep shares one across its cells)
@@ -92,31 +93,44 @@ def base_config() -> ml_collections.ConfigDict:
       experiment="m6jax"))
 
   c.feasibility = True                 # KMeans ARI + t-SNE of the frozen embeddings
-  c.seeds = 5                          # replicas trained as one vmapped program
-  c.seed = 0                           # replica k uses seed `seed + k`
+  # K = `seeds` replicas of the run, trained as one vmapped program; replica k
+  # is seeded with `seed + k` (init, dropout and, with data_order='per_seed',
+  # data order). Scores are reported per replica, as mean +- std, and for the
+  # ensemble of the K replicas.
+  c.seeds = 5                          # number of replicas K (>= 1)
+  c.seed = 0                           # seed of replica 0
   return c
 
 
-# Image-tower parameter paths split into 'early' and 'late' layers, per family
-# (names as in m6jax/models/*.py).
+# Image-tower parameter paths split into 'early' and 'late' layers, per backbone
+# (names as in m6jax/models/*.py; every name of m6jax.models.towers.IMAGE_TOWERS).
+_EFFICIENTNET_LATE = r"image/(block[67]_\d+|head)/.*"   # B0 and the Lite family
 _LATE = {
     "tiny": r"image/(conv1|bn1)/.*",
     "vgg16": r"image/block5_conv\d/.*",
     "resnet50": r"image/stage4_block\d+/.*",
     "mobilenetv2": r"image/(stage[67]_block\d+|head_conv|head_bn)/.*",
-    "efficientnetb0": r"image/(block[67]_\d+|head)/.*",
+    "efficientnetb0": _EFFICIENTNET_LATE,
+    "efficientnet-lite0": _EFFICIENTNET_LATE,
+    "efficientnet-lite1": _EFFICIENTNET_LATE,
+    "efficientnet-lite2": _EFFICIENTNET_LATE,
 }
 
 
 def finetune_groups(backbone: str, late_mult=0.1, early_mult=0.01, unfreeze_early_at=0,
-                    text_mult=0.05) -> ml_collections.ConfigDict:
+                    text_mult=0.05, unfreeze_early_at_epoch=0) -> ml_collections.ConfigDict:
   """Discriminative learning rates: head x1, late image layers x late_mult,
-  early image layers x early_mult (unfrozen at step `unfreeze_early_at`), text x text_mult."""
-  late = _LATE.get(backbone) or _LATE["efficientnetb0"]   # the Lite family shares B0's names
+  early image layers x early_mult (unfrozen at step `unfreeze_early_at`, or after
+  `unfreeze_early_at_epoch` epochs), text x text_mult."""
+  if backbone not in _LATE:
+    raise ValueError(f"finetune_groups: no layer groups for backbone {backbone!r}; "
+                     f"known: {', '.join(_LATE)}")
+  late = _LATE[backbone]
   return ml_collections.ConfigDict({
       "head": {"regex": r"fusion/.*", "lr_mult": 1.0, "unfreeze_at": 0},
       "image_late": {"regex": late, "lr_mult": late_mult, "unfreeze_at": 0},
       "image_early": {"regex": rf"(?!{late})image/.*", "lr_mult": early_mult,
-                      "unfreeze_at": unfreeze_early_at},
+                      "unfreeze_at": unfreeze_early_at,
+                      "unfreeze_at_epoch": unfreeze_early_at_epoch},
       "text": {"regex": r"text/.*", "lr_mult": text_mult, "unfreeze_at": 0},
   })

@@ -5,7 +5,7 @@
 
 Discriminative learning rates by layer group (configs.base.finetune_groups):
 head x1, last stage x0.1, earlier layers x0.01 unfrozen after one epoch.
-BatchNorm statistics stay frozen (small data). On one GPU add
+BatchNorm statistics stay fixed (small data). On one GPU add
 --config.train.replica_loop=map: vmapped replicas make grouped convolutions,
 3.3x slower there (benchmarks/bench_gpu.md).
 """
@@ -25,9 +25,9 @@ def get_config(backbone: str = "efficientnet-lite0"):
   c.train.epochs = 6
   c.train.batch_size = 32
   c.train.learning_rate = 1e-3
-  c.train.bn = "frozen"
+  c.train.bn = "fixed"
   c.train.data_order = "shared"   # one decoded batch feeds every replica
-  steps_per_epoch = 588 // c.train.batch_size
-  c.train.groups = finetune_groups(backbone, unfreeze_early_at=steps_per_epoch)
+  # Early layers start after one epoch (steps per epoch come from the data at run time).
+  c.train.groups = finetune_groups(backbone, unfreeze_early_at_epoch=1)
   c.seeds = 3
   return c

@@ -1,13 +1,19 @@
-"""Checkpoints of a run: "latest" (for resume) and "best" (by a metric), kept apart.
+"""The checkpoint of a run: its latest steps, for resume AND for inference.
 
 Layout under a run's workdir::
 
   <workdir>/checkpoints/latest/<step>/{state,extra,meta,...}   last `keep_latest` steps
-  <workdir>/checkpoints/best/<step>/{state,extra,meta,...}     top `keep_best` by metric
+  <workdir>/checkpoints/corrupt/<step>-<time>/                  unreadable steps moved aside
 
-Two separate orbax CheckpointManagers in two directories: one manager with
-`best_fn` deletes the newest step when it is not among the best, so "resume
-from where we stopped" and "the best model so far" cannot share one.
+One orbax CheckpointManager. The train state carries each replica's own
+best-validation parameters (m6jax.steps.TrainState.best_*), so the newest step
+holds both what resume needs and what results.json scored and predict/explain
+serve: saved, scored and served are the same parameters by construction.
+
+Unreadable steps: `restore_latest` tries the newest step first and falls back
+to the newest intact one with a warning (the bad steps are moved to
+`corrupt/` before the next save); when no step can be read it raises
+CheckpointError naming the folder to delete.
 
 Each step directory holds three orbax items:
   * `state`: the train-state pytree (orbax StandardSave, tensorstore/OCDBT).
@@ -40,8 +46,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -51,7 +58,6 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 _FORMAT = 1
-_METRIC = "metric"
 
 
 def _quiet_orbax(record) -> bool:
@@ -144,50 +150,57 @@ def _jsonable(extra: dict | None) -> dict:
   return json.loads(json.dumps(dict(extra or {}), default=default))
 
 
+def _describe(error: Exception, step_dir: str) -> str:
+  """One line: the error, and the empty files of the step (a common cause)."""
+  msg = str(error).strip().splitlines()
+  out = f"{type(error).__name__}: {msg[0][:300] if msg else ''}"
+  empty = sorted(os.path.relpath(os.path.join(d, f), step_dir)
+                 for d, _, files in os.walk(step_dir) for f in files
+                 if os.path.getsize(os.path.join(d, f)) == 0)
+  return out + (f" (empty files: {', '.join(empty)})" if empty else "")
+
+
+class CheckpointError(RuntimeError):
+  """No step of a checkpoint can be read."""
+
+
+def directory(workdir) -> str:
+  """<workdir>/checkpoints, absolute (orbax needs absolute paths)."""
+  return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+
+
 class Checkpoints:
-  """The "latest" + "best" checkpoint managers of one run (see the module docstring).
+  """The checkpoint manager of one run (see the module docstring).
 
   Use as a context manager, or call `close()` so pending async saves finish.
+  read_only=True (inference) never creates, cleans up or moves anything.
   """
 
-  def __init__(self, workdir, keep_latest: int = 2, keep_best: int = 1,
-               best_mode: str = "max", enabled: bool = True):
-    """workdir: the run directory; checkpoints go to <workdir>/checkpoints/{latest,best}."""
-    if best_mode not in ("max", "min"):
-      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    if keep_latest < 1 or keep_best < 1:
-      raise ValueError("keep_latest and keep_best must be >= 1")
+  def __init__(self, workdir, keep_latest: int = 2, enabled: bool = True,
+               read_only: bool = False):
+    """workdir: the run directory; steps go to <workdir>/checkpoints/latest."""
+    if keep_latest < 1:
+      raise ValueError("keep_latest must be >= 1")
     self.enabled = bool(enabled)
+    self.read_only = bool(read_only)
     self.is_primary = jax.process_index() == 0
-    self.keep_latest, self.keep_best, self.best_mode = keep_latest, keep_best, best_mode
-    # orbax needs absolute paths (relative workdirs are common on the CLI).
-    self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
-    self._latest = self._best = None
+    self.keep_latest = keep_latest
+    self.directory = directory(workdir)
+    self._latest = None
     self._closed = False
-    self._best_metrics: dict[int, float] = {}
+    self._bad: dict[int, str] = {}   # unreadable step -> error, moved aside before saving
     if not self.enabled:
       return  # no directories, no managers
-    common = dict(create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True)
+    path = os.path.join(self.directory, "latest")
+    if read_only and not os.path.isdir(path):
+      self.enabled = False
+      return
     self._latest = ocp.CheckpointManager(
-        os.path.join(self.directory, "latest"), item_names=_ITEMS,
+        path, item_names=_ITEMS,
         options=ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep_latest), **common))
-    best_fn = lambda m: m[_METRIC]  # noqa: E731
-    self._best = ocp.CheckpointManager(
-        os.path.join(self.directory, "best"), item_names=_ITEMS,
-        options=ocp.CheckpointManagerOptions(
-            # best_fn/best_mode make best_step() rank by metric; BestN does the deleting.
-            best_fn=best_fn, best_mode=best_mode,
-            preservation_policy=ocp.checkpoint_managers.BestN(
-                get_metric_fn=best_fn, reverse=(best_mode == "min"), n=keep_best,
-                keep_checkpoints_without_metrics=False),
-            **common))
-    # Our own copy of the kept metrics: orbax reads them from disk, where an
-    # in-flight async save is still under a tmp name.
-    for s in self._best.all_steps():
-      m = self._best.metrics(s)
-      if m is not None and _METRIC in m:
-        self._best_metrics[s] = float(m[_METRIC])
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep_latest),
+            create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
+            enable_async_checkpointing=True))
 
   def _on(self) -> bool:
     """False when disabled (callers return None); raises once closed."""
@@ -197,118 +210,117 @@ class Checkpoints:
 
   # -- saving ---------------------------------------------------------------
 
-  def _save(self, mngr, step: int, state, extra, metrics=None) -> bool:
-    step = int(step)
-    if step in mngr.all_steps():
-      log.warning("checkpoint step %d already in %s; not overwritten", step, mngr.directory)
-      return False
-    data, impls = _keys_to_data(state)
-    return mngr.save(
-        step, force=True, metrics=metrics,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(data),
-            extra=ocp.args.JsonSave(_jsonable(extra)),
-            meta=ocp.args.JsonSave({"format": _FORMAT, "typed_keys": impls})))
-
   def save_latest(self, step: int, state_pytree, extra: dict | None = None) -> bool | None:
-    """Saves (state, extra) as `step` of "latest"; the oldest beyond keep_latest go.
+    """Saves (state, extra) as `step`; the oldest beyond keep_latest go.
 
     Returns True when a save was started (async: call wait()/close() to be sure
     it is on disk), False when the step already exists, None when disabled.
     """
     if not self._on():
       return None
-    return self._save(self._latest, step, state_pytree, extra)
-
-  def _better(self, a: float, b: float) -> bool:
-    return a > b if self.best_mode == "max" else a < b
-
-  def _kept(self, metrics: dict[int, float]) -> list[int]:
-    """The steps orbax's BestN keeps (same stable sort, so ties resolve alike)."""
-    order = sorted(sorted(metrics), key=metrics.get, reverse=(self.best_mode == "min"))
-    return order[-self.keep_best:]
-
-  def save_best(self, step: int, state_pytree, metric: float,
-                extra: dict | None = None) -> bool | None:
-    """Saves to "best" only if `metric` enters the top keep_best (strictly; NaN never).
-
-    Returns True if saved, False if not good enough (or step exists), None when disabled.
-    """
-    if not self._on():
-      return None
-    metric = float(metric)
-    if math.isnan(metric):
+    if self.read_only:
+      raise RuntimeError(f"{self.directory} was opened read-only")
+    self._move_bad_steps()
+    step = int(step)
+    mngr = self._latest
+    if step in mngr.all_steps():
+      log.warning("checkpoint step %d already in %s; not overwritten", step, mngr.directory)
       return False
-    if len(self._best_metrics) >= self.keep_best:
-      worst = self._best_metrics[self._kept(self._best_metrics)[0]]
-      if not self._better(metric, worst):
-        return False  # skip the write instead of writing then deleting it
-    saved = self._save(self._best, step, state_pytree, extra, metrics={_METRIC: metric})
-    if saved:
-      self._best_metrics[int(step)] = metric
-      kept = set(self._kept(self._best_metrics))
-      self._best_metrics = {s: m for s, m in self._best_metrics.items() if s in kept}
-    return saved
+    data, impls = _keys_to_data(state_pytree)
+    return mngr.save(
+        step, force=True,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(data),
+            extra=ocp.args.JsonSave(_jsonable(extra)),
+            meta=ocp.args.JsonSave({"format": _FORMAT, "typed_keys": impls})))
+
+  def _move_bad_steps(self) -> None:
+    """Moves the steps restore_latest could not read to checkpoints/corrupt/."""
+    if not self._bad:
+      return
+    self._latest.wait_until_finished()
+    if self.is_primary:
+      for step in sorted(self._bad):
+        src = os.path.join(self._latest.directory, str(step))
+        if os.path.isdir(src):
+          dst = os.path.join(self.directory, "corrupt", f"{step}-{int(time.time())}")
+          os.makedirs(os.path.dirname(dst), exist_ok=True)
+          shutil.move(src, dst)
+          log.warning("moved unreadable checkpoint step %d to %s", step, dst)
+    self._bad = {}
+    self._latest.reload()
 
   # -- querying / restoring -------------------------------------------------
 
   def latest_step(self) -> int | None:
-    """Newest step in "latest" (including one still being written async), or None."""
+    """Newest step (including one still being written async), or None."""
     return self._latest.latest_step() if self._on() else None
 
-  def best_step(self) -> int | None:
-    """Step with the best metric in "best", or None."""
-    return self._best.best_step() if self._on() else None
+  def all_steps(self) -> list[int]:
+    """Every kept step, oldest first."""
+    return sorted(self._latest.all_steps()) if self._on() else []
 
-  def best_metric(self) -> float | None:
-    """Metric of best_step(), or None."""
-    s = self.best_step()
-    return None if s is None else self._best_metrics.get(s)
-
-  def _restore(self, mngr, step, target):
-    if step is None:
-      return None
-    mngr.wait_until_finished()  # the step may still be in flight
+  def _restore(self, step, target):
     data_target, key_leaves = _target_to_data(target)
     # StandardRestore(target): shapes/dtypes/shardings (and the pytree classes,
     # e.g. flax.struct.dataclass) come from the target tree.
-    r = mngr.restore(step, args=ocp.args.Composite(
+    r = self._latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(data_target),
         extra=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
     meta = r.meta or {}
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+      raise ValueError(f"meta: expected format {_FORMAT}, got {meta!r}")
     state = _data_to_keys(r.state, key_leaves, meta.get("typed_keys", {}))
     return state, dict(r.extra or {})
 
   def restore_latest(self, target_pytree) -> tuple[Any, dict] | None:
-    """target (arrays or ShapeDtypeStructs) -> (state like target, extra) of latest_step(), or None."""
-    if not self._on():
-      return None
-    return self._restore(self._latest, self._latest.latest_step(), target_pytree)
+    """target (arrays or ShapeDtypeStructs) -> (state like target, extra), or None.
 
-  def restore_best(self, target_pytree) -> tuple[Any, dict] | None:
-    """target -> (state like target, extra) of best_step(), or None."""
+    Reads the newest step; when it cannot be read (truncated or empty files),
+    warns and falls back to the newest intact step. Raises CheckpointError,
+    naming the folder to delete, when no step can be read.
+    """
     if not self._on():
       return None
-    return self._restore(self._best, self._best.best_step(), target_pytree)
+    self._latest.wait_until_finished()  # a step may still be in flight
+    steps = sorted(self._latest.all_steps(), reverse=True)
+    errors = {}
+    for step in steps:
+      try:
+        out = self._restore(step, target_pytree)
+      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+        errors[step] = _describe(e, os.path.join(self._latest.directory, str(step)))
+        log.warning("checkpoint step %d in %s cannot be read (%s); trying an older step",
+                    step, self._latest.directory, errors[step])
+        continue
+      if errors:
+        log.warning("resumed from checkpoint step %d: newer step(s) %s unreadable%s", step,
+                    sorted(errors), "" if self.read_only else " (moved to corrupt/ on save)")
+        if not self.read_only:
+          self._bad.update(errors)
+      return out
+    if not steps:
+      return None
+    detail = "; ".join(f"step {s}: {e}" for s, e in errors.items())
+    raise CheckpointError(f"no readable checkpoint in {self._latest.directory} ({detail}). "
+                          f"Delete {self.directory} to train from scratch "
+                          "(or run with --restart).")
 
   # -- lifecycle --------------------------------------------------------------
 
   def wait(self) -> None:
     """Blocks until pending async saves (and deletions) are on disk."""
-    if self._closed:
+    if self._closed or self._latest is None:
       return
-    for m in (self._latest, self._best):
-      if m is not None:
-        m.wait_until_finished()
+    self._latest.wait_until_finished()
 
   def close(self) -> None:
     """Finishes pending saves and releases orbax's threads; idempotent."""
     if self._closed:
       return
-    for m in (self._latest, self._best):
-      if m is not None:
-        m.close()
+    if self._latest is not None:
+      self._latest.close()
     self._closed = True
 
   def __enter__(self) -> "Checkpoints":

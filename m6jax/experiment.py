@@ -1,39 +1,122 @@
-"""One experiment, end to end: train -> explain -> track.
+"""One experiment, end to end: features -> train -> evaluate -> feasibility -> explain -> track.
 
 The entry points (m6jax.main, m6jax.sweep) call `run`; it is the one place
-that strings the downstream steps together, so a sweep cell and a main job
-produce the same outputs.
+that strings the steps together, so a sweep cell and a main job produce the
+same outputs. results.json records each phase's wall time under `timings`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 
 import jax
+import numpy as np
+
+from m6jax import checkpoint, explain, feasibility, features, results, track
+from m6jax.models import fusion
 
 log = logging.getLogger(__name__)
+
+
+class _Timer:
+  """Wall time per phase: `with timer('train'): ...` -> timer.timings['train']."""
+
+  def __init__(self):
+    self.t0 = time.time()
+    self.timings: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, phase: str):
+    t = time.time()
+    try:
+      yield
+    finally:
+      self.timings[phase] = self.timings.get(phase, 0.0) + time.time() - t
+
+  def total(self) -> dict:
+    return dict(self.timings, total=time.time() - self.t0)
+
+
+def train_and_evaluate(cfg, workdir: str, on_epoch=None, timer: _Timer | None = None) -> dict:
+  """config -> data -> (embeddings) -> K-seed training -> test scores in `workdir`.
+
+  Returns the results dict also written to `workdir/results.json`.
+  on_epoch: optional callback for each epoch's history record (tracking).
+  """
+  timer = timer or _Timer()
+  os.makedirs(workdir, exist_ok=True)
+  results.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  with timer("setup"):
+    run = features.setup(cfg, workdir)
+    run.report.write(workdir)
+  if run.report.bad:
+    log.warning("%d bad rows skipped; see %s", len(run.report.bad),
+                os.path.join(workdir, "data_report.txt"))
+  labels = {s: c["label"] for s, c in run.cols.items()}
+  with timer("train"), checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint) as ckpt:
+    states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch)
+
+  mods = fusion.modalities(cfg.model.fusion)
+  with timer("evaluate"):
+    # Each replica's best-validation parameters: the ones the checkpoint holds.
+    probs, weights = run.trainer.predict(states.best_params, states.best_batch_stats, "test",
+                                         with_weights=True)
+    scores = results.score(labels["test"], probs, run.class_names)
+    extra = {
+        "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
+        "seeds": [cfg.seed + k for k in range(cfg.seeds)],
+        "modality_weights_mean": dict(zip(mods,
+                                          np.asarray(weights).mean(axis=(0, 1)).tolist())),
+        "best_val_macro_f1": np.asarray(states.best_f1, np.float64).tolist(),
+        "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
+        "history": history,
+        "devices": [str(d) for d in jax.devices()],
+    }
+    if cfg.train.mode == "frozen" and len(mods) > 1:
+      extra["modality_importance"] = run.trainer.modality_importance(states.best_params)
+      log.info("modality importance (test, ensemble accuracy): %s",
+               {k: round(v, 4) for k, v in extra["modality_importance"].items()})
+  if cfg.get("feasibility") and run.feats:
+    with timer("feasibility"):
+      extra["feasibility"] = feasibility.feasibility_study(
+          {m: np.concatenate([f[s] for s in features.SPLITS]) for m, f in run.feats.items()},
+          np.concatenate([labels[s] for s in features.SPLITS]),
+          run.class_names, workdir, seed=cfg.seed)
+  with timer("evaluate"):
+    extra["timings"] = timer.total()
+    out = results.write_outputs(workdir, scores, run.class_names, run.cols["test"]["uniq_id"],
+                                labels["test"], probs, extra)
+  s = out["test"]["summary"]
+  log.info("test accuracy %.4f +- %.4f, macro-F1 %.4f +- %.4f over %d seeds; "
+           "ensemble accuracy %.4f (%.0f s)", s["accuracy"]["mean"], s["accuracy"]["std"],
+           s["macro_f1"]["mean"], s["macro_f1"]["std"], cfg.seeds,
+           out["test"]["ensemble"]["accuracy"], time.time() - timer.t0)
+  return out
+
+
+def _explain(cfg, workdir: str, results_dict: dict) -> None:
+  """Grad-CAM gallery and stability of the finished run into results_dict['gradcam']."""
+  ex = cfg.explain
+  out = explain.explain_run(workdir, n_per_class=ex.n_per_class, method=ex.method)
+  results_dict["gradcam"] = {"method": ex.method, "stability": out["stability"],
+                             "gallery": os.path.relpath(out["gallery"], workdir)}
+  log.info("Grad-CAM: replica stability %.3f, gallery %s", out["stability"], out["gallery"])
 
 
 def run(cfg, workdir: str, **tracker_kwargs) -> dict:
   """Trains and evaluates `cfg` into `workdir`, adds Grad-CAM (cfg.explain) and
   logs everything to MLflow (cfg.track). Returns the results dict."""
-  from m6jax import results as results_lib
-  from m6jax import track, train
-  from m6jax.models import fusion
-
+  timer = _Timer()
   with track.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
-    results = train.train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch)
-    ex = cfg.get("explain") or {}
-    if ex.get("enabled") and "image" in fusion.modalities(cfg.model.fusion):
-      from m6jax import explain
-      out = explain.explain_run(workdir, n_per_class=ex.get("n_per_class", 3),
-                                method=ex.get("method", "gradcam"))
-      results["gradcam"] = {"method": ex.get("method", "gradcam"),
-                            "stability": out["stability"],
-                            "gallery": os.path.relpath(out["gallery"], workdir)}
+    res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch, timer=timer)
+    if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
+      with timer("explain"):
+        _explain(cfg, workdir, res)
+      res["timings"] = timer.total()
       if jax.process_index() == 0:
-        results_lib.write_json(os.path.join(workdir, "results.json"), results)
-      log.info("Grad-CAM: replica stability %.3f, gallery %s", out["stability"], out["gallery"])
-    tracker.log_results(results, workdir)
-  return results
+        results.write_json(os.path.join(workdir, "results.json"), res)
+    tracker.log_results(res, workdir)
+  return res

@@ -343,7 +343,7 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
                 images=None, which: str = "best", maps: str = "mean") -> dict:
   """Grad-CAM gallery and replica stability for a finished run.
 
-  Rebuilds the run like m6jax.predict (train.setup + restore), takes the test
+  Rebuilds the run like m6jax.predict (m6jax.restore), takes the test
   split (or new products from `csv` + `images`), computes every replica's map
   with the ensemble prediction as target, and writes
   `<workdir>/gradcam/gallery.png` (maps: 'mean' over replicas or 'replica0')
@@ -352,17 +352,17 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
   'accuracy': ensemble accuracy (None without labels), 'n': images explained,
   'probs': (n, C) ensemble probabilities, 'uniq_id': their ids}.
   """
-  from m6jax import train
+  from m6jax import restore
   from m6jax.data import catalogue, pipeline
   from m6jax.models import fusion, towers
 
   if maps not in ("mean", "replica0"):
     raise ValueError(f"maps must be 'mean' or 'replica0', got {maps!r}")
-  cfg = train.load_config(workdir)
+  cfg = restore.load_config(workdir)
   mods = fusion.modalities(cfg.model.fusion)
   if "image" not in mods:
     raise ValueError(f"run {workdir} has no image tower (fusion {cfg.model.fusion!r})")
-  cfg, run, params, stats = train.restore(workdir, which)
+  cfg, run, params, stats = restore.restore(workdir, which)
   bs, size = cfg.data.batch_size, cfg.data.image_size
 
   # Rows: the test split, or new products read as predict reads them.

@@ -13,7 +13,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 AXES = ("seed", "data")
@@ -69,16 +70,18 @@ def make_mesh(num_replicas: int, seed: int = 0, data: int = 0, devices=None) -> 
   return Mesh(np.asarray(devices).reshape(s, d), AXES)
 
 
-def replicas(mesh: Mesh) -> NamedSharding:
-  """Leaves with a leading replica axis K: split over 'seed', replicated over 'data'."""
+def replica_sharding(mesh: Mesh) -> NamedSharding:
+  """Leaves with a leading replica axis K (states, keys, per-replica outputs):
+  split over 'seed', replicated over 'data'."""
   return NamedSharding(mesh, P("seed"))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """Leaves every device holds whole (cached embeddings, labels)."""
   return NamedSharding(mesh, P())
 
 
-def batch(mesh: Mesh, per_seed: bool) -> NamedSharding:
+def batch_sharding(mesh: Mesh, per_seed: bool) -> NamedSharding:
   """Batch leaves: (K, B, ...) per-seed -> P('seed', 'data'); shared (B, ...) -> P('data')."""
   return NamedSharding(mesh, P("seed", "data") if per_seed else P("data"))
 

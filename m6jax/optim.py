@@ -7,7 +7,9 @@ group (checked). Each group gets AdamW with its own schedule:
   lr_g(step) = lr_mult_g * warmup_cosine(step - unfreeze_at_g)   if step >= unfreeze_at_g
              = 0                                                  otherwise
 
-so gradual unfreezing is a schedule, not a recompile. A group with
+so gradual unfreezing is a schedule, not a recompile. `unfreeze_at` counts
+optimizer steps; a group may give `unfreeze_at_epoch` instead (epochs, turned
+into steps with the run's steps per epoch, which depends on the data). A group with
 lr_mult 0 is frozen for the whole run: `optax.set_to_zero()`, no Adam state.
 
 Adam moments at LR 0: while a group waits to unfreeze, its first and second
@@ -84,14 +86,24 @@ def group_labels(params, groups: dict) -> tuple[dict, dict]:
   return labels, members
 
 
-def make_optimizer(train_cfg, total_steps: int, params=None) -> optax.GradientTransformation:
+def unfreeze_step(spec, steps_per_epoch: int = 1) -> int:
+  """A group's first trained step: `unfreeze_at` steps, or `unfreeze_at_epoch` epochs."""
+  spec = dict(spec)
+  at, at_epoch = int(spec.get("unfreeze_at", 0)), spec.get("unfreeze_at_epoch", 0)
+  if at and at_epoch:
+    raise ValueError(f"a group gives both unfreeze_at={at} and unfreeze_at_epoch={at_epoch}")
+  return at or round(float(at_epoch) * steps_per_epoch)
+
+
+def make_optimizer(train_cfg, total_steps: int, params=None,
+                   steps_per_epoch: int = 1) -> optax.GradientTransformation:
   """AdamW per group (see module doc). Without `train_cfg.groups`, one group 'all'."""
   groups = dict(train_cfg.get("groups") or {}) or {"all": {"regex": ".*"}}
   txs, labels = {}, None
   for name, spec in groups.items():
     spec = dict(spec)
     mult = float(spec.get("lr_mult", 1.0))
-    start = int(spec.get("unfreeze_at", 0))
+    start = unfreeze_step(spec, steps_per_epoch)
     if mult == 0.0:
       txs[name] = optax.set_to_zero()
       continue
@@ -105,7 +117,7 @@ def make_optimizer(train_cfg, total_steps: int, params=None) -> optax.GradientTr
   return optax.multi_transform(txs, labels)
 
 
-def describe_groups(params, groups: dict) -> str:
+def describe_groups(params, groups: dict, steps_per_epoch: int = 1) -> str:
   """One line per group: name, lr_mult, unfreeze_at, leaves, parameter count."""
   if not groups:
     return "one group: all parameters"
@@ -114,5 +126,5 @@ def describe_groups(params, groups: dict) -> str:
   for lab, x in zip(jax.tree.leaves(labels), jax.tree.leaves(params)):
     sizes[lab] = sizes.get(lab, 0) + x.size
   return "\n".join(
-      f"{g:>12}: lr x{dict(s).get('lr_mult', 1.0):g}, from step {dict(s).get('unfreeze_at', 0)}"
+      f"{g:>12}: lr x{dict(s).get('lr_mult', 1.0):g}, from step {unfreeze_step(s, steps_per_epoch)}"
       f", {len(members[g])} tensors, {sizes.get(g, 0):,} params" for g, s in groups.items())

@@ -28,11 +28,11 @@ FLAGS = flags.FLAGS
 def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = "best",
             on_bad_row: str | None = None) -> dict:
   """Writes `out`; returns {'probs': (N, C) ensemble, 'uniq_id', 'classes', 'report'}."""
-  from m6jax import embed, train
+  from m6jax import embed, restore
   from m6jax.data import catalogue, pipeline
   from m6jax.models import fusion
 
-  cfg = train.load_config(workdir)
+  cfg = restore.load_config(workdir)
   policy = on_bad_row or cfg.data.on_bad_row
   rows, report = catalogue.read_catalogue(
       csv_path, image_dir, dict(cfg.data.columns), cfg.data.label_depth,
@@ -49,7 +49,7 @@ def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = 
   if not rows:
     raise catalogue.DataError(f"no usable rows in {csv_path}")
 
-  cfg, run, params, stats = train.restore(workdir, which)
+  cfg, run, params, stats = restore.restore(workdir, which)
   mods = fusion.modalities(cfg.model.fusion)
   bs = cfg.data.batch_size
   texts = [r.text for r in rows]

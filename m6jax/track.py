@@ -4,7 +4,7 @@ The only module that imports mlflow, and only inside functions, so importing
 this module is cheap.
 
   with Tracker(cfg, workdir) as t:        # nested under parent_run_id when given
-    res = train.train_and_evaluate(cfg, workdir, on_epoch=t.log_epoch)
+    res = experiment.train_and_evaluate(cfg, workdir, on_epoch=t.log_epoch)
     t.log_results(res, workdir)
 
 Store: cfg.track.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<workdir/..>/mlflow.db.
@@ -346,7 +346,7 @@ class Tracker:
       workdir = os.path.abspath(workdir or self.workdir)
       self._emit({"event": "metrics", "metrics": final_metrics(results), "step": 0,
                   "timestamp": int(time.time() * 1000)})
-      best = os.path.join(workdir, "checkpoints", "best")
+      best = os.path.join(workdir, "checkpoints", "latest")
       with open(os.path.join(workdir, "checkpoint.txt"), "w") as f:
         f.write(best + "\n")
       paths = [[os.path.join(workdir, a), None] for a in ARTIFACTS
@@ -454,7 +454,7 @@ def final_metrics(results: dict) -> dict:
     for s, v in zip(seeds, vals):
       out[f"val/best_{name}/seed{s}"] = v
     out[f"val/best_{name}/mean"], out[f"val/best_{name}/std"] = _seed_stats(vals)
-  for k, v in (results.get("timing_s") or {}).items():
+  for k, v in (results.get("timings") or results.get("timing_s") or {}).items():
     out[f"time/{k}_s"] = v
   return {k: float(v) for k, v in out.items()}
 

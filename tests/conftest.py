@@ -2,23 +2,23 @@
 
 import csv
 import os
-import sys
+import zlib
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from configs import smoke
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "")
 
-import jax  # noqa: E402
-
 # Many tests build the same small programs in new trainer objects; XLA's
 # persistent cache turns those repeat compiles into lookups.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("M6JAX_TEST_XLA_CACHE", os.path.join(REPO, ".pytest_cache", "xla")))
+XLA_CACHE = os.path.join(REPO, ".pytest_cache", "xla")
+jax.config.update("jax_compilation_cache_dir", os.environ.get("M6JAX_TEST_XLA_CACHE", XLA_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -39,7 +39,7 @@ MAX_PIXELS = 500_000
 
 
 def _img(path, color, size=(40, 30)):
-  rng = np.random.default_rng(abs(hash(path)) % 2**32)
+  rng = np.random.default_rng(zlib.crc32(os.path.basename(path).encode()))   # same every run
   arr = np.clip(np.array(color)[None, None] + rng.integers(-20, 20, (size[1], size[0], 3)),
                 0, 255).astype(np.uint8)
   Image.fromarray(arr).save(path, "JPEG", quality=90)
@@ -103,9 +103,23 @@ def tiny_catalogue(tmp_path_factory):
   return root
 
 
+def learnable_features(n, num_classes, dims=(("image", 6), ("text", 5)), seed=0,
+                       splits=("train", "validation", "test")):
+  """Synthetic embeddings a head can learn: ({split: {modality: (n, d)}}, {split: (n,)}).
+
+  Each class has a random prototype direction per modality (the signal survives
+  the head's per-modality LayerNorm, unlike a constant shift); unit noise on top.
+  """
+  rng = np.random.default_rng(seed)
+  protos = {m: 1.5 * rng.normal(size=(num_classes, d)) for m, d in dims}
+  labels = {s: rng.integers(0, num_classes, n).astype(np.int32) for s in splits}
+  feats = {s: {m: (protos[m][labels[s]] + rng.normal(size=(n, d))).astype(np.float32)
+               for m, d in dims} for s in splits}
+  return feats, labels
+
+
 def tiny_config(catalogue_dir, tfds_dir, **overrides):
   """The smoke config pointed at a tiny catalogue."""
-  from configs import smoke
   cfg = smoke.get_config()
   cfg.data.manual_dir = catalogue_dir
   cfg.data.tfds_dir = tfds_dir

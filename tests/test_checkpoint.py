@@ -1,4 +1,4 @@
-"""m6jax.checkpoint: round trips, retention of latest/best, atomicity, disabled mode."""
+"""m6jax.checkpoint: round trips, retention, atomicity, unreadable steps, disabled mode."""
 
 import os
 import signal
@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from m6jax.checkpoint import Checkpoints
+from m6jax.checkpoint import CheckpointError, Checkpoints
 
 K = 3  # seed replicas
 
@@ -79,56 +79,81 @@ def test_round_trip_dataclass_adam_typed_keys(tmp_path):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           target)
   with Checkpoints(tmp_path) as ck:
-    assert ck.latest_step() == 11 and ck.best_step() is None
+    assert ck.latest_step() == 11 and ck.all_steps() == [11]
     restored2, _ = ck.restore_latest(abstract)
   assert_same(restored2, state)
 
 
-def test_latest_and_best_retention_are_independent(tmp_path):
-  state = make_state()
-  metrics = {1: 0.9, 2: 0.5, 3: 0.6, 4: 0.7, 5: 0.8}
-  with Checkpoints(tmp_path, keep_latest=2, keep_best=1) as ck:
+def test_latest_retention(tmp_path):
+  with Checkpoints(tmp_path, keep_latest=2) as ck:
     for s in range(1, 6):
-      ck.save_latest(s, make_state(seed=s, step=s), {"epoch": s})
-      saved = ck.save_best(s, make_state(seed=s, step=s), metrics[s], {"epoch": s})
-      assert saved is (s == 1)  # later, worse metrics never enter the top 1
+      assert ck.save_latest(s, make_state(seed=s, step=s), {"epoch": s}) is True
+    assert ck.save_latest(5, make_state(), {"epoch": 99}) is False   # never overwritten
     ck.wait()
-    assert ck.best_step() == 1 and ck.best_metric() == pytest.approx(0.9)
     assert ck.latest_step() == 5
-    best_state, best_extra = ck.restore_best(state)
-    latest_state, latest_extra = ck.restore_latest(state)
+    latest_state, latest_extra = ck.restore_latest(make_state())
   assert steps_on_disk(tmp_path / "checkpoints" / "latest") == [4, 5]
-  assert steps_on_disk(tmp_path / "checkpoints" / "best") == [1]
-  assert_same(best_state, make_state(seed=1, step=1)) and best_extra == {"epoch": 1}
   assert_same(latest_state, make_state(seed=5, step=5)) and latest_extra == {"epoch": 5}
 
-  # A better metric later replaces the best; a resumed instance knows the kept metric.
-  with Checkpoints(tmp_path, keep_latest=2, keep_best=1) as ck:
-    assert ck.best_step() == 1 and ck.best_metric() == pytest.approx(0.9)
-    assert ck.save_best(6, state, 0.85) is False
-    assert ck.save_best(6, state, float("nan")) is False
-    assert ck.save_best(7, state, 0.95) is True
-    ck.wait()
-    assert ck.best_step() == 7
-  assert steps_on_disk(tmp_path / "checkpoints" / "best") == [7]
-  assert steps_on_disk(tmp_path / "checkpoints" / "latest") == [4, 5]
+
+def _two_steps(tmp_path):
+  with Checkpoints(tmp_path) as ck:
+    ck.save_latest(1, make_state(seed=1, step=1), {"epoch": 1})
+    ck.save_latest(2, make_state(seed=2, step=2), {"epoch": 2})
+  return tmp_path / "checkpoints" / "latest"
 
 
-def test_best_min_mode_keep_two(tmp_path):
-  state = make_state()
-  with Checkpoints(tmp_path, keep_best=2, best_mode="min") as ck:
-    for s, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 5.0), (5, 1.5)]:
-      ck.save_best(s, state, loss)
+def test_truncated_latest_step_falls_back_and_is_moved_aside(tmp_path, caplog):
+  latest = _two_steps(tmp_path)
+  data = [p for p in (latest / "2" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data
+  for p in data:   # what a full disk or a killed copy leaves
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+  with Checkpoints(tmp_path) as ck:
+    state, extra = ck.restore_latest(make_state())
+    assert extra == {"epoch": 1}
+    assert_same(state, make_state(seed=1, step=1))
+    assert "step 2" in caplog.text and str(latest) in caplog.text
+    # Training goes on from epoch 1: step 2 is written again, the bad copy kept aside.
+    assert ck.save_latest(2, make_state(seed=7, step=2), {"epoch": 2}) is True
     ck.wait()
-    assert ck.best_step() == 2
-  assert steps_on_disk(tmp_path / "checkpoints" / "best") == [2, 5]
+    state, extra = ck.restore_latest(make_state())
+  assert extra == {"epoch": 2} and steps_on_disk(latest) == [1, 2]
+  corrupt = os.listdir(tmp_path / "checkpoints" / "corrupt")
+  assert len(corrupt) == 1 and corrupt[0].startswith("2-")
+
+
+def test_no_readable_step_names_the_folder_to_delete(tmp_path):
+  with Checkpoints(tmp_path) as ck:
+    ck.save_latest(1, make_state(), {"epoch": 1})
+  (tmp_path / "checkpoints" / "latest" / "1" / "meta" / "metadata").write_text("")
+  with Checkpoints(tmp_path) as ck:
+    with pytest.raises(CheckpointError) as e:
+      ck.restore_latest(make_state())
+  msg = str(e.value)
+  assert "empty files: meta/metadata" in msg
+  assert f"Delete {tmp_path / 'checkpoints'}" in msg
+  assert "JSONDecodeError" in msg.split("(", 1)[1]   # the cause, as one line, not a traceback
+
+
+def test_read_only_writes_nothing(tmp_path):
+  with Checkpoints(tmp_path / "none", read_only=True) as ck:
+    assert ck.restore_latest(make_state()) is None
+  assert not (tmp_path / "none").exists()
+  latest = _two_steps(tmp_path)
+  (latest / "2" / "meta" / "metadata").write_text("")
+  with Checkpoints(tmp_path, read_only=True) as ck:
+    _, extra = ck.restore_latest(make_state())
+    with pytest.raises(RuntimeError, match="read-only"):
+      ck.save_latest(3, make_state())
+  assert extra == {"epoch": 1} and steps_on_disk(latest) == [1, 2]
+  assert not (tmp_path / "checkpoints" / "corrupt").exists()
 
 
 def test_nothing_saved_restores_none(tmp_path):
   with Checkpoints(tmp_path) as ck:
-    assert ck.latest_step() is None and ck.best_step() is None
+    assert ck.latest_step() is None and ck.all_steps() == []
     assert ck.restore_latest(make_state()) is None
-    assert ck.restore_best(make_state()) is None
 
 
 def test_in_progress_tmp_dir_is_never_restored(tmp_path):
@@ -148,11 +173,10 @@ def test_in_progress_tmp_dir_is_never_restored(tmp_path):
 
 
 CHILD = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {repo!r})
+    import os, signal
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from m6jax.checkpoint import Checkpoints
+    from m6jax.checkpoint import CheckpointError, Checkpoints
     ck = Checkpoints({workdir!r})
     ck.save_latest(1, {{"w": jnp.ones((64, 64))}}, {{"epoch": 1}})
     ck.wait()
@@ -168,7 +192,8 @@ CHILD = textwrap.dedent("""
 def test_process_killed_mid_save(tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = CHILD.format(repo=repo, workdir=str(tmp_path))
-  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     cwd=repo)
   assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
   latest = tmp_path / "checkpoints" / "latest"
   names = os.listdir(latest)
@@ -185,9 +210,8 @@ def test_disabled_is_a_no_op(tmp_path):
   ck = Checkpoints(tmp_path / "run", enabled=False)
   state = make_state()
   assert ck.save_latest(1, state, {"a": 1}) is None
-  assert ck.save_best(1, state, 1.0) is None
-  assert ck.latest_step() is None and ck.best_step() is None
-  assert ck.restore_latest(state) is None and ck.restore_best(state) is None
+  assert ck.latest_step() is None and ck.all_steps() == []
+  assert ck.restore_latest(state) is None
   assert ck.wait() is None and ck.close() is None
   assert os.listdir(tmp_path) == []
 

@@ -283,12 +283,12 @@ def test_overlay_gallery_and_stability(tiny_setup, tmp_path):
 # --- 5. explain_run on trained tiny runs -----------------------------------------
 
 def _train(tiny_catalogue, tmp_path_factory, mode):
-  from m6jax import train
+  from m6jax import experiment
   tmp = tmp_path_factory.mktemp(f"explain_{mode}")
   cfg = tiny_config(tiny_catalogue, str(tmp_path_factory.getbasetemp() / "explain_tfds"),
                     **{"train.epochs": 2, "model.fusion": "early", "train.mode": mode})
   wd = str(tmp / "run")
-  train.train_and_evaluate(cfg, wd)
+  experiment.train_and_evaluate(cfg, wd)
   return cfg, wd
 
 

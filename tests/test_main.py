@@ -7,13 +7,13 @@ import sys
 
 import numpy as np
 
-from m6jax import train
+from m6jax import experiment
 from tests.conftest import BAD, REPO, tiny_config
 
 
 def test_train_and_evaluate_writes_outputs(tiny_catalogue, tmp_path):
   cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"))
-  out = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  out = experiment.train_and_evaluate(cfg, str(tmp_path / "run"))
   wd = tmp_path / "run"
   for f in ("config.json", "results.json", "report.txt", "confusion_matrix.png",
             "predictions_test.csv", "data_report.json", "data_report.txt"):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from m6jax import predict, train
+from m6jax import experiment, predict
 from tests.conftest import new_products_csv, tiny_config
 
 
@@ -17,7 +17,7 @@ def trained(tiny_catalogue, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("pred")
   cfg = tiny_config(tiny_catalogue, str(tmp / "tfds"), **{"train.epochs": 3})
   wd = str(tmp / "run")
-  train.train_and_evaluate(cfg, wd)
+  experiment.train_and_evaluate(cfg, wd)
   return wd, tmp
 
 

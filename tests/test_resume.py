@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from m6jax import train
+from m6jax import experiment, train
 from tests.conftest import REPO, tiny_config
 
 
@@ -60,5 +60,5 @@ def test_nonfinite_loss_stops_with_clear_error(tiny_catalogue, tmp_path):
       "train.learning_rate": 1e38, "train.warmup_steps": 0, "train.epochs": 6,
       "model.fusion": "image"})
   with pytest.raises(train.NonFiniteLoss, match="non-finite loss at epoch"):
-    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+    experiment.train_and_evaluate(cfg, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "results.json")

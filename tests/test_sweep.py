@@ -137,11 +137,11 @@ def test_compare_table_plot_and_best(tiny_sweep, tmp_path, monkeypatch):
 
 def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):
   from mlflow.tracking import MlflowClient
-  from m6jax import train
+  from m6jax import experiment
   tmp, write = sweep_env
   path = write("killed", cells=[{"model.fusion": "late"}], overrides={"train.epochs": 2})
   root = tmp / "runs_killed"
-  real = train.train_and_evaluate
+  real = experiment.train_and_evaluate
 
   def killed_in_epoch_1(cfg, workdir, on_epoch=None):
     def cb(rec):
@@ -149,10 +149,10 @@ def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):
         raise KeyboardInterrupt   # Ctrl-C after epoch 0 was logged and checkpointed
       on_epoch(rec)
     return real(cfg, workdir, on_epoch=cb)
-  monkeypatch.setattr(train, "train_and_evaluate", killed_in_epoch_1)
+  monkeypatch.setattr(experiment, "train_and_evaluate", killed_in_epoch_1)
   with pytest.raises(KeyboardInterrupt):
     sweep.run_sweep(path, str(root))
-  monkeypatch.setattr(train, "train_and_evaluate", real)
+  monkeypatch.setattr(experiment, "train_and_evaluate", real)
   cell = root / "killed" / "fusion=late"
   assert not (cell / "results.json").exists() and (cell / "checkpoints" / "latest").is_dir()
   run_id = json.loads((cell / track.STATE).read_text())["run_id"]

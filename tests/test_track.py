@@ -9,7 +9,7 @@ import time
 import ml_collections
 import pytest
 
-from m6jax import track, train
+from m6jax import experiment, track
 from tests.conftest import REPO, tiny_config
 
 HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
@@ -43,7 +43,7 @@ def _steps(client, run_id, key):
 
 
 def _train(cfg, wd, tracker):
-  res = train.train_and_evaluate(cfg, wd, on_epoch=tracker.log_epoch)
+  res = experiment.train_and_evaluate(cfg, wd, on_epoch=tracker.log_epoch)
   tracker.log_results(res, wd)
   return res
 
@@ -91,7 +91,7 @@ def test_tracked_run_reads_back_from_sqlite(tiny_catalogue, tfds_dir, tmp_path):
           "checkpoint.txt", "metrics.jsonl"} <= arts
   assert not any(a.startswith("checkpoints") for a in arts)   # a pointer, not the files
   assert (tmp_path / "runs" / "a" / "checkpoint.txt").read_text().strip().endswith(
-      os.path.join("a", "checkpoints", "best"))
+      os.path.join("a", "checkpoints", "latest"))
   lines = (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
 

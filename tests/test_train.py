@@ -1,24 +1,19 @@
 """The training engine: replicas vs solo runs, determinism, compiles, finetuning."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from m6jax import train
 from m6jax.data import tfds_builder
 from m6jax.models import towers
-from tests.conftest import tiny_config
+from tests.conftest import learnable_features, tiny_config
 
 
-def _frozen_problem(seeds, seed=0, epochs=3, order="per_seed", fusion="early"):
-  rng = np.random.default_rng(0)
-  n, c = 60, 3
-  labels = {s: rng.integers(0, c, n).astype(np.int32) for s in ("train", "validation", "test")}
-  feats = {s: {"image": rng.normal(size=(n, 6)).astype(np.float32) + labels[s][:, None],
-               "text": rng.normal(size=(n, 5)).astype(np.float32) - labels[s][:, None]}
-           for s in labels}
-  cfg = tiny_config("unused", "unused")
+def _frozen_problem(seeds, seed=0, epochs=3, order="per_seed", fusion="early", **train_cfg):
+  c = 3
+  feats, labels = learnable_features(60, c)
+  cfg = tiny_config("unused", "unused", **{f"train.{k}": v for k, v in train_cfg.items()})
   cfg.seeds, cfg.seed = seeds, seed
   cfg.train.epochs, cfg.train.batch_size = epochs, 16
   cfg.train.data_order = order
@@ -31,6 +26,17 @@ def _fit(seeds, seed=0, **kw):
   trainer, labels = _frozen_problem(seeds, seed, **kw)
   states, hist = trainer.fit(labels["validation"], progress=False)
   return trainer, states, hist
+
+
+@pytest.mark.parametrize("fusion", ["early", "image", "gated"])
+def test_frozen_trainer_learns(fusion):
+  trainer, states, hist = _fit(2, epochs=12, fusion=fusion, learning_rate=3e-2,
+                               warmup_steps=0)
+  acc = np.asarray(hist[-1]["val_accuracy"])
+  assert (acc > 0.8).all(), acc     # chance is 1/3
+  assert np.mean(hist[-1]["loss"]) < 0.6 * np.mean(hist[0]["loss"])
+  probs = np.asarray(trainer.predict(states.best_params, None, "test")).mean(0)
+  assert (probs.argmax(-1) == np.asarray(trainer.labels["test"])).mean() > 0.8
 
 
 def test_replica_k_equals_solo_run_with_seed_k():

@@ -1,0 +1,84 @@
+"""config -> dataset -> towers -> features -> a ready trainer (`setup`).
+
+What a run builds before training, and what a finished run is rebuilt from
+(m6jax.restore): the TFDS dataset of the catalogue, its columns, the cached
+tower embeddings (frozen mode) or the towers themselves (finetune mode), the
+fitted TF-IDF features, and the trainer that owns the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from m6jax import embed, train
+from m6jax.data import pipeline, tfds_builder
+from m6jax.models import fusion, towers
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run builds before training; m6jax.restore rebuilds it from a workdir."""
+  trainer: train.Trainer
+  builder: Any
+  report: Any
+  class_names: list
+  cols: dict            # {split: {'label', 'uniq_id', 'text'}}
+  feats: dict           # {modality: {split: (N, D)}} cached embeddings (frozen mode)
+  text_features: Any    # the fitted TfidfFeatures, when the text tower is TF-IDF
+  cfg: Any = None
+
+  def text_features_for(self, texts) -> np.ndarray:
+    """New texts -> (N, D) text features exactly as this run computed them."""
+    if self.text_features is not None:   # TF-IDF fit on the training split
+      return self.text_features.transform(texts).astype(np.float32)
+    tower = towers.text_tower(self.cfg.model.text.name, self.cfg.model.text.weights)
+    return embed.embed_texts(self.cfg, tower, texts)
+
+  def dataset_id(self) -> str:
+    """The built dataset's name and version: a hash of everything it was built from."""
+    return "/".join(os.path.normpath(self.builder.data_dir).split(os.sep)[-2:])
+
+
+def text_features_needed(cfg) -> bool:
+  """Whether the run uses cached text features (frozen mode, or a TF-IDF text tower)."""
+  return "text" in fusion.modalities(cfg.model.fusion) and (
+      cfg.train.mode == "frozen" or cfg.model.text.name == "tfidf")
+
+
+def setup(cfg, workdir: str) -> Setup:
+  """config -> dataset, embeddings (frozen mode) and the trainer for `workdir`."""
+  builder, report = tfds_builder.prepare(cfg.data)
+  class_names = tfds_builder.class_names(builder)
+  cols = {s: pipeline.columns(builder.as_data_source(s)) for s in SPLITS}
+  for s in SPLITS:
+    if not len(cols[s]["label"]):
+      raise ValueError(f"split {s!r} is empty; the catalogue is too small for data.split")
+  labels = {s: cols[s]["label"] for s in SPLITS}
+  cache = cfg.train.get("cache_dir") or os.path.join(workdir, "cache")
+  mods = fusion.modalities(cfg.model.fusion)
+  feats, text_features = {}, None
+  if cfg.train.mode == "frozen" and "image" in mods:
+    feats["image"] = embed.image_embeddings(cfg, builder, SPLITS, cache, seed=cfg.seed)
+  if text_features_needed(cfg):
+    feats["text"], text_features = embed.text_embeddings(
+        cfg, {s: cols[s]["text"] for s in SPLITS}, cache, data_id=builder.data_dir)
+  if cfg.train.mode == "frozen":
+    trainer = train.FrozenTrainer(cfg, len(class_names),
+                                  {s: {m: f[s] for m, f in feats.items()} for s in SPLITS},
+                                  labels)
+  else:
+    dtype = train.compute_dtype(cfg)
+    image_tower = (towers.image_tower(cfg.model.image.name, cfg.model.image.weights,
+                                      cfg.data.image_size, dtype=dtype, seed=cfg.seed)
+                   if "image" in mods else None)
+    text_tower = (towers.text_tower(cfg.model.text.name, cfg.model.text.weights, dtype=dtype)
+                  if "text" in mods and cfg.model.text.name != "tfidf" else None)
+    trainer = train.FinetuneTrainer(cfg, len(class_names), builder, image_tower, text_tower,
+                                    feats.get("text"))
+  return Setup(trainer, builder, report, class_names, cols, feats, text_features, cfg)

@@ -1,0 +1,45 @@
+"""m6jax.restore: a finished run serves exactly the parameters results.json scored."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from m6jax import experiment, restore, results
+from tests.conftest import tiny_config
+
+
+def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogue, tmp_path):
+  cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"),
+                    **{"train.epochs": 3, "model.fusion": "late", "seeds": 3})
+  wd = str(tmp_path / "run")
+  res = experiment.train_and_evaluate(cfg, wd)
+  f1 = np.array([h["val_macro_f1"] for h in res["history"]])   # (epochs, K)
+  best_epoch = f1.argmax(0)   # the first maximum: best_* change on strict improvement only
+  # The case this test is about: replicas peak at different epochs, one before the last.
+  assert len(set(best_epoch.tolist())) > 1 and best_epoch.min() < len(f1) - 1, f1
+  np.testing.assert_allclose(res["best_val_macro_f1"], f1.max(0), atol=1e-6)
+
+  _, run, params, stats = restore.restore(wd)
+  probs = np.asarray(run.trainer.predict(params, stats, "test"))
+  with open(os.path.join(wd, "predictions_test.csv")) as f:
+    saved = list(csv.DictReader(f))
+  ids = run.cols["test"]["uniq_id"]
+  assert [r["uniq_id"] for r in saved] == list(ids)
+  for row, p in zip(saved, probs.mean(0)):
+    assert [row[f"p_{c}"] for c in run.class_names] == [f"{v:.6f}" for v in p]
+  scores = results.score(run.cols["test"]["label"], probs, run.class_names)
+  assert scores["per_seed"] == res["test"]["per_seed"]
+  assert scores["ensemble"] == res["test"]["ensemble"]
+
+  # The last epoch's parameters are a different model: serving them would differ.
+  _, _, last, last_stats = restore.restore(wd, "latest")
+  assert not np.allclose(np.asarray(run.trainer.predict(last, last_stats, "test")), probs)
+
+
+def test_restore_of_a_folder_that_is_not_a_run(tmp_path):
+  with pytest.raises(FileNotFoundError, match="is not a training run"):
+    restore.restore(str(tmp_path))
+  with pytest.raises(ValueError, match="which must be one of"):
+    restore.restore(str(tmp_path), "best_mean")
