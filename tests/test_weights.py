@@ -4,7 +4,6 @@ offline and forbidden downloads fail clearly; hf: specs through a Hub-layout cac
 import hashlib
 import http.server
 import json
-import os
 import pathlib
 import shutil
 import socket
@@ -338,24 +337,26 @@ def test_hf_safetensors_only(cache, monkeypatch):
     weights.resolve("hf:org/bin-only")
 
 
-def test_hf_online_asks_for_safetensors_into_the_m6jax_cache(cache, monkeypatch):
+def test_hf_downloads_safetensors_once_into_the_m6jax_cache(cache, monkeypatch):
   import huggingface_hub
   from huggingface_hub import constants
   monkeypatch.setenv("HF_HUB_OFFLINE", "0")
   monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-  _hub_repo(cache, "org/online")
   calls = []
   real = huggingface_hub.snapshot_download
 
-  def fake(repo, **kw):   # the mocked endpoint: answers from the local layout
-    calls.append((repo, kw))
+  def fake(repo, **kw):   # the mocked endpoint: a download writes the Hub-layout files
+    calls.append(kw["local_files_only"])
+    if not kw["local_files_only"]:
+      assert kw["revision"] == "main" and pathlib.Path(kw["cache_dir"]) == cache / "hf"
+      assert "*.safetensors" in kw["allow_patterns"]
+      assert not any(p.endswith((".bin", ".pt", ".h5", ".msgpack")) or p == "*"
+                     for p in kw["allow_patterns"])
+      _hub_repo(cache, repo)
     return real(repo, **{**kw, "local_files_only": True})
 
   monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-  weights.resolve("hf:org/online@main")
-  [(repo, kw)] = calls
-  assert repo == "org/online" and kw["revision"] == "main" and not kw["local_files_only"]
-  assert pathlib.Path(kw["cache_dir"]) == cache / "hf"
-  assert "*.safetensors" in kw["allow_patterns"]
-  assert not any(p.endswith((".bin", ".pt", ".h5", ".msgpack")) or p == "*"
-                 for p in kw["allow_patterns"])
+  first = weights.resolve("hf:org/online@main")
+  assert calls == [True, False]   # not cached: looked locally, then downloaded
+  assert weights.resolve("hf:org/online@main") == first
+  assert calls == [True, False, True]   # cached: no Hub request
