@@ -23,10 +23,10 @@ from m6jax.models import towers
 log = logging.getLogger(__name__)
 
 
-def _weights_id(spec: str) -> str:
+def _weights_id(spec: str, tower: str) -> str:
   if weights_lib.is_random(spec):
     return "random"
-  path = weights_lib.resolve(spec)
+  path = weights_lib.resolve(spec, tower=tower)
   st = path.stat()
   return f"{spec}:{path}:{st.st_size}:{int(st.st_mtime)}"
 
@@ -52,7 +52,7 @@ def _cached(cache_dir: str | None, key: dict, compute):
 def image_embeddings(cfg, builder, splits, cache_dir=None, seed: int = 0) -> dict:
   """{split: float32 (N, D)} from the frozen image tower, in stored order."""
   name, spec, size = cfg.model.image.name, cfg.model.image.weights, cfg.data.image_size
-  key = dict(tower=name, weights=_weights_id(spec), size=size, data=builder.data_dir,
+  key = dict(tower=name, weights=_weights_id(spec, name), size=size, data=builder.data_dir,
              seed=seed if weights_lib.is_random(spec) else None)
 
   def compute():
@@ -93,7 +93,7 @@ def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = ""):
     from m6jax.models import tfidf
     feats = tfidf.TfidfFeatures(dim=cfg.model.text.tfidf_dim, seed=cfg.seed).fit(texts["train"])
     return {s: feats.transform(t).astype(np.float32) for s, t in texts.items()}, feats
-  key = dict(tower=name, weights=_weights_id(spec), max_len=cfg.data.max_text_length,
+  key = dict(tower=name, weights=_weights_id(spec, name), max_len=cfg.data.max_text_length,
              data=data_id, splits=sorted(texts))
 
   def compute():

@@ -38,6 +38,9 @@ BUFFER = "tracking_buffer.jsonl"
 STATE = "tracking.json"
 EPOCH_KEYS = ("loss", "grad_norm", "val_macro_f1", "val_accuracy")
 FINAL_PER_SEED = ("accuracy", "macro_f1")
+# MLflow 3 sends usage telemetry (config.mlflow-telemetry.io) unless told not to:
+# runs stay offline. Read when mlflow is first imported, which only this module does.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 ARTIFACTS = ("config.json", "results.json", "report.txt", "confusion_matrix.png",
              "feasibility.png", "feasibility.json", "data_report.json", "data_report.txt",
              "predictions_test.csv", "metrics.jsonl", "checkpoint.txt")

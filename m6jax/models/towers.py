@@ -28,6 +28,12 @@ class ImageTower:
   feature_dim: int
 
 
+def _keras_loader(name: str, load_keras: Callable) -> Callable:
+  """Weight spec -> backbone variables via the cache of converted weights."""
+  return lambda spec: weights_lib.converted(weights_lib.resolve(spec, tower=name),
+                                            f"{name}-notop", load_keras)
+
+
 def image_tower(name: str, spec: str, image_size: int, dtype=jnp.float32,
                 seed: int = 0) -> ImageTower:
   """Builds the named backbone; loads `spec` weights ('none' = random init)."""
@@ -37,15 +43,16 @@ def image_tower(name: str, spec: str, image_size: int, dtype=jnp.float32,
     load = None
   elif name == "vgg16":
     from m6jax.models import vgg as fam
-    module, pre, dim, load = fam.VGG16(dtype=dtype), fam.preprocess, fam.FEATURE_DIM, fam.load_keras
+    module, pre, dim = fam.VGG16(dtype=dtype), fam.preprocess, fam.FEATURE_DIM
+    load = _keras_loader(name, fam.load_keras)
   elif name == "resnet50":
     from m6jax.models import resnet as fam
-    module, pre, dim, load = (fam.ResNet50(dtype=dtype), fam.preprocess, fam.FEATURE_DIM,
-                              fam.load_keras)
+    module, pre, dim = fam.ResNet50(dtype=dtype), fam.preprocess, fam.FEATURE_DIM
+    load = _keras_loader(name, fam.load_keras)
   elif name == "mobilenetv2":
     from m6jax.models import mobilenet as fam
-    module, pre, dim, load = (fam.MobileNetV2(dtype=dtype), fam.preprocess,
-                              fam.FEATURE_DIM, fam.load_keras)
+    module, pre, dim = fam.MobileNetV2(dtype=dtype), fam.preprocess, fam.FEATURE_DIM
+    load = _keras_loader(name, fam.load_keras)
   elif name == "efficientnetb0" or name.startswith("efficientnet-lite"):
     from m6jax.models import efficientnet as fam
     variant = "b0" if name == "efficientnetb0" else name.split("-")[1]
