@@ -28,6 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.classes = ()                       # () = every category found, sorted
   d.split_seed = 0
   d.split = ml_collections.ConfigDict(dict(train=0.7, validation=0.15, test=0.15))
+  d.exclude_ids = ""                   # file of uniq_ids to leave out (e.g. from label_issues.csv);
+                                       # they are listed in data_report, other splits unchanged
   d.on_bad_row = "skip"                # 'skip' (counted and listed) or 'fail'
   d.encoding = "utf-8"                 # CSV encoding (ASCII-compatible); a UTF-8 BOM is accepted
   d.max_image_pixels = 150_000_000     # decompression-bomb cap (one real photo is ~93 MP)
@@ -64,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.learning_rate = 1e-3
   t.weight_decay = 1e-4
   t.warmup_steps = 20
+  t.folds = 0                          # >= 2: k-fold CV over train+validation (frozen mode):
+                                       # folds x seeds replicas, each seed's model = its fold ensemble
+  t.select_by = "macro_f1"             # best epoch per replica by validation macro_f1 | log_loss
   t.label_smoothing = 0.0
   t.data_order = "per_seed"            # per_seed | shared
   t.replica_loop = "vmap"              # finetune: vmap | map (lax.map: dense convs on GPU)

@@ -64,17 +64,26 @@ def train_and_evaluate(cfg, workdir: str, on_epoch=None, timer: _Timer | None = 
     # Each replica's best-validation parameters: the ones the checkpoint holds.
     probs, weights = run.trainer.predict(states.best_params, states.best_batch_stats, "test",
                                          with_weights=True)
+    # One model per seed (with folds: that seed's fold ensemble), scored per seed.
+    probs = run.trainer.seed_models(probs)
     scores = results.score(labels["test"], probs, run.class_names)
     extra = {
         "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
         "seeds": [cfg.seed + k for k in range(cfg.seeds)],
+        "replicas": run.trainer.num_replicas,
         "modality_weights_mean": dict(zip(mods,
                                           np.asarray(weights).mean(axis=(0, 1)).tolist())),
-        "best_val_macro_f1": np.asarray(states.best_f1, np.float64).tolist(),
+        "validation": best_validation(history, cfg.train.get("select_by", "macro_f1")),
+        "best_val_macro_f1": best_validation(history).get("macro_f1", []),
         "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
         "history": history,
         "devices": [str(d) for d in jax.devices()],
     }
+    if getattr(run.trainer, "plan", None) is not None:
+      extra["cross_validation"] = run.trainer.out_of_fold_scores(states.best_params)
+      log.info("cross-validation (%d folds x %d seeds, out-of-fold): %s", cfg.train.folds,
+               cfg.seeds, {k: round(v, 4) for k, v in extra["cross_validation"].items()
+                           if isinstance(v, float)})
     if cfg.train.mode == "frozen" and len(mods) > 1:
       extra["modality_importance"] = run.trainer.modality_importance(states.best_params)
       log.info("modality importance (test, ensemble accuracy): %s",
@@ -94,6 +103,25 @@ def train_and_evaluate(cfg, workdir: str, on_epoch=None, timer: _Timer | None = 
            "ensemble accuracy %.4f (%.0f s)", s["accuracy"]["mean"], s["accuracy"]["std"],
            s["macro_f1"]["mean"], s["macro_f1"]["std"], cfg.seeds,
            out["test"]["ensemble"]["accuracy"], time.time() - timer.t0)
+  return out
+
+
+def best_validation(history: list, select_by: str = "macro_f1") -> dict:
+  """Each replica's selected epoch (the first best by `select_by`, as keep_best picks it)
+  and its validation scores: {'select_by', 'best_epoch': [R], '<metric>': [R], ...}."""
+  if not history:
+    return {}
+  key = "val_log_loss" if select_by == "log_loss" else "val_macro_f1"
+  sign = -1.0 if select_by == "log_loss" else 1.0
+  score = sign * np.asarray([h[key] for h in history], np.float64)       # (E, R)
+  best = score.argmax(0)
+  out = {"select_by": select_by,
+         "best_epoch": [int(history[e]["epoch"]) for e in best]}
+  for name in ("macro_f1", "accuracy", "log_loss"):
+    if f"val_{name}" in history[0]:
+      vals = np.asarray([h[f"val_{name}"] for h in history], np.float64)
+      out[name] = vals[best, np.arange(vals.shape[1])].tolist()
+      out[f"{name}_mean"] = float(np.mean(out[name]))
   return out
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from m6jax import embed, train
+from m6jax import embed, folds, train
 from m6jax.data import pipeline, tfds_builder
 from m6jax.models import fusion, towers
 
@@ -69,9 +69,14 @@ def setup(cfg, workdir: str) -> Setup:
     feats["text"], text_features = embed.text_embeddings(
         cfg, {s: cols[s]["text"] for s in SPLITS}, cache, data_id=builder.data_dir)
   if cfg.train.mode == "frozen":
+    plan = None
+    if cfg.train.get("folds", 0) >= 2:
+      pooled = np.concatenate([labels[s] for s in folds.POOL_SPLITS])
+      plan = folds.fold_plan(folds.stratified_folds(pooled, cfg.train.folds, cfg.data.split_seed),
+                             cfg.seeds)
     trainer = train.FrozenTrainer(cfg, len(class_names),
                                   {s: {m: f[s] for m, f in feats.items()} for s in SPLITS},
-                                  labels)
+                                  labels, plan=plan)
   else:
     dtype = train.compute_dtype(cfg)
     image_tower = (towers.image_tower(cfg.model.image.name, cfg.model.image.weights,

@@ -12,6 +12,9 @@ import dataclasses
 
 import numpy as np
 
+# Cross-validation pools these splits; the test split is only ever scored.
+POOL_SPLITS = ("train", "validation")
+
 
 def stratified_folds(labels, k: int, seed: int = 0) -> np.ndarray:
   """(N,) int labels -> (N,) fold ids in [0, k), stratified by class.

@@ -21,7 +21,8 @@ import optax
 class TrainState:
   """One replica's state (a leading K axis on every leaf when vmapped).
 
-  best_* hold the parameters of the epoch with the best validation macro-F1,
+  best_* hold the parameters of the epoch with the best validation score
+  (`best_f1`: macro-F1, or minus the log-loss with train.select_by='log_loss'),
   so each replica's selection travels with it through the checkpoint: what is
   saved, scored and served is the same thing.
   """
@@ -106,17 +107,24 @@ def predict_step(params, batch_stats, batch: dict, *, apply_fn: Callable):
   return jax.nn.softmax(out["logits"]), out["weights"]
 
 
-def scan_epoch(state: TrainState, data: dict, key, order_key, epoch, *, step_fn: Callable,
-               steps: int, batch_size: int, constrain: Callable | None = None):
+def scan_epoch(state: TrainState, data: dict, key, order_key, epoch, rows=None, *,
+               step_fn: Callable, steps: int, batch_size: int,
+               constrain: Callable | None = None):
   """A whole epoch over in-memory data as one `lax.scan` (frozen mode).
 
   data: {name: (N, ...)} with 'label' (N,); each step takes `batch_size` rows of a
-  permutation drawn from `order_key` (the remainder is dropped). step_fn(state, batch,
+  permutation drawn from `order_key` (the remainder is dropped); with `rows` (T,) (a
+  cross-validation replica's training rows, padded with -1; steps * batch_size must not
+  exceed its valid count) only those rows are drawn. step_fn(state, batch,
   rng) is a bound `train_step`; constrain(batch) may add sharding constraints.
   Returns (state, {'loss', 'grad_norm'} averaged over the steps).
   """
-  n = data["label"].shape[0]
-  perm = jax.random.permutation(epoch_key(order_key, epoch, 1), n)
+  if rows is None:
+    perm = jax.random.permutation(epoch_key(order_key, epoch, 1), data["label"].shape[0])
+  else:
+    # A replica's own rows (padded with -1): a random order of the valid ones first.
+    u = jax.random.uniform(epoch_key(order_key, epoch, 1), rows.shape)
+    perm = rows[jnp.argsort(jnp.where(rows >= 0, u, 2.0))]
   idx = perm[: steps * batch_size].reshape(steps, batch_size)
   drop_key = epoch_key(key, epoch, 2)
 

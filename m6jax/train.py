@@ -25,7 +25,7 @@ import tqdm
 
 from m6jax import mesh as mesh_lib
 from m6jax import metrics as metrics_lib
-from m6jax import optim, steps
+from m6jax import folds, optim, steps
 from m6jax.data import pipeline, tokenize
 from m6jax.models import fusion
 
@@ -52,16 +52,21 @@ class Trainer:
   the mesh's 'seed' axis (mesh.replica_sharding).
   """
 
-  def __init__(self, cfg, num_classes: int, num_train: int):
+  def __init__(self, cfg, num_classes: int, num_train: int, seed_offsets=None):
     self.cfg = cfg
     self.num_classes = num_classes
     self.batch_size = min(cfg.train.batch_size, num_train)
     self.steps_per_epoch = max(1, num_train // self.batch_size)
     self.total_steps = self.steps_per_epoch * cfg.train.epochs
+    # Replica r is seeded with seed + seed_offsets[r] (0..K-1 without folds).
+    self.seed_offsets = np.asarray(np.arange(cfg.seeds) if seed_offsets is None
+                                   else seed_offsets, np.int32)
+    self.num_replicas = len(self.seed_offsets)
     mcfg = cfg.get("mesh") or {}
-    self.mesh = mesh_lib.make_mesh(cfg.seeds, mcfg.get("seed", 0), mcfg.get("data", 0))
+    self.mesh = mesh_lib.make_mesh(self.num_replicas, mcfg.get("seed", 0), mcfg.get("data", 0))
     self.replicas = mesh_lib.replica_sharding(self.mesh)
-    self.keys = mesh_lib.put_global(steps.replica_keys(cfg.seed, cfg.seeds), self.replicas)
+    self.keys = mesh_lib.put_global(
+        jax.vmap(jax.random.key)(jnp.asarray(cfg.seed + self.seed_offsets)), self.replicas)
     self._keep_best = jax.jit(jax.vmap(steps.keep_best), donate_argnums=(0,),
                               out_shardings=self.replicas)
 
@@ -74,8 +79,17 @@ class Trainer:
     """Keys that fix each replica's data order: its own, or one shared key."""
     if self.cfg.train.data_order == "per_seed":
       return self.keys
-    return mesh_lib.put_global(jnp.stack([jax.random.key(self.cfg.seed)] * self.cfg.seeds),
+    return mesh_lib.put_global(jnp.stack([jax.random.key(self.cfg.seed)] * self.num_replicas),
                                self.replicas)
+
+  def seed_models(self, probs):
+    """(K, N, C) replica probabilities -> (S, N, C), one per seed's model (see FrozenTrainer)."""
+    return np.asarray(probs)
+
+  def validate(self, states, val_labels) -> dict:
+    """Per-replica validation scores {'macro_f1', 'accuracy', 'log_loss'}: (K,) each."""
+    probs = np.asarray(self.predict(states.params, states.batch_stats, "validation"))
+    return validation_scores(probs, val_labels, self.num_classes)
 
   def fit(self, val_labels, checkpoints=None, progress: bool = True, on_epoch=None):
     """Runs the epochs; returns (states with best_* filled, history list).
@@ -110,15 +124,15 @@ class Trainer:
             saved = f"last good state: {checkpoints.directory}, epoch {epoch - 1}"
         raise NonFiniteLoss(f"non-finite loss at epoch {epoch}: per replica {loss.tolist()} "
                             f"({saved})")
-      probs = self.predict(states.params, states.batch_stats, "validation")
-      val = metrics_lib.replica_metrics(val_labels, np.asarray(probs).argmax(-1),
-                                        self.num_classes)
-      val_f1 = np.asarray(val["macro_f1"], np.float64)
-      states = self._keep_best(states, jnp.asarray(val_f1, jnp.float32))
+      val = self.validate(states, val_labels)
+      val_f1 = val["macro_f1"]
+      score = -val["log_loss"] if cfg.train.get("select_by") == "log_loss" else val_f1
+      states = self._keep_best(states, jnp.asarray(score, jnp.float32))
       rec = {"epoch": epoch, "loss": loss.tolist(),
              "grad_norm": np.asarray(stats["grad_norm"], np.float64).tolist(),
              "val_macro_f1": val_f1.tolist(),
-             "val_accuracy": np.asarray(val["accuracy"], np.float64).tolist(),
+             "val_accuracy": val["accuracy"].tolist(),
+             "val_log_loss": val["log_loss"].tolist(),
              "seconds": time.time() - t0}
       history.append(rec)
       if on_epoch is not None:
@@ -134,19 +148,52 @@ class Trainer:
     return states, history
 
 
+def validation_scores(probs, labels, num_classes: int, mask=None) -> dict:
+  """(K, N, C) probabilities, (N,) labels [, (K, N) mask] -> {'macro_f1', 'accuracy',
+  'log_loss'}, each (K,) float64 (log-loss: mean negative log-probability of the label)."""
+  probs = np.asarray(probs, np.float64)
+  labels = np.asarray(labels)
+  m = metrics_lib.replica_metrics(labels, probs.argmax(-1), num_classes,
+                                  mask=None if mask is None else np.asarray(mask))
+  nll = -np.log(np.clip(np.take_along_axis(probs, labels[None, :, None], -1)[..., 0], 1e-12,
+                        None))
+  w = np.ones(nll.shape) if mask is None else np.asarray(mask, np.float64)
+  return {"macro_f1": np.asarray(m["macro_f1"], np.float64),
+          "accuracy": np.asarray(m["accuracy"], np.float64),
+          "log_loss": (nll * w).sum(1) / np.maximum(w.sum(1), 1.0)}
+
+
 class FrozenTrainer(Trainer):
-  """Fusion head on cached embeddings, K seeds at once.
+  """Fusion head on cached embeddings, K seeds (x folds) at once.
 
   feats: {split: {'image': (N, Di), 'text': (N, Dt)}} for the modalities the
   head reads; labels: {split: (N,)}.
 
+  Cross-validation (`plan`, m6jax.folds.ReplicaPlan over the rows of
+  `pool_splits` concatenated, split 'pool'): replica r = fold * seeds + seed
+  trains on the pooled rows outside its fold and validates on its fold, so
+  folds are one more array axis next to seeds: R = folds x seeds replicas in
+  one compiled program.
+
   The epoch is `steps.scan_epoch` vmapped over the replica axis (`_replicate`);
-  everything a replica needs per epoch (state, key, order key) is an argument,
-  so a further replica axis is one more `jax.vmap` in `_replicate`.
+  everything a replica needs per epoch (state, key, order key, its rows) is an
+  argument.
   """
 
-  def __init__(self, cfg, num_classes: int, feats: dict, labels: dict):
-    super().__init__(cfg, num_classes, len(labels["train"]))
+  def __init__(self, cfg, num_classes: int, feats: dict, labels: dict, plan=None,
+               pool_splits: tuple = ("train", "validation")):
+    self.plan = plan
+    feats, labels = dict(feats), dict(labels)
+    if plan is not None:
+      feats["pool"] = {m: np.concatenate([np.asarray(feats[s][m]) for s in pool_splits])
+                       for m in feats[pool_splits[0]]}
+      labels["pool"] = np.concatenate([np.asarray(labels[s]) for s in pool_splits])
+      if plan.val_mask.shape[1] != len(labels["pool"]):
+        raise ValueError(f"the fold plan covers {plan.val_mask.shape[1]} rows, the pooled "
+                         f"splits {pool_splits} have {len(labels['pool'])}")
+    super().__init__(cfg, num_classes,
+                     plan.min_train if plan is not None else len(labels["train"]),
+                     None if plan is None else plan.seed_of_replica)
     self.head = head_module(cfg, num_classes)
     self.mods = fusion.modalities(cfg.model.fusion)
     # Cached embeddings are small: every device holds all of them.
@@ -154,6 +201,8 @@ class FrozenTrainer(Trainer):
     self.feats = {s: mesh_lib.put_global({m: np.asarray(f[m]) for m in self.mods}, rep)
                   for s, f in feats.items()}
     self.labels = {s: mesh_lib.put_global(np.asarray(v), rep) for s, v in labels.items()}
+    self.rows = (None if plan is None
+                 else mesh_lib.put_global(np.asarray(plan.train_idx), self.replicas))
     self.tx = self.make_optimizer()
     step = functools.partial(steps.train_step, apply_fn=self.head.apply, tx=self.tx,
                              num_classes=num_classes, smoothing=cfg.train.label_smoothing)
@@ -161,10 +210,37 @@ class FrozenTrainer(Trainer):
                               batch_size=self.batch_size, constrain=self._constrain)
     predict = functools.partial(steps.predict_step, apply_fn=self.head.apply)
     self._init = jax.jit(jax.vmap(self._init_one), out_shardings=self.replicas)
-    self._epoch = jax.jit(self._replicate(epoch, in_axes=(0, None, 0, 0, None)),
-                          donate_argnums=(0,), out_shardings=(self.replicas, self.replicas))
+    self._epoch = jax.jit(
+        self._replicate(epoch, in_axes=(0, None, 0, 0, None, None if plan is None else 0)),
+        donate_argnums=(0,), out_shardings=(self.replicas, self.replicas))
     self._predict = jax.jit(jax.vmap(lambda p, f: predict(p, None, f), in_axes=(0, None)),
                             out_shardings=self.replicas)
+
+  def validate(self, states, val_labels) -> dict:
+    """Per-replica validation scores; with folds, each replica on its own fold."""
+    if self.plan is None:
+      return super().validate(states, val_labels)
+    probs = np.asarray(self.predict(states.params, None, "pool"))
+    return validation_scores(probs, self.labels["pool"], self.num_classes, self.plan.val_mask)
+
+  def out_of_fold_scores(self, params) -> dict:
+    """Cross-validation scores of the pooled rows, each predicted by the replicas that did
+    not train on it: {'folds', 'rows', 'accuracy', 'macro_f1', 'log_loss'}."""
+    oof = folds.out_of_fold(self.predict(params, None, "pool"), self.plan)
+    labels = np.asarray(self.labels["pool"])
+    sc = validation_scores(oof[None], labels, self.num_classes)
+    return {"folds": int(self.plan.fold_of_replica.max()) + 1, "rows": int(len(labels)),
+            "accuracy": float(sc["accuracy"][0]), "macro_f1": float(sc["macro_f1"][0]),
+            "log_loss": float(sc["log_loss"][0])}
+
+  def seed_models(self, probs):
+    """(R, N, C) replica probabilities -> (S, N, C): with folds, each seed's model is the
+    mean of its fold replicas (a fold ensemble); without, the replicas themselves."""
+    probs = np.asarray(probs)
+    if self.plan is None:
+      return probs
+    folds = int(self.plan.fold_of_replica.max()) + 1
+    return probs.reshape(folds, -1, *probs.shape[1:]).mean(0)
 
   @staticmethod
   def _replicate(fn, in_axes):
@@ -181,7 +257,7 @@ class FrozenTrainer(Trainer):
     return dict(batch, **emb)
 
   def _init_one(self, key) -> steps.TrainState:
-    dummy = {m: f[:1] for m, f in self.feats["train"].items()}
+    dummy = {m: f[:1] for m, f in next(iter(self.feats.values())).items()}
     params = self.head.init({"params": jax.random.fold_in(key, 0)}, dummy)["params"]
     return steps.new_state(params, {}, self.tx)
 
@@ -189,8 +265,9 @@ class FrozenTrainer(Trainer):
     return self._init(self.keys)
 
   def run_epoch(self, states, epoch):
-    data = dict(self.feats["train"], label=self.labels["train"])
-    return self._epoch(states, data, self.keys, self.order_keys(), epoch)
+    split = "train" if self.plan is None else "pool"
+    data = dict(self.feats[split], label=self.labels[split])
+    return self._epoch(states, data, self.keys, self.order_keys(), epoch, self.rows)
 
   def predict_features(self, params, feats: dict):
     """Embeddings {modality: (N, D)} -> (K, N, C) probabilities, (K, N, M) weights."""

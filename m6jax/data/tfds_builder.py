@@ -185,6 +185,26 @@ def _drop_rare_classes(rows, report, data_cfg, csv_path, columns):
   return [r for r in rows if r.category not in rare]
 
 
+def read_exclude_ids(path: str) -> set:
+  """The uniq_ids listed in `path`: one per line, or a CSV with a `uniq_id` column
+  (e.g. a trimmed label_issues.csv); blank lines and '#' comments are ignored."""
+  if not os.path.isfile(path):
+    raise catalogue.DataError(f"data.exclude_ids: file not found: {path}")
+  with open(path, encoding="utf-8") as f:
+    lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+  if lines and "uniq_id" in lines[0].split(","):
+    col = lines[0].split(",").index("uniq_id")
+    return {ln.split(",")[col].strip() for ln in lines[1:]}
+  return set(lines)
+
+
+def _exclude_fingerprint(data_cfg) -> str:
+  path = data_cfg.get("exclude_ids", "")
+  if not path:
+    return ""
+  return hashlib.sha1(",".join(sorted(read_exclude_ids(path))).encode()).hexdigest()
+
+
 def prepare(data_cfg):
   """Builds (once) and returns (read-only builder, report) for `data_cfg`.
 
@@ -214,7 +234,8 @@ def prepare(data_cfg):
       depth=data_cfg.label_depth, classes=list(data_cfg.classes), seed=data_cfg.split_seed,
       split=dict(data_cfg.split), maxpix=limits.max_pixels, maxside=limits.max_side,
       store=data_cfg.store_size, policy=data_cfg.on_bad_row, encoding=encoding,
-      rare=rare_policy, min_class=int(data_cfg.get("min_class_count", 0))), sort_keys=True)
+      rare=rare_policy, min_class=int(data_cfg.get("min_class_count", 0)),
+      exclude=_exclude_fingerprint(data_cfg)), sort_keys=True)
   name = "c" + hashlib.sha1(key.encode()).hexdigest()[:12]
   data_dir = os.path.abspath(data_cfg.tfds_dir)
   built = os.path.join(data_dir, "product_catalogue", name, str(ProductCatalogue.VERSION))
@@ -240,6 +261,20 @@ def prepare(data_cfg):
   parts = catalogue.stratified_split(rows, dict(data_cfg.split), data_cfg.split_seed)
   for s in _SPLITS:
     parts.setdefault(s, [])
+  # Excluded products leave their split after it is drawn, so every other product
+  # keeps its split and runs with and without an exclusion list stay comparable.
+  exclude_path = data_cfg.get("exclude_ids", "")
+  if exclude_path:
+    excluded = read_exclude_ids(exclude_path)
+    for s in _SPLITS:
+      keep = []
+      for r in parts[s]:
+        if r.uniq_id in excluded:
+          report.bad.append(catalogue.BadRow(r.row, r.line, r.uniq_id, "uniq_id", exclude_path,
+                                             f"excluded by data.exclude_ids ({s} split)"))
+        else:
+          keep.append(r)
+      parts[s] = keep
   report.split_counts = {s: len(parts[s]) for s in _SPLITS}
   cfg = CatalogueConfig(
       name=name, version=ProductCatalogue.VERSION, csv=data_cfg.csv, images=data_cfg.images,

@@ -1,0 +1,66 @@
+"""Label-issue audit: planted label flips are found by confident learning on OOF probabilities."""
+
+import numpy as np
+from cleanlab import filter as cl_filter
+from cleanlab import rank as cl_rank
+
+from m6jax import audit_labels, folds, train
+from tests.conftest import tiny_config
+
+
+def _oof_with_flips(n=100, classes=4, flips=10, seed=0):
+  # Well separated classes (prototype scale 4 vs unit noise): a flip is the only reason a
+  # product looks like another class.
+  rng = np.random.default_rng(seed)
+  protos = {m: 4.0 * rng.normal(size=(classes, 8)) for m in ("image", "text")}
+  labels = {s: rng.integers(0, classes, n).astype(np.int32)
+            for s in ("train", "validation", "test")}
+  feats = {s: {m: (protos[m][labels[s]] + rng.normal(size=(n, 8))).astype(np.float32)
+               for m in protos} for s in labels}
+  pooled = np.concatenate([labels["train"], labels["validation"]])
+  flipped = rng.choice(len(pooled), flips, replace=False)
+  noisy = pooled.copy()
+  noisy[flipped] = (pooled[flipped] + rng.integers(1, classes, flips)) % classes
+  labels = dict(labels, train=noisy[:n], validation=noisy[n:])
+  plan = folds.fold_plan(folds.stratified_folds(noisy, 5, seed=0), num_seeds=2)
+  cfg = tiny_config("unused", "unused")
+  cfg.seeds, cfg.train.epochs, cfg.train.batch_size = 2, 15, 16
+  cfg.train.learning_rate, cfg.train.warmup_steps, cfg.train.select_by = 3e-2, 0, "log_loss"
+  cfg.model.fusion, cfg.model.hidden = "early", 0
+  trainer = train.FrozenTrainer(cfg, classes, feats, labels, plan=plan)
+  states, _ = trainer.fit(None, progress=False)
+  oof = folds.out_of_fold(trainer.predict(states.best_params, None, "pool"), plan)
+  return noisy, oof, set(flipped.tolist())
+
+
+def test_audit_finds_planted_flips_and_matches_cleanlab():
+  noisy, oof, flipped = _oof_with_flips()
+  names = [f"product {i}" for i in range(len(noisy))]
+  rows = audit_labels.suspect_rows(noisy, oof, ["a", "b", "c", "d"], names, names)
+  top = {r["index"] for r in rows[:20]}
+  assert len(top & flipped) >= 8, (sorted(top & flipped), sorted(flipped))
+  # The ranking is cleanlab's label-quality order; the flags are its filter's.
+  quality = cl_rank.get_label_quality_scores(noisy, oof / oof.sum(1, keepdims=True))
+  idx = [r["index"] for r in rows]
+  assert list(np.argsort(quality[idx], kind="stable")) == list(range(len(idx)))
+  ref = cl_filter.find_label_issues(noisy, oof / oof.sum(1, keepdims=True))
+  assert {r["index"] for r in rows if r["flagged"]} == set(np.flatnonzero(ref))
+  assert set(np.flatnonzero(ref)) <= set(idx)
+  # Rows carry what a reader needs, most suspicious (lowest given-label probability) first.
+  probs = [r["given_label_probability"] for r in rows]
+  assert probs == sorted(probs)
+  assert all(r["given_label"] != r["suggested_label"] for r in rows[:5])
+
+
+def test_csv_and_gallery_are_written(tmp_path):
+  noisy, oof, _ = _oof_with_flips(n=40, flips=4)
+  ids = [f"id{i}" for i in range(len(noisy))]
+  rows = audit_labels.suspect_rows(noisy, oof, ["a", "b", "c", "d"], ids, ids)
+  path = tmp_path / "label_issues.csv"
+  audit_labels.write_csv(str(path), rows)
+  lines = path.read_text().splitlines()
+  assert lines[0].split(",")[:3] == ["rank", "uniq_id", "given_label"]
+  assert len(lines) == len(rows) + 1
+  img = np.zeros((16, 16, 3), np.uint8)
+  audit_labels.plot_suspects(rows[:3], [img] * 3, ["some text"] * 3, str(tmp_path / "g.png"))
+  assert (tmp_path / "g.png").stat().st_size > 1000
