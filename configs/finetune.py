@@ -25,6 +25,12 @@ def get_config(backbone: str = "efficientnet-lite0"):
   c.train.epochs = 6
   c.train.batch_size = 32
   c.train.learning_rate = 1e-3
+  # The towers move: an MLP head on LayerNormed embeddings with dropout, as before the
+  # frozen-head recipe (configs/base.py) was tuned.
+  c.model.norm, c.model.hidden, c.model.dropout, c.model.modality_dropout = (
+      "layernorm", 256, 0.2, 0.3)
+  c.model.modality_weights.image = 1.0
+  c.train.select_by = "macro_f1"
   c.train.bn = "fixed"
   c.train.data_order = "shared"   # one decoded batch feeds every replica
   # Early layers start after one epoch (steps per epoch come from the data at run time).
