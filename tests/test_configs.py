@@ -10,7 +10,7 @@ import pytest
 from configs import base, smoke
 from m6jax import config as config_lib
 from m6jax import optim
-from m6jax.models import fusion, towers
+from m6jax.models import efficientnet, fusion, mobilenet, resnet, tiny, towers, vgg
 
 CONFIGS = [("default", None), ("smoke", None), ("text_only", None), ("text_only", "tfidf"),
            ("fusion", "early"), ("fusion", "late"), ("fusion", "gated"),
@@ -79,7 +79,6 @@ def test_finetune_groups_has_no_silent_fallback():
 
 
 def _families():
-  from m6jax.models import efficientnet, mobilenet, resnet, tiny, vgg
   return {"tiny": tiny.TinyCNN(), "vgg16": vgg.VGG16(), "resnet50": resnet.ResNet50(),
           "mobilenetv2": mobilenet.MobileNetV2(),
           "efficientnetb0": efficientnet.EfficientNet(variant="b0"),

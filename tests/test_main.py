@@ -30,6 +30,8 @@ def test_train_and_evaluate_writes_outputs(tiny_catalogue, tmp_path):
   assert set(t["report"]) >= set(res["classes"]) | {"macro avg", "weighted avg"}
   assert res["data"]["skipped"] == len(BAD)
   assert out["test"]["summary"]["accuracy"]["n"] == cfg.seeds
+  assert set(res["timings"]) == {"setup", "train", "evaluate", "total"}
+  assert res["timings"]["total"] >= res["timings"]["train"] > 0
 
 
 def test_main_cli_with_overrides(tiny_catalogue, tmp_path):
