@@ -13,6 +13,7 @@ group names whose entries are checked here.
 
 from __future__ import annotations
 
+import codecs
 import re
 
 from configs import base
@@ -26,6 +27,7 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "model.fusion": fusion.MODES,
+    "model.norm": fusion.NORMS,
     "model.dtype": ("float32", "bfloat16"),
     "model.image.name": towers.IMAGE_TOWERS,
     "model.text.name": towers.TEXT_TOWERS,
@@ -34,6 +36,7 @@ CHOICES = {
     "train.data_order": ("per_seed", "shared"),
     "train.replica_loop": ("vmap", "map"),
     "data.on_bad_row": ("skip", "fail"),
+    "data.rare_classes": ("drop", "fail"),
     "explain.method": explain.METHODS,
 }
 # (key, old value) -> new value, for values whose meaning was renamed.
@@ -41,7 +44,8 @@ RENAMED = {("train.bn", "frozen"): "fixed"}
 MIN = {   # key -> smallest allowed value
     "seeds": 1, "seed": 0, "train.epochs": 1, "train.batch_size": 1, "data.batch_size": 1,
     "data.image_size": 1, "data.store_size": 1, "data.max_text_length": 1,
-    "data.label_depth": 1, "data.max_image_pixels": 1, "data.split_seed": 0,
+    "data.label_depth": 1, "data.max_image_pixels": 1, "data.max_image_side": 1,
+    "data.min_class_count": 0, "data.split_seed": 0,
     "train.log_every": 1, "train.warmup_steps": 0, "model.hidden": 0,
     "model.text.tfidf_dim": 1, "explain.n_per_class": 1, "mesh.seed": 0, "mesh.data": 0,
 }
@@ -124,6 +128,13 @@ def problems(cfg) -> list[str]:
     v = _get(cfg, key)
     if not isinstance(v, (int, float)) or not 0 <= v < 1:
       errors.append(f"{key}={v!r}: must be a number in [0, 1)")
+  for m, w in dict(cfg.model.modality_weights).items():
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+      errors.append(f"model.modality_weights.{m}={w!r}: must be a number > 0")
+  try:
+    codecs.lookup(cfg.data.encoding)
+  except (LookupError, TypeError):
+    errors.append(f"data.encoding={cfg.data.encoding!r}: not a codec Python knows")
   if not cfg.train.learning_rate > 0:
     errors.append(f"train.learning_rate={cfg.train.learning_rate!r}: must be > 0")
   split = dict(cfg.data.split)
