@@ -2,7 +2,7 @@
 # m6jax entry points. Usage:
 #   ./launch.sh setup [test]     create .venv and install m6jax (+ test references)
 #   ./launch.sh demo [ARGS...]   setup, then the main job on the bundled data
-#   ./launch.sh test [ARGS...]   setup with the test extra, then the test suite
+#   ./launch.sh test [ARGS...]   setup with the test extra, then ruff and the test suite
 #   ./launch.sh run CONFIG WORKDIR [ARGS...]   one experiment
 #   ./launch.sh sweep FILE [ARGS...]   a sweep (experiments/*.py) into runs/<name>/, resumable
 #   ./launch.sh compare ROOT [ARGS...] table + plot + best cell of a sweep (runs/<name>)
@@ -38,6 +38,7 @@ case "$cmd" in
     "$PY" -m m6jax.main --config configs/default.py --workdir runs/default "$@" ;;
   test)
     setup test
+    "$PY" -m ruff check .
     "$PY" -m pytest -q "$@" ;;
   run)
     config=$1; workdir=$2; shift 2

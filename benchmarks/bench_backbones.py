@@ -36,11 +36,9 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 NUM_CLASSES = 7
 LR, WD = 1e-4, 1e-4

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 from m6jax.models import efficientnet as E  # noqa: E402
 
 SIZE, BATCH = 224, 16

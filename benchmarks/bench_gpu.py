@@ -15,11 +15,9 @@ cost_analysis is not used: on GPU it does not count the cuDNN convolutions.
 """
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -18,7 +18,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -51,7 +50,6 @@ def heads(k: int, epochs: int):
 
 
 def cnn(k: int, steps: int):
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import jax.numpy as jnp
   from bench_gpu import bench
   t0 = time.perf_counter()

@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.groups = ml_collections.ConfigDict()
   t.cache_dir = ""                     # frozen embeddings; "" = <workdir>/cache
                                        # (a sweep shares one across its cells)
-  t.checkpoint = True                  # orbax: latest (resume) + best (val macro-F1)
+  t.checkpoint = True                  # orbax, each epoch: resume + each replica's best
   t.log_every = 10
 
   # --- devices ----------------------------------------------------------------

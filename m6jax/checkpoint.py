@@ -54,6 +54,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,7 @@ def _quiet_orbax(record) -> bool:
   return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
-try:
-  from absl import logging as absl_logging
-  absl_logging.get_absl_handler().addFilter(_quiet_orbax)
-except ImportError:  # absl is an orbax dependency; this is belt and braces
-  pass
+absl_logging.get_absl_handler().addFilter(_quiet_orbax)
 _ITEMS = ("state", "extra", "meta")
 
 

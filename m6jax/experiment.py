@@ -16,6 +16,8 @@ import jax
 import numpy as np
 
 from m6jax import checkpoint, explain, feasibility, features, results, track
+from m6jax import config as config_lib
+from m6jax import workdir as workdir_lib
 from m6jax.models import fusion
 
 log = logging.getLogger(__name__)
@@ -40,18 +42,34 @@ class _Timer:
     return dict(self.timings, total=time.time() - self.t0)
 
 
-def train_and_evaluate(cfg, workdir: str, on_epoch=None, timer: _Timer | None = None) -> dict:
+def _locked(workdir: str):
+  """The workdir's exclusive lock (held by the primary process of a multi-host run)."""
+  return workdir_lib.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+
+
+def train_and_evaluate(cfg, workdir: str, on_epoch=None) -> dict:
   """config -> data -> (embeddings) -> K-seed training -> test scores in `workdir`.
 
-  Returns the results dict also written to `workdir/results.json`.
-  on_epoch: optional callback for each epoch's history record (tracking).
+  Validates `cfg`, locks `workdir` and resumes its checkpoint only when the run
+  fingerprint matches (m6jax.workdir). Returns the results dict also written to
+  `workdir/results.json`. on_epoch: optional callback for each epoch's history
+  record (tracking).
   """
-  timer = timer or _Timer()
-  os.makedirs(workdir, exist_ok=True)
+  config_lib.validate(cfg)
+  with _locked(workdir):
+    return _train_and_evaluate(cfg, workdir, on_epoch, _Timer())
+
+
+def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
+  guard = cfg.train.checkpoint and jax.process_index() == 0
+  if guard:   # config and code first: refuse before any data work
+    workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
   results.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
   with timer("setup"):
     run = features.setup(cfg, workdir)
     run.report.write(workdir)
+  if guard:
+    workdir_lib.check(workdir, workdir_lib.fingerprint(cfg, run.dataset_id()))
   if run.report.bad:
     log.warning("%d bad rows skipped; see %s", len(run.report.bad),
                 os.path.join(workdir, "data_report.txt"))
@@ -134,17 +152,28 @@ def _explain(cfg, workdir: str, results_dict: dict) -> None:
   log.info("Grad-CAM: replica stability %.3f, gallery %s", out["stability"], out["gallery"])
 
 
-def run(cfg, workdir: str, **tracker_kwargs) -> dict:
+def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
   """Trains and evaluates `cfg` into `workdir`, adds Grad-CAM (cfg.explain) and
-  logs everything to MLflow (cfg.track). Returns the results dict."""
-  timer = _Timer()
-  with track.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
-    res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch, timer=timer)
-    if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
-      with timer("explain"):
+  logs everything to MLflow (cfg.track). Returns the results dict.
+
+  restart: discard the workdir's checkpoint, results and tracking state first
+  (a fresh run, also in a new MLflow run).
+  """
+  config_lib.validate(cfg)
+  t0 = time.time()
+  with _locked(workdir):
+    if jax.process_index() == 0:
+      if restart:
+        workdir_lib.clear(workdir)
+      elif cfg.train.checkpoint:   # refuse before a tracking run is opened
+        workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
+    with track.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
+      res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch)
+      if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
+        t = time.time()
         _explain(cfg, workdir, res)
-      res["timings"] = timer.total()
-      if jax.process_index() == 0:
-        results.write_json(os.path.join(workdir, "results.json"), res)
-    tracker.log_results(res, workdir)
+        res["timings"] = dict(res["timings"], explain=time.time() - t, total=time.time() - t0)
+        if jax.process_index() == 0:
+          results.write_json(os.path.join(workdir, "results.json"), res)
+      tracker.log_results(res, workdir)
   return res

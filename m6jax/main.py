@@ -3,30 +3,65 @@
 Any config field can be overridden: --config.train.epochs=5 --config.seeds=3
 The run is tracked in MLflow (m6jax.track; store: runs/mlflow.db for runs/<name>),
 or not with --config.track.enabled=False.
+
+Rerunning into a workdir resumes its checkpoint when the config, dataset and
+code version match; otherwise it refuses, naming what differs (--restart
+discards the old checkpoint). Config and workdir errors print one line and
+exit with status 2, before any data work.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# Config files import `configs.base`; make the repo root importable from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from m6jax import config as config_lib
+from m6jax import experiment, mesh, workdir
 
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "output folder for this run")
+flags.DEFINE_bool("restart", False, "discard the workdir's checkpoint and results; train anew")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def _fail(message: str) -> None:
+  print(f"m6jax.main: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_override(argv, error: Exception) -> str:
+  """The --config.<key> argument an unknown-key error came from, as one line."""
+  missing = str(error).strip("\"'")
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and missing in arg.split("=", 1)[0].split("."):
+      return f"{arg.split('=', 1)[0][len('--config.'):]}: unknown config key (from {arg})"
+  return f"unknown config key {missing!r}"
+
+
+def parse_flags(argv):
+  """absl flag parsing with one-line errors (exit 2) instead of tracebacks."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:   # ml_collections: --config.<unknown key>
+    _fail(_unknown_override(argv, e))
+
+
 def main(argv):
   del argv
-  from m6jax import experiment, mesh
   logging.set_verbosity(logging.INFO)
+  try:
+    config_lib.validate(FLAGS.config)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
   mesh.initialize_distributed(FLAGS.config.get("mesh"))
-  experiment.run(FLAGS.config, FLAGS.workdir)
+  try:
+    experiment.run(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
+  except workdir.WorkdirError as e:
+    _fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

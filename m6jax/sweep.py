@@ -43,8 +43,6 @@ def _resolve(path: str) -> str:
 
 
 def _load_module(path: str, name: str):
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)   # config files import `configs.base`
   spec = importlib.util.spec_from_file_location(name, _resolve(path))
   if spec is None:
     raise FileNotFoundError(path)

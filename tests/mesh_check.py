@@ -1,40 +1,33 @@
-"""Run by tests/test_mesh.py in a subprocess with 8 forced host devices.
+"""Run by tests/test_mesh.py as `python -m tests.mesh_check` in a subprocess with
+8 forced host devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 in its
+environment: it must be set before jax starts).
 
 Trains the same K-seed problem on several ('seed', 'data') meshes and prints
 JSON: max |difference| to the 1x1 mesh, and the shardings seen.
 """
 
 import json
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \
-    " --xla_force_host_platform_device_count=8"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from m6jax import train  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from m6jax import train
+from m6jax.data import tfds_builder
+from m6jax.models import towers
+from tests.conftest import learnable_features, tiny_config
 
 
 def problem(mesh, seeds=8):
-  rng = np.random.default_rng(0)
-  n, c = 64, 3
-  labels = {s: rng.integers(0, c, n).astype(np.int32) for s in ("train", "validation", "test")}
-  feats = {s: {"image": rng.normal(size=(n, 6)).astype(np.float32) + labels[s][:, None],
-               "text": rng.normal(size=(n, 5)).astype(np.float32)} for s in labels}
+  feats, labels = learnable_features(64, 3)
   cfg = tiny_config("unused", "unused")
   cfg.seeds, cfg.train.epochs, cfg.train.batch_size = seeds, 3, 16
   cfg.model.hidden = 8
   cfg.mesh.seed, cfg.mesh.data = mesh
-  return train.FrozenTrainer(cfg, c, feats, labels), labels
+  return train.FrozenTrainer(cfg, 3, feats, labels), labels
 
 
 def finetune(mesh, catalogue, tfds):
-  from m6jax.data import tfds_builder
-  from m6jax.models import towers
   cfg = tiny_config(catalogue, tfds, **{"train.mode": "finetune", "model.fusion": "image",
                                          "seeds": 4, "train.epochs": 1})
   cfg.mesh.seed, cfg.mesh.data = mesh

@@ -176,7 +176,7 @@ CHILD = textwrap.dedent("""
     import os, signal
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from m6jax.checkpoint import CheckpointError, Checkpoints
+    from m6jax.checkpoint import Checkpoints
     ck = Checkpoints({workdir!r})
     ck.save_latest(1, {{"w": jnp.ones((64, 64))}}, {{"epoch": 1}})
     ck.wait()

@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import base
+from configs import base, smoke
+from m6jax import config as config_lib
 from m6jax import optim
-from m6jax.models import fusion, towers
+from m6jax.models import efficientnet, fusion, mobilenet, resnet, tiny, towers, vgg
 
 CONFIGS = [("default", None), ("smoke", None), ("text_only", None), ("text_only", "tfidf"),
            ("fusion", "early"), ("fusion", "late"), ("fusion", "gated"),
@@ -24,10 +25,64 @@ def test_config_loads(name, arg):
   assert cfg.model.fusion in fusion.MODES
   assert cfg.train.mode in ("frozen", "finetune")
   assert cfg.seeds >= 1 and cfg.data.image_size > 0
+  config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.fusion", "mid", "model.fusion='mid': must be one of text, image, early, late"),
+    ("train.mode", "frozn", "train.mode='frozn': must be one of frozen, finetune"),
+    ("train.bn", "frozen", "train.bn='frozen' was renamed: use 'fixed' (allowed: fixed, update)"),
+    ("train.bn", "none", "train.bn='none': must be one of fixed, update"),
+    ("train.data_order", "random", "train.data_order='random': must be one of per_seed, shared"),
+    ("train.replica_loop", "scan", "train.replica_loop='scan': must be one of vmap, map"),
+    ("data.on_bad_row", "drop", "data.on_bad_row='drop': must be one of skip, fail"),
+    ("explain.method", "cam", "explain.method='cam': must be one of gradcam, gradcam++"),
+    ("model.dtype", "float64", "model.dtype='float64': must be one of float32, bfloat16"),
+    ("model.image.name", "effnet", "model.image.name='effnet': must be one of tiny, vgg16"),
+    ("model.text.name", "gpt", "model.text.name='gpt': must be one of minilm, bert, tfidf"),
+    ("model.norm", "batch", "model.norm='batch': must be one of none, layernorm, l2"),
+    ("data.rare_classes", "keep", "data.rare_classes='keep': must be one of drop, fail"),
+    ("data.encoding", "utf-9", "data.encoding='utf-9': not a codec Python knows"),
+    ("model.modality_weights.text", 0.0, "model.modality_weights.text=0.0: must be a number > 0"),
+    ("seeds", 0, "seeds=0: must be an integer >= 1"),
+    ("train.epochs", 0, "train.epochs=0: must be an integer >= 1"),
+    ("model.dropout", 1.5, "model.dropout=1.5: must be a number in [0, 1)"),
+    ("train.learning_rate", 0.0, "train.learning_rate=0.0: must be > 0"),
+])
+def test_bad_values_are_named_with_the_allowed_values(key, value, message):
+  cfg = smoke.get_config()
+  *path, last = key.split(".")
+  node = cfg
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cfg)
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_keys_and_bad_groups():
+  cfg = smoke.get_config()
+  cfg.data.nonexistent = 1
+  with pytest.raises(config_lib.ConfigError, match=r"data.nonexistent: unknown key \(known in "
+                     r"data: augment, batch_size"):
+    config_lib.validate(cfg)
+  cfg = smoke.get_config()
+  cfg.train.groups = {"head": {"regex": "fusion/(.*"}, "rest": {"regex": ".*", "lr": 1}}
+  msg = "; ".join(config_lib.problems(cfg))
+  assert "train.groups.head.regex='fusion/(.*': not a regular expression" in msg
+  assert "train.groups.rest: unknown field(s) ['lr']" in msg
+  cfg.data.split.train = 0.9
+  assert any(p.startswith("data.split=") for p in config_lib.problems(cfg))
+
+
+def test_finetune_groups_has_no_silent_fallback():
+  with pytest.raises(ValueError, match="no layer groups for backbone 'effnet'"):
+    base.finetune_groups("effnet")
+  assert set(base._LATE) == set(towers.IMAGE_TOWERS)   # every backbone has its own entry
 
 
 def _families():
-  from m6jax.models import efficientnet, mobilenet, resnet, tiny, vgg
   return {"tiny": tiny.TinyCNN(), "vgg16": vgg.VGG16(), "resnet50": resnet.ResNet50(),
           "mobilenetv2": mobilenet.MobileNetV2(),
           "efficientnetb0": efficientnet.EfficientNet(variant="b0"),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from m6jax import experiment
 from tests.conftest import BAD, REPO, tiny_config
@@ -29,6 +30,8 @@ def test_train_and_evaluate_writes_outputs(tiny_catalogue, tmp_path):
   assert set(t["report"]) >= set(res["classes"]) | {"macro avg", "weighted avg"}
   assert res["data"]["skipped"] == len(BAD)
   assert out["test"]["summary"]["accuracy"]["n"] == cfg.seeds
+  assert set(res["timings"]) == {"setup", "train", "evaluate", "total"}
+  assert res["timings"]["total"] >= res["timings"]["train"] > 0
 
 
 def test_main_cli_with_overrides(tiny_catalogue, tmp_path):
@@ -48,3 +51,20 @@ def test_main_cli_with_overrides(tiny_catalogue, tmp_path):
   cfg = json.loads((tmp_path / "run" / "config.json").read_text())
   assert cfg["seeds"] == 3 and cfg["train"]["epochs"] == 1
   assert "skipped" in r.stderr  # the bad rows are reported, not silently dropped
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("--config.data.nonexistent=1", "data.nonexistent: unknown config key"),
+    ("--config.seeds=0", "seeds=0: must be an integer >= 1"),
+    ("--config.train.bn=frozen", "train.bn='frozen' was renamed: use 'fixed'"),
+])
+def test_config_errors_are_one_line_before_any_data_work(tmp_path, override, expect):
+  tfds = tmp_path / "tfds"
+  r = subprocess.run([sys.executable, "-m", "m6jax.main", "--config",
+                      os.path.join(REPO, "configs/smoke.py"), "--workdir", str(tmp_path / "run"),
+                      f"--config.data.tfds_dir={tfds}", override],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = [x for x in r.stderr.splitlines() if x.strip()]
+  assert len(lines) == 1 and expect in lines[0] and "Traceback" not in r.stderr, r.stderr
+  assert not tfds.exists() and not (tmp_path / "run").exists()

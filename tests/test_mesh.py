@@ -26,9 +26,11 @@ def test_mesh_shape_inference_and_errors():
 
 @pytest.mark.slow
 def test_meshes_give_the_single_device_result(tiny_catalogue, tmp_path):
-  r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "mesh_check.py"),
-                      tiny_catalogue, str(tmp_path / "tfds")],
-                     capture_output=True, text=True, timeout=900)
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=8")
+  r = subprocess.run([sys.executable, "-m", "tests.mesh_check", tiny_catalogue,
+                      str(tmp_path / "tfds")],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.split("RESULT ", 1)[1])
   assert res["devices"] == 8

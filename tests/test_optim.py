@@ -86,3 +86,20 @@ def test_schedule_warmup_cosine_and_start():
   assert 0 < float(s(25)) < 1.0
   assert abs(float(s(30)) - 1.0) < 1e-6
   assert float(s(99)) < 0.01
+
+
+def test_unfreeze_at_epoch_uses_the_runs_steps_per_epoch():
+  groups = dict(GROUPS, late={"regex": "image/stage2/.*", "lr_mult": 0.5,
+                              "unfreeze_at_epoch": 2})
+  assert optim.unfreeze_step(groups["late"], steps_per_epoch=4) == 8
+  assert optim.unfreeze_step(GROUPS["late"], steps_per_epoch=4) == 3   # steps stay steps
+  p = _params()
+  tx = optim.make_optimizer(_cfg(groups), 20, p, steps_per_epoch=2)   # late starts at step 4
+  s, moved = tx.init(p), []
+  for _ in range(6):
+    u, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p)
+    moved.append(bool(np.any(np.asarray(u["image"]["stage2"]["kernel"]) != 0)))
+  assert moved == [False] * 4 + [True] * 2
+  assert "from step 4" in optim.describe_groups(p, groups, steps_per_epoch=2)
+  with pytest.raises(ValueError, match="both unfreeze_at"):
+    optim.unfreeze_step({"unfreeze_at": 1, "unfreeze_at_epoch": 1})

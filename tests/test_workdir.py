@@ -1,0 +1,87 @@
+"""m6jax.workdir: the exclusive workdir lock and the run fingerprint that guards resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from m6jax import experiment
+from m6jax import workdir as workdir_lib
+from tests.conftest import REPO, tiny_config
+
+HOLDER = """
+import sys, time
+from m6jax import workdir
+with workdir.lock(sys.argv[1]):
+  print("locked", flush=True)
+  time.sleep(120)
+"""
+
+
+def test_lock_is_exclusive_and_a_dead_owners_lock_is_replaced(tmp_path, caplog):
+  wd = str(tmp_path / "run")
+  p = subprocess.Popen([sys.executable, "-c", HOLDER, wd], stdout=subprocess.PIPE, text=True,
+                       cwd=REPO)
+  try:
+    assert p.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lib.WorkdirBusy, match=f"in use by another run \\(pid={p.pid} "):
+      with workdir_lib.lock(wd):
+        pass
+  finally:
+    p.kill()   # SIGKILL: no cleanup, the lock file keeps its pid
+    p.wait()
+  assert f"pid={p.pid}" in open(os.path.join(wd, workdir_lib.LOCK)).read()
+  with workdir_lib.lock(wd):
+    with workdir_lib.lock(wd):   # re-entrant in the owning process
+      pass
+    assert f"pid={os.getpid()}" in open(os.path.join(wd, workdir_lib.LOCK)).read()
+  assert f"replacing the stale lock of pid={p.pid}" in caplog.text
+  assert "(process not running)" in caplog.text
+  assert open(os.path.join(wd, workdir_lib.LOCK)).read() == ""   # released cleanly
+
+
+def test_fingerprint_differences_name_keys_dataset_and_code():
+  cfg = tiny_config("a", "b")
+  a = workdir_lib.fingerprint(cfg, "c123/1.0.0")
+  cfg.train.learning_rate = 0.5
+  cfg.track.experiment = "other"   # cosmetic
+  cfg.data.manual_dir = "/moved"   # where the catalogue lives: its content is the dataset id
+  b = workdir_lib.fingerprint(cfg, "c456/1.0.0")
+  assert workdir_lib.differences(a, b) == ["train.learning_rate: 0.001 -> 0.5",
+                                           "dataset: 'c123/1.0.0' -> 'c456/1.0.0'"]
+  assert workdir_lib.differences(a, dict(a, dataset=None)) == []   # not known yet: not compared
+  assert workdir_lib.differences(a, dict(a, code="9.9")) == ["code: '0.1.0' -> '9.9'"]
+
+
+def test_reusing_a_workdir_resumes_only_the_same_run(tiny_catalogue, tmp_path):
+  tfds = str(tmp_path / "tfds")
+  wd = str(tmp_path / "run")
+  cfg = tiny_config(tiny_catalogue, tfds, **{"train.epochs": 1, "track.enabled": False})
+  first = experiment.train_and_evaluate(cfg, wd)
+  assert os.path.isfile(os.path.join(wd, workdir_lib.FINGERPRINT))
+
+  # Cosmetic changes resume the finished run: same scores, nothing retrained.
+  same = tiny_config(tiny_catalogue, tfds, **{"train.epochs": 1, "track.experiment": "x",
+                                              "name": "renamed"})
+  again = experiment.train_and_evaluate(same, wd)
+  assert again["test"]["per_seed"] == first["test"]["per_seed"]
+  assert again["history"] == first["history"]
+
+  # Another learning rate: refused before any data work, nothing rewritten.
+  other = tiny_config(tiny_catalogue, tfds, **{"train.epochs": 1, "train.learning_rate": 0.5,
+                                               "track.enabled": False})
+  config_before = open(os.path.join(wd, "config.json")).read()
+  with pytest.raises(workdir_lib.WorkdirMismatch) as e:
+    experiment.run(other, wd)
+  msg = str(e.value)
+  assert "train.learning_rate: 0.001 -> 0.5" in msg and "--restart" in msg
+  assert open(os.path.join(wd, "config.json")).read() == config_before
+
+  # --restart: a fresh run with the new config.
+  res = experiment.run(other, wd, restart=True)
+  assert len(res["history"]) == 1
+  saved = json.load(open(os.path.join(wd, workdir_lib.FINGERPRINT)))
+  assert saved["config"]["train.learning_rate"] == 0.5
+  assert saved["dataset"] and saved["code"]
