@@ -35,6 +35,7 @@ CHOICES = {
     "train.bn": ("fixed", "update"),
     "train.data_order": ("per_seed", "shared"),
     "train.replica_loop": ("vmap", "map"),
+    "train.select_by": ("log_loss", "macro_f1"),
     "data.on_bad_row": ("skip", "fail"),
     "data.rare_classes": ("drop", "fail"),
     "explain.method": explain.METHODS,
@@ -142,6 +143,11 @@ def problems(cfg) -> list[str]:
      abs(sum(split.values()) - 1) > 1e-6:
     errors.append(f"data.split={split}: needs train, validation and test fractions > 0 "
                   "summing to 1")
+  folds = cfg.train.folds
+  if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0 or folds == 1:
+    errors.append(f"train.folds={folds!r}: must be 0 (no cross-validation) or an integer >= 2")
+  elif folds and cfg.train.mode != "frozen":
+    errors.append(f"train.folds={folds}: cross-validation needs train.mode='frozen'")
   errors += _check_groups(cfg.train.groups)
   return errors
 
