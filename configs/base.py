@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.weight_decay = 1e-4
   t.warmup_steps = 20
   t.folds = 0                          # >= 2: k-fold CV over train+validation (frozen mode):
-                                       # folds x seeds replicas, each seed's model = its fold ensemble
+                                       # folds x seeds replicas; a seed's model: its fold ensemble
   t.select_by = "log_loss"             # best epoch per replica by validation log_loss | macro_f1
                                        # (log-loss is smooth: 126 products move F1 in 0.8 % steps)
   t.label_smoothing = 0.0

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from m6jax import folds, optim, steps
 from m6jax import mesh as mesh_lib
 from m6jax import metrics as metrics_lib
-from m6jax import folds, optim, steps
 from m6jax.data import pipeline, tokenize
 from m6jax.models import fusion
 
