@@ -50,7 +50,8 @@ def tiny_bert(tmp_path_factory):
     v = np.asarray(params[path[0]][path[1]][path[2]])
     state[key] = np.ascontiguousarray(v.T if transpose else v)
   save_file(state, str(folder / "model.safetensors"))
-  (folder / "config.json").write_text(json.dumps(dataclasses.asdict(config) | {"model_type": "bert"}))
+  (folder / "config.json").write_text(
+      json.dumps(dataclasses.asdict(config) | {"model_type": "bert"}))
   vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [str(i) for i in range(20)]
   (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
   (folder / "tokenizer_config.json").write_text(
