@@ -93,8 +93,9 @@ def image_embeddings(cfg, builder, splits, cache_dir=None, seed: int = 0) -> dic
           src = builder.as_data_source(s)
         picks.append((src, i, k))
         seen.add(k)  # identical photos are embedded once
-  log.info("%s image features: %d cached, %d to embed (%s)", name,
-           sum(map(len, keys.values())) - len(picks), len(picks), store.dir)
+  n = sum(map(len, keys.values()))
+  log.info("%s image features: %d rows, %d from cache, %d distinct photos to embed (%s)",
+           name, n, sum(k in feats for ks in keys.values() for k in ks), len(picks), store.dir)
   if picks:
     tower = towers.image_tower(name, spec, size, seed=seed)
     bs = cfg.data.batch_size
@@ -158,8 +159,9 @@ def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = ""):
     for k, t in zip(keys[s], ts):
       if k not in feats:
         todo.setdefault(k, t)  # identical texts are embedded once
-  log.info("%s text features: %d cached, %d to embed (%s)", name,
-           sum(map(len, keys.values())) - len(todo), len(todo), store.dir)
+  n = sum(map(len, keys.values()))
+  log.info("%s text features: %d rows, %d from cache, %d distinct texts to embed (%s)",
+           name, n, sum(k in feats for ks in keys.values() for k in ks), len(todo), store.dir)
   if todo:
     tower = towers.text_tower(name, spec)
     emb = embed_texts(cfg, tower, list(todo.values()))
