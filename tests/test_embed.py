@@ -209,11 +209,11 @@ def test_changed_product_reembeds_only_that_row(catalogue, tfds_dir, tiny_bert, 
 def test_weights_change_means_new_tower_key(tmp_path):
   w = tmp_path / "w.bin"
   w.write_bytes(b"x" * 10)
-  a = embed._weights_id(str(w))
-  assert embed._weights_id(str(w)) == a
+  a = embed._weights_id(str(w), "tiny")
+  assert embed._weights_id(str(w), "tiny") == a
   os.utime(w, ns=(0, 123))
-  assert embed._weights_id(str(w)) != a
-  assert embed._weights_id("none") == "random"
+  assert embed._weights_id(str(w), "tiny") != a
+  assert embed._weights_id("none", "tiny") == "random"
   kw = dict(kind="image", image_size=16)
   dirs = {embed._store(tmp_path, "tiny", weights=x, **kw).dir for x in ("a", "b")}
   assert len(dirs) == 2
