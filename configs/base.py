@@ -81,8 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   # unfreeze_at_epoch}}; every parameter path must match exactly one regex.
   # Empty: one group.
   t.groups = ml_collections.ConfigDict()
-  t.cache_dir = ""                     # frozen embeddings; "" = <workdir>/cache
-                                       # (a sweep shares one across its cells)
+  t.cache_dir = ""                     # frozen-tower features by product content; "" = the
+                                       # shared cache ($M6JAX_FEATURE_CACHE or
+                                       # ~/.cache/m6jax/features; python -m m6jax.cache list)
   t.checkpoint = True                  # orbax, each epoch: resume + each replica's best
   t.log_every = 10
 

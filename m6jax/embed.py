@@ -1,115 +1,197 @@
-"""Frozen towers: embeddings of every split, computed once and cached.
+"""Frozen towers: embeddings of every split in one pass, through the feature cache.
 
-The cache file name is a hash of what the embeddings depend on (tower,
-weights, preprocessing, dataset), so a changed input never reuses stale data.
+Each tower runs once over the rows of all splits together (one compile per
+tower and shape: one batch shape for images, one per length bucket for
+texts), and only over the products that the shared feature cache
+(m6jax.cache) does not already hold for this tower, weights and
+preprocessing. Results come back split by split, in stored order.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow_datasets as tfds
 import tqdm
 
+from m6jax import cache as cache_lib
 from m6jax import weights as weights_lib
 from m6jax.data import pipeline
 from m6jax.models import towers
 
 log = logging.getLogger(__name__)
 
+# Part of every cache key: bump when a tower's preprocessing or math changes
+# its features beyond float rounding, so old entries are not reused.
+FEATURES_VERSION = 1
+
 
 def _weights_id(spec: str, tower: str) -> str:
+  """Weight spec -> fingerprint: resolved path, then (name, size, mtime) of each file."""
   if weights_lib.is_random(spec):
     return "random"
   path = weights_lib.resolve(spec, tower=tower)
-  st = path.stat()
-  return f"{spec}:{path}:{st.st_size}:{int(st.st_mtime)}"
+  files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+  parts = []
+  for p in files:
+    st = p.stat()
+    parts.append(f"{p.relative_to(path) if path.is_dir() else p.name}:{st.st_size}:"
+                 f"{st.st_mtime_ns}")
+  return f"{spec}:{path}:" + cache_lib.content_key("|".join(parts))[:16]
 
 
-def _cached(cache_dir: str | None, key: dict, compute):
-  """Loads {split: array} from `cache_dir` when `key` matches, else computes and saves."""
-  if not cache_dir:
-    return compute()
-  digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-  path = os.path.join(cache_dir, f"{key['tower']}-{digest}.npz")
-  if os.path.isfile(path):
-    log.info("embeddings from cache %s", path)
-    with np.load(path) as z:
-      return {k: z[k] for k in z.files}
-  out = compute()
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **out)
-  os.replace(tmp, path)  # a killed run never leaves a half-written cache
-  return out
+def _store(cache_dir, tower: str, **spec) -> cache_lib.FeatureCache:
+  return cache_lib.FeatureCache(cache_dir, tower, dict(spec, version=FEATURES_VERSION))
+
+
+class _Picked:
+  """Random-access view of chosen records of several sources: [(source, index)]."""
+
+  def __init__(self, picks):
+    self.picks = picks
+
+  def __len__(self):
+    return len(self.picks)
+
+  def __getitem__(self, i):
+    src, j = self.picks[i]
+    return src[j]
+
+
+def _assemble(keys: dict, feats: dict) -> dict:
+  """{split: [key]}, {key: (D,)} -> {split: float32 (N, D)}."""
+  dim = len(next(iter(feats.values()))) if feats else 0
+  return {s: (np.stack([feats[k] for k in ks]).astype(np.float32) if ks
+              else np.zeros((0, dim), np.float32)) for s, ks in keys.items()}
 
 
 def image_embeddings(cfg, builder, splits, cache_dir=None, seed: int = 0) -> dict:
-  """{split: float32 (N, D)} from the frozen image tower, in stored order."""
+  """{split: float32 (N, D)} from the frozen image tower, in stored order.
+
+  cache_dir: feature cache root ('' / None: the shared default). Products are
+  keyed by the sha1 of their stored JPEG bytes; only cache misses are
+  decoded and embedded, all splits in one pass.
+  """
   name, spec, size = cfg.model.image.name, cfg.model.image.weights, cfg.data.image_size
-  key = dict(tower=name, weights=_weights_id(spec, name), size=size, data=builder.data_dir,
-             seed=seed if weights_lib.is_random(spec) else None)
-
-  def compute():
+  random = weights_lib.is_random(spec)
+  store = _store(cache_dir, name, kind="image", weights=_weights_id(spec, name), image_size=size,
+                 seed=seed if random else None, dtype="float32")
+  keys = {}
+  for s in splits:
+    raw = builder.as_data_source(s, decoders={"image": tfds.decode.SkipDecoding()})
+    keys[s] = [cache_lib.content_key(r["image"]) for r in raw.__getitems__(range(len(raw)))]
+  feats = store.get_many({k for ks in keys.values() for k in ks})
+  picks, seen = [], set(feats)
+  for s in splits:
+    src = None
+    for i, k in enumerate(keys[s]):
+      if k not in seen:
+        if src is None:
+          src = builder.as_data_source(s)
+        picks.append((src, i, k))
+        seen.add(k)  # identical photos are embedded once
+  n = sum(map(len, keys.values()))
+  log.info("%s image features: %d rows, %d from cache, %d distinct photos to embed (%s)",
+           name, n, sum(k in feats for ks in keys.values() for k in ks), len(picks), store.dir)
+  if picks:
     tower = towers.image_tower(name, spec, size, seed=seed)
-
     bs = cfg.data.batch_size
-    out = {}
-    for split in splits:
-      src = builder.as_data_source(split)
-      out[split] = embed_image_batches(
-          tower, tqdm.tqdm(pipeline.batches(src, bs, size),
-                           total=pipeline.num_batches(len(src), bs),
-                           desc=f"{name} {split}", leave=False))
-    return out
-
-  return _cached(cache_dir, key, compute)
+    rows = _Picked([(src, i) for src, i, _ in picks])
+    emb = embed_image_batches(tower, tqdm.tqdm(
+        pipeline.batches(rows, bs, size), total=pipeline.num_batches(len(rows), bs),
+        desc=f"{name} embed", leave=False))
+    new = {k: e for (_, _, k), e in zip(picks, emb)}
+    store.put_many(new)
+    feats.update(new)
+  return _assemble(keys, feats)
 
 
 def embed_image_batches(tower, batches) -> np.ndarray:
-  """Frozen image tower over batches {'image': uint8 (B, S, S, 3), 'mask'} -> (N, D)."""
+  """Frozen image tower over batches {'image': uint8 (B, S, S, 3), 'mask'} -> (N, D).
+
+  One jitted program per call (one compile per batch shape); a batch is
+  dispatched before the previous result is copied back, so building the
+  next batch overlaps with compute.
+  """
 
   @jax.jit
   def embed(variables, images):
     x = tower.preprocess(images.astype(jnp.float32))
     return tower.module.apply(variables, x, train=False)["embedding"]
 
-  chunks = [np.asarray(embed(tower.variables, b["image"]))[b["mask"]] for b in batches]
+  chunks, pending = [], None
+  for b in batches:
+    out = embed(tower.variables, b["image"])
+    if pending is not None:
+      chunks.append(np.asarray(pending[0])[pending[1]])
+    pending = (out, np.asarray(b["mask"], bool))
+  if pending is not None:
+    chunks.append(np.asarray(pending[0])[pending[1]])
+  if not chunks:
+    raise ValueError("embed_image_batches: no batches")
   return np.concatenate(chunks).astype(np.float32)
 
 
 def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = ""):
   """({split: float32 (N, D)}, fitted TfidfFeatures or None) from the text tower.
 
-  `texts` is {split: list[str]}; TF-IDF is fit on the 'train' texts only.
+  `texts` is {split: list[str]}. TF-IDF is fit on the 'train' texts only and
+  never cached (it depends on the whole training split, and is fast). BERT
+  features are keyed by the sha1 of each text; the texts of all splits that
+  the cache misses are embedded in one length-bucketed pass. data_id is
+  unused (kept for callers; the cache is keyed by content).
   """
+  del data_id
   name, spec = cfg.model.text.name, cfg.model.text.weights
   if name == "tfidf":
     from m6jax.models import tfidf
     feats = tfidf.TfidfFeatures(dim=cfg.model.text.tfidf_dim, seed=cfg.seed).fit(texts["train"])
     return {s: feats.transform(t).astype(np.float32) for s, t in texts.items()}, feats
-  key = dict(tower=name, weights=_weights_id(spec, name), max_len=cfg.data.max_text_length,
-             data=data_id, splits=sorted(texts))
-
-  def compute():
+  store = _store(cache_dir, name, kind="text", weights=_weights_id(spec, name),
+                 max_text_length=cfg.data.max_text_length, dtype="float32")
+  keys = {s: [cache_lib.content_key(t) for t in ts] for s, ts in texts.items()}
+  feats = store.get_many({k for ks in keys.values() for k in ks})
+  todo = {}
+  for s, ts in texts.items():
+    for k, t in zip(keys[s], ts):
+      if k not in feats:
+        todo.setdefault(k, t)  # identical texts are embedded once
+  n = sum(map(len, keys.values()))
+  log.info("%s text features: %d rows, %d from cache, %d distinct texts to embed (%s)",
+           name, n, sum(k in feats for ks in keys.values() for k in ks), len(todo), store.dir)
+  if todo:
     tower = towers.text_tower(name, spec)
-    return {s: embed_texts(cfg, tower, t) for s, t in texts.items()}
-
-  return _cached(cache_dir, key, compute), None
+    emb = embed_texts(cfg, tower, list(todo.values()))
+    new = dict(zip(todo, emb))
+    store.put_many(new)
+    feats.update(new)
+  return _assemble(keys, feats), None
 
 
 def embed_texts(cfg, tower, texts) -> np.ndarray:
-  """Frozen BERT tower over a list of texts -> float32 (N, D), length-bucketed."""
+  """Frozen BERT tower over a list of texts -> float32 (N, D), length-bucketed.
+
+  One call compiles once per length bucket; texts are sorted by length within
+  buckets so padding stays small.
+  """
   from m6jax.data import tokenize
+  from m6jax.models import bert
 
-  @jax.jit
-  def apply(input_ids, attention_mask):
-    return tower.module.apply(tower.params, input_ids, attention_mask, train=False)["embedding"]
-
-  return np.asarray(tokenize.embed_texts(apply, tower.tokenizer, texts, cfg.data.batch_size,
+  # Parameters are an argument of the jitted function, not constants baked
+  # into every compiled bucket.
+  fn = bert.make_embed_fn(tower.module, tower.params["params"])
+  bs = cfg.data.get("embed_batch_size") or cfg.data.batch_size
+  return np.asarray(tokenize.embed_texts(fn, tower.tokenizer, list(texts), bs,
                                          cfg.data.max_text_length), np.float32)
+
+
+if __name__ == "__main__":
+  # `python -m m6jax.embed cache list|clear ...` is `python -m m6jax.cache list|clear ...`.
+  import sys
+  args = sys.argv[1:]
+  if not args or args[0] != "cache":
+    raise SystemExit("usage: python -m m6jax.embed cache list|clear [options]")
+  raise SystemExit(cache_lib.main(args[1:]))

@@ -60,7 +60,7 @@ def setup(cfg, workdir: str) -> Setup:
     if not len(cols[s]["label"]):
       raise ValueError(f"split {s!r} is empty; the catalogue is too small for data.split")
   labels = {s: cols[s]["label"] for s in SPLITS}
-  cache = cfg.train.get("cache_dir") or os.path.join(workdir, "cache")
+  cache = cfg.train.get("cache_dir") or None  # None: the shared feature cache (m6jax.cache)
   mods = fusion.modalities(cfg.model.fusion)
   feats, text_features = {}, None
   if cfg.train.mode == "frozen" and "image" in mods:

@@ -96,6 +96,12 @@ def new_products_csv(catalogue_dir, ids, path):
   return src
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache(tmp_path_factory):
+  """Runs' frozen-tower features go to a per-session folder, not the user's cache."""
+  os.environ["M6JAX_FEATURE_CACHE"] = str(tmp_path_factory.mktemp("features"))
+
+
 @pytest.fixture(scope="session")
 def tiny_catalogue(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("catalogue"))

@@ -1,0 +1,238 @@
+"""Feature cache shared across workdirs: one file per (tower, product).
+
+Layout under the root (`config.train.cache_dir` when set, else
+$M6JAX_FEATURE_CACHE, else `<m6jax cache>/features`, see weights.cache_dir):
+
+  <tower>-<digest>/tower.json                 what the digest stands for (tower name,
+                                              weights fingerprint, preprocessing)
+  <tower>-<digest>/<ab>/<content hash>.npy    float32 (D,) features of one product
+
+The content hash is the sha1 of what the tower reads for a product (the stored
+JPEG bytes, the UTF-8 text), so another experiment on the same catalogue finds
+every product, and a changed product misses only itself. Each entry is written
+to a temporary file and renamed into place, so runs writing the same entry at
+once never leave a torn file; an unreadable entry counts as a miss. A hit
+refreshes the entry's mtime, so `clear --older-than` removes what was not used.
+
+  python -m m6jax.cache list  [--dir DIR]
+  python -m m6jax.cache clear [--dir DIR] [--tower NAME] [--older-than 7d]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import time
+import uuid
+from typing import Iterable
+
+import numpy as np
+
+from m6jax import weights
+
+ENV = "M6JAX_FEATURE_CACHE"
+_META = "tower.json"
+
+
+def default_root() -> pathlib.Path:
+  """$M6JAX_FEATURE_CACHE, else <m6jax cache ($M6JAX_CACHE or ~/.cache/m6jax)>/features."""
+  env = os.environ.get(ENV)
+  return pathlib.Path(env).expanduser() if env else weights.cache_dir() / "features"
+
+
+def content_key(data: bytes | str) -> str:
+  """Product content (image bytes or text) -> sha1 hex digest."""
+  if isinstance(data, str):
+    data = data.encode("utf-8")
+  return hashlib.sha1(data).hexdigest()
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+  """write(file object) into a unique temporary file beside `path`, then rename."""
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+class FeatureCache:
+  """Features of one tower configuration, by product content hash.
+
+  root: cache root ('' or None: default_root()); tower: tower name (readable
+  part of the folder name); spec: JSON-able dict of everything else the
+  features depend on (weights fingerprint, preprocessing, dtype, version).
+  """
+
+  def __init__(self, root, tower: str, spec: dict):
+    self.root = pathlib.Path(root).expanduser() if root else default_root()
+    self.spec = dict(spec, tower=tower)
+    blob = json.dumps(self.spec, sort_keys=True, default=str)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", tower)
+    self.dir = self.root / f"{safe}-{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
+
+  def _path(self, key: str) -> pathlib.Path:
+    return self.dir / key[:2] / f"{key}.npy"
+
+  def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+    """{key: float32 (D,)} for the keys present and readable; the rest are misses."""
+    out = {}
+    for key in keys:
+      path = self._path(key)
+      try:
+        out[key] = np.load(path, allow_pickle=False)
+      except FileNotFoundError:
+        continue
+      except (OSError, ValueError, EOFError):
+        continue  # unreadable (e.g. a disk that filled up): recomputed and rewritten
+      try:
+        os.utime(path)  # last use, for clear --older-than
+      except OSError:
+        pass
+    return out
+
+  def put_many(self, items: dict[str, np.ndarray]) -> None:
+    """Stores {key: (D,) array} as float32; safe when other runs write the same keys."""
+    if not items:
+      return
+    self.dir.mkdir(parents=True, exist_ok=True)
+    meta = self.dir / _META
+    if not meta.exists():
+      _atomic_write(meta, lambda f: f.write(json.dumps(self.spec, indent=2, sort_keys=True,
+                                                       default=str).encode()))
+    for key, value in items.items():
+      path = self._path(key)
+      value = np.ascontiguousarray(value, dtype=np.float32)
+      for attempt in (0, 1):
+        try:
+          path.parent.mkdir(parents=True, exist_ok=True)
+          _atomic_write(path, lambda f: np.save(f, value, allow_pickle=False))
+          break
+        except FileNotFoundError:  # folder removed by a concurrent `clear`: once more
+          if attempt:
+            raise
+
+
+# --- inspection and cleanup -----------------------------------------------------
+
+def _tower_dirs(root: pathlib.Path) -> list[pathlib.Path]:
+  if not root.is_dir():
+    return []
+  return sorted(p for p in root.iterdir()
+                if p.is_dir() and ((p / _META).exists() or any(p.glob("??/*.npy"))))
+
+
+def _entries(tower_dir: pathlib.Path) -> list[pathlib.Path]:
+  return [p for p in tower_dir.glob("??/*") if p.is_file()]
+
+
+def summary(root=None) -> list[dict]:
+  """One dict per tower folder: dir, tower, spec, entries, bytes, newest (mtime)."""
+  root = pathlib.Path(root).expanduser() if root else default_root()
+  out = []
+  for d in _tower_dirs(root):
+    try:
+      spec = json.loads((d / _META).read_text())
+    except (OSError, ValueError):
+      spec = {}
+    files = _entries(d)
+    stats = [p.stat() for p in files]
+    out.append(dict(dir=str(d), tower=spec.get("tower", d.name.rsplit("-", 1)[0]), spec=spec,
+                    entries=sum(p.suffix == ".npy" for p in files),
+                    bytes=sum(s.st_size for s in stats),
+                    newest=max((s.st_mtime for s in stats), default=None)))
+  return out
+
+
+def clear(root=None, older_than: float | None = None, tower: str | None = None) -> dict:
+  """Deletes entries (all, or unused for more than `older_than` seconds) of every
+  tower or of the towers named `tower`; empty tower folders go too.
+
+  Returns {'files': n, 'bytes': b} removed.
+  """
+  root = pathlib.Path(root).expanduser() if root else default_root()
+  cutoff = None if older_than is None else time.time() - older_than
+  removed = {"files": 0, "bytes": 0}
+  for info in summary(root):
+    if tower is not None and info["tower"] != tower:
+      continue
+    d = pathlib.Path(info["dir"])
+    for p in _entries(d):
+      try:
+        st = p.stat()
+        if cutoff is None or st.st_mtime < cutoff:
+          p.unlink()
+          removed["files"] += 1
+          removed["bytes"] += st.st_size
+      except FileNotFoundError:
+        pass  # removed by a concurrent clear
+    if not _entries(d):
+      shutil.rmtree(d, ignore_errors=True)
+  return removed
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+  """'90s', '30m', '12h', '7d', '2w' (or plain seconds) -> seconds."""
+  m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhdw]?)\s*", text)
+  if not m:
+    raise ValueError(f"bad age {text!r}: use e.g. 90s, 30m, 12h, 7d, 2w")
+  return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def _size(n: float) -> str:
+  for unit in ("B", "KB", "MB", "GB"):
+    if n < 1024 or unit == "GB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.1f} GB"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m m6jax.cache",
+                              description="Inspect or clear the shared feature cache.")
+  sub = p.add_subparsers(dest="cmd", required=True)
+  ls = sub.add_parser("list", help="towers, entries and size")
+  cl = sub.add_parser("clear", help="delete entries")
+  for q in (ls, cl):
+    q.add_argument("--dir", default="", help=f"cache root (default: ${ENV} or "
+                   "<$M6JAX_CACHE or ~/.cache/m6jax>/features)")
+  cl.add_argument("--older-than", default=None, type=parse_age,
+                  help="only entries unused for longer than this (e.g. 7d, 12h)")
+  cl.add_argument("--tower", default=None, help="only this tower name (e.g. minilm)")
+  args = p.parse_args(argv)
+  root = pathlib.Path(args.dir).expanduser() if args.dir else default_root()
+  if args.cmd == "list":
+    rows = summary(root)
+    print(f"feature cache: {root}")
+    if not rows:
+      print("(empty)")
+    for r in rows:
+      s = r["spec"]
+      detail = ", ".join(f"{k}={s[k]}" for k in sorted(s) if k not in ("tower", "weights"))
+      when = (time.strftime("%Y-%m-%d %H:%M", time.localtime(r["newest"]))
+              if r["newest"] else "-")
+      print(f"{r['tower']:<20} {r['entries']:>7} entries {_size(r['bytes']):>10}  "
+            f"last used {when}  {pathlib.Path(r['dir']).name}")
+      print(f"  weights={s.get('weights', '?')}  {detail}")
+    total = sum(r["bytes"] for r in rows)
+    print(f"total: {len(rows)} tower(s), {sum(r['entries'] for r in rows)} entries, "
+          f"{_size(total)}")
+  else:
+    out = clear(root, args.older_than, args.tower)
+    print(f"removed {out['files']} file(s), {_size(out['bytes'])} from {root}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
