@@ -114,7 +114,7 @@ class FeatureCache:
       for attempt in (0, 1):
         try:
           path.parent.mkdir(parents=True, exist_ok=True)
-          _atomic_write(path, lambda f: np.save(f, value, allow_pickle=False))
+          _atomic_write(path, lambda f, v=value: np.save(f, v, allow_pickle=False))
           break
         except FileNotFoundError:  # folder removed by a concurrent `clear`: once more
           if attempt:

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 import jax
 import numpy as np
 import pytest
-
 from conftest import make_catalogue, tiny_config
+
 from m6jax import cache as cache_lib
 from m6jax import embed, features
 from m6jax.data import pipeline, tfds_builder, tokenize
