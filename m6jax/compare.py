@@ -19,10 +19,14 @@ import json
 import logging
 import os
 
+from m6jax import metrics as metrics_lib
 from m6jax import track
+from m6jax.mlflow_store import STATE, child_runs, read_json
+from m6jax.results import write_json
 
 log = logging.getLogger(__name__)
 LABEL = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
+STATS = ("mean",) + track.STATS
 
 
 def _row_from_results(cell, res, overrides, source="results.json") -> dict:
@@ -30,44 +34,54 @@ def _row_from_results(cell, res, overrides, source="results.json") -> dict:
   row = {"cell": cell, "overrides": overrides, "source": source, "test": {}, "val": {},
          "n": t["summary"]["accuracy"]["n"], "ensemble": dict(t.get("ensemble", {}))}
   for k, st in t["summary"].items():
-    row["test"][k] = {s: st[s] for s in ("mean", "std", "ci95_low", "ci95_high")}
+    row["test"][k] = {s: st[s] for s in STATS if st.get(s) is not None}
   for k, vals in track.best_val(res).items():
-    row["val"][k] = track._seed_stats(vals)[0]
+    row["val"][k] = metrics_lib.seed_stats(vals)["mean"]
   return row
 
 
 def _row_from_run(cell, run, overrides) -> dict | None:
+  """A child run's metrics (named as in m6jax.track) -> a row; None without test scores."""
   m = run["metrics"]
-  if "test/accuracy/mean" not in m:
+  if "test/accuracy" not in m:
     return None
   row = {"cell": cell, "overrides": overrides, "source": "mlflow", "test": {}, "val": {},
-         "n": int(m.get("test/n_seeds", 0)), "ensemble": {}, "run_id": run["run_id"]}
+         "n": int(run["params"].get("seeds", 0)), "ensemble": {}, "run_id": run["run_id"]}
   for key, v in m.items():
     parts = key.split("/")
-    if len(parts) == 3 and parts[0] == "test" and parts[1] == "ensemble":
+    if parts[0] == "test" and len(parts) == 3 and parts[1] == "ensemble":
       row["ensemble"][parts[2]] = v
-    elif len(parts) == 3 and parts[0] == "test" and parts[2] in ("mean", "std", "ci95_low",
-                                                                  "ci95_high"):
-      row["test"].setdefault(parts[1], {})[parts[2]] = v
-    elif len(parts) == 3 and parts[0] == "val" and parts[2] == "mean":
+    elif parts[0] == "test" and parts[1] in track.TEST_METRICS and (
+        len(parts) == 2 or parts[2] in track.STATS):
+      row["test"].setdefault(parts[1], {})[parts[2] if len(parts) == 3 else "mean"] = v
+    elif parts[0] == "val" and len(parts) == 2 and parts[1].startswith("best_"):
       row["val"][parts[1].removeprefix("best_")] = v
   return row
+
+
+def row_metrics(row) -> dict:
+  """A row -> metrics named as a run's own (test/<m>[/<stat>], test/ensemble/<m>,
+  val/best_<m>), for the sweep's parent run."""
+  out = {f"test/{k}" + ("" if s == "mean" else f"/{s}"): v
+         for k, st in row["test"].items() if k in track.TEST_METRICS for s, v in st.items()}
+  out |= {f"test/ensemble/{k}": v for k, v in row["ensemble"].items() if k in track.TEST_METRICS}
+  return out | {f"val/best_{k}": v for k, v in row["val"].items()}
 
 
 def collect(root: str, uri: str | None = None) -> tuple[list, str]:
   """Rows (one per cell with scores) and a sentence on where they came from."""
   root = os.path.abspath(root)
-  info = track._read_json(os.path.join(root, "sweep.json")) or {}
+  info = read_json(os.path.join(root, "sweep.json")) or {}
   cells = [c["name"] for c in info.get("cells", [])]
   cells += sorted(d for d in os.listdir(root) if d not in cells and
                   os.path.isfile(os.path.join(root, d, "results.json")))
   overrides = {c["name"]: _describe(c) for c in info.get("cells", [])}
   rows, notes = {}, []
-  state = track._read_json(os.path.join(root, track.STATE)) or {}
+  state = read_json(os.path.join(root, STATE)) or {}
   if state.get("run_id"):
     store = uri or state.get("uri")
     try:
-      runs = track.child_runs(store, state["run_id"])
+      runs = child_runs(store, state["run_id"])
       # The latest finished run of each cell (a cell may have been rerun).
       for run in runs:
         cell = run["tags"].get("m6jax.cell") or run["name"]
@@ -111,6 +125,14 @@ def _pm(st) -> str:
   return f"{st['mean']:.4f} ± {st['std']:.4f}" if st else "–"
 
 
+def _ci(st, n) -> str:
+  """'[lo, hi]', marked with † when fewer than 3 seeds make it unreliable."""
+  if st.get("ci95_low") is None or st.get("ci95_high") is None:
+    return "–"
+  mark = " †" if n < metrics_lib.MIN_SEEDS_FOR_CI else ""
+  return f"[{st['ci95_low']:.4f}, {st['ci95_high']:.4f}]{mark}"
+
+
 def markdown(rows, split, metric, title, source) -> str:
   lab = LABEL.get(metric, metric)
   lines = [f"# {title}", "",
@@ -128,10 +150,13 @@ def markdown(rows, split, metric, title, source) -> str:
         f"| {i} | {r['cell']} | {r['overrides'] or '–'} | {r['n']} | "
         f"{'–' if val is None else f'{val:.4f}'} | {_pm(r['test'].get('accuracy'))} | "
         f"{_pm(r['test'].get('macro_f1'))} | "
-        f"[{ci.get('ci95_low', float('nan')):.4f}, {ci.get('ci95_high', float('nan')):.4f}] | "
+        f"{_ci(ci, r['n'])} | "
         f"{r['ensemble'].get('accuracy', float('nan')):.4f} |")
   if rows:
     lines += ["", best_sentence(rows[0], split, metric)]
+  if any(r["n"] < metrics_lib.MIN_SEEDS_FOR_CI for r in rows):
+    lines += ["", f"† fewer than {metrics_lib.MIN_SEEDS_FOR_CI} seeds: the t interval "
+              "(clipped to [0, 1]) says little."]
   return "\n".join(lines) + "\n"
 
 
@@ -143,8 +168,7 @@ def best_sentence(r, split, metric) -> str:
             f"selected on the TEST split ({lab}): no validation scores, so this pick is "
             f"optimistic")
   return (f"**Best cell: {r['cell']}** — {chosen}; test {lab} {_pm(t)} "
-          f"(95 % CI [{t.get('ci95_low', float('nan')):.4f}, "
-          f"{t.get('ci95_high', float('nan')):.4f}], {r['n']} seeds), "
+          f"(95 % CI {_ci(t, r['n'])}, {r['n']} seeds), "
           f"ensemble accuracy {r['ensemble'].get('accuracy', float('nan')):.4f}.")
 
 
@@ -194,8 +218,7 @@ def compare(root: str, metric: str = "macro_f1", out: str | None = None,
   plot(rows, split, metric, out + ".png", title)
   summary = {"best": rows[0]["cell"], "split": split, "metric": metric, "source": source,
              "rows": rows}
-  with open(out + ".json", "w") as f:
-    json.dump(summary, f, indent=2)
+  write_json(out + ".json", summary)
   return summary | {"markdown": md, "paths": [out + ".md", out + ".png", out + ".json"]}
 
 

@@ -58,7 +58,8 @@ def main(argv):
     _fail(str(e))
   mesh.initialize_distributed(FLAGS.config.get("mesh"))
   try:
-    experiment.run(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
+    experiment.run(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart,
+                   overrides=config_flags.get_override_values(FLAGS["config"]))
   except workdir.WorkdirError as e:
     _fail(str(e))
 

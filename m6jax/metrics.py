@@ -221,12 +221,18 @@ def classification_report(metrics: Mapping, class_names: Sequence[str],
 # ------------------------------------------------------------ seed summary
 
 
-def seed_stats(values) -> dict:
-  """(K, ...) per-replica values -> {mean, std, ci95_low, ci95_high, n}.
+MIN_SEEDS_FOR_CI = 3   # below this the t interval is too wide to say much
 
-  std uses ddof=1 (0 when K == 1); the 95 % interval is mean +- t_{0.975,
-  K-1} * std / sqrt(K). Scalars per replica give python floats; trailing
-  axes give nested lists of the same shape.
+
+def seed_stats(values, bounds=(0.0, 1.0)) -> dict:
+  """(K, ...) per-replica values -> {mean, std, ci95_low, ci95_high, n, ci95_reliable}.
+
+  The one seed-statistics helper. std uses ddof=1 (0 when K == 1); the 95 %
+  interval is mean +- t_{0.975, K-1} * std / sqrt(K), clipped to `bounds`
+  (default [0, 1], for scores; None for unbounded values such as a loss). With
+  K == 1 there is no interval: ci95_low / ci95_high are None. ci95_reliable is
+  False when K < MIN_SEEDS_FOR_CI. Scalars per replica give python floats;
+  trailing axes give nested lists of the same shape.
   """
   from scipy import stats  # Lazy: scipy.stats is slow to import.
 
@@ -234,25 +240,32 @@ def seed_stats(values) -> dict:
   if v.ndim == 0:
     v = v[None]
   n = v.shape[0]
+  if n == 0:
+    raise ValueError("seed_stats needs at least one value")
   mean = v.mean(axis=0)
-  if n > 1:
+  if n == 1:
+    std = np.zeros_like(mean)
+    lo = hi = None
+  else:
     std = v.std(axis=0, ddof=1)
     half = stats.t.ppf(0.975, df=n - 1) * std / np.sqrt(n)
-  else:
-    std = np.zeros_like(mean)
-    half = np.zeros_like(mean)
-  return {"mean": mean.tolist(), "std": std.tolist(),
-          "ci95_low": (mean - half).tolist(),
-          "ci95_high": (mean + half).tolist(), "n": int(n)}
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+      lo, hi = np.clip(lo, *bounds).tolist(), np.clip(hi, *bounds).tolist()
+    else:
+      lo, hi = lo.tolist(), hi.tolist()
+  return {"mean": mean.tolist(), "std": std.tolist(), "ci95_low": lo, "ci95_high": hi,
+          "n": int(n), "ci95_reliable": n >= MIN_SEEDS_FOR_CI}
 
 
-def seed_summary(per_replica_metrics: Mapping) -> dict:
+def seed_summary(per_replica_metrics: Mapping, bounds=(0.0, 1.0)) -> dict:
   """{name: (K,) array} -> {name: seed_stats}, JSON-serialisable.
 
   Entries that are not one scalar per replica (per-class (K, C) arrays,
   confusion matrices) are skipped; call `seed_stats` on them directly.
+  bounds: see `seed_stats` (the classification scores here lie in [0, 1]).
   """
-  return {name: seed_stats(v) for name, v in per_replica_metrics.items()
+  return {name: seed_stats(v, bounds) for name, v in per_replica_metrics.items()
           if np.ndim(v) == 1}
 
 

@@ -27,10 +27,11 @@ import os
 import re
 import sys
 
-from m6jax import track
+from m6jax import compare, experiment, track
+from m6jax.results import write_json
 
 log = logging.getLogger(__name__)
-REPO = track.REPO
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIAL = ("name", "base")   # cell keys that are not config overrides
 
 
@@ -59,19 +60,15 @@ def load_config(spec: str):
 
 
 def apply_overrides(cfg, overrides: dict):
-  """Sets dotted keys on a ConfigDict; an unknown key or a wrong type raises, naming it."""
+  """Sets dotted keys with ml_collections' own update_from_flattened_dict on the locked
+  config (as `--config.a.b=v` does): an unknown key or a wrong type raises, naming it."""
+  cfg.lock()
   for key, value in overrides.items():
-    node, parts = cfg, key.split(".")
-    for i, p in enumerate(parts):
-      if not hasattr(node, "keys") or p not in node.keys():
-        raise KeyError(f"config override {key!r}: no key {'.'.join(parts[:i + 1])!r} "
-                       f"in config {cfg.get('name', '')!r}")
-      if i < len(parts) - 1:
-        node = node[p]
     try:
-      node[parts[-1]] = value
-    except (TypeError, ValueError) as e:
-      raise TypeError(f"config override {key}={value!r}: {e}") from e
+      cfg.update_from_flattened_dict({key: value})
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+      raise type(e)(f"config override {key}={value!r} (config {cfg.get('name', '')!r}): "
+                    f"{e}") from e
   return cfg
 
 
@@ -79,21 +76,6 @@ def _safe(v, keep: str = "") -> str:
   """A value as a file name part: letters, digits, '.', '_', '-' (and `keep`)."""
   s = v if isinstance(v, str) else json.dumps(v)
   return re.sub(rf"[^A-Za-z0-9._{re.escape(keep)}-]+", "_", s).strip("_") or "_"
-
-
-def _short_keys(keys) -> dict:
-  """Each dotted key -> its shortest dotted suffix that no other key shares."""
-  keys = sorted(set(keys))
-  out = {}
-  for k in keys:
-    parts = k.split(".")
-    # 'name' alone says nothing: 'image.name=resnet50' does.
-    for n in range(1 if parts[-1] != "name" else min(2, len(parts)), len(parts) + 1):
-      suf = ".".join(parts[-n:])
-      if not any(o != k and (o == suf or o.endswith("." + suf)) for o in keys):
-        break
-    out[k] = suf
-  return out
 
 
 def _base_label(spec: str) -> str:
@@ -115,7 +97,7 @@ def expand(sweep: dict) -> list:
     raw += [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
   if not raw:
     raise ValueError("sweep has no cells (give 'cells' or 'grid')")
-  short = _short_keys(k for c in raw for k in c if k not in SPECIAL)
+  short = track.short_keys(k for c in raw for k in c if k not in SPECIAL)
   cells, seen = [], set()
   for c in raw:
     overrides = {k: v for k, v in c.items() if k not in SPECIAL}
@@ -154,10 +136,9 @@ def cell_config(sweep: dict, cell: dict):
 def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) -> dict:
   """Runs the sweep's missing cells; returns {cell: 'done' | 'skipped' | 'failed: ...'}.
 
-  The store defaults to sqlite:///<root>/mlflow.db (what `./launch.sh ui` shows).
+  The store defaults to sqlite:///<root>/mlflow.db (what `./launch.sh ui` shows). The
+  parent run gets the comparison (table, plot, JSON), the best cell and its metrics.
   """
-  from m6jax import experiment
-  from m6jax import results as results_lib
   sweep = load_sweep(path)
   names = [c["name"] for c in sweep["cells"]]
   only = list(only or [])
@@ -166,18 +147,20 @@ def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) 
     raise ValueError(f"--only {unknown}: not cells of this sweep; cells: {names}")
   sweep_dir = os.path.join(os.path.abspath(root), sweep["name"])
   os.makedirs(sweep_dir, exist_ok=True)
-  results_lib.write_json(os.path.join(sweep_dir, "sweep.json"),
-                         {k: sweep[k] for k in ("name", "base", "overrides", "cells", "file")})
+  write_json(os.path.join(sweep_dir, "sweep.json"),
+             {k: sweep[k] for k in ("name", "base", "overrides", "cells", "file")})
   # Configs first: a bad override fails the sweep before hours of training.
   cfgs = {c["name"]: cell_config(sweep, c) for c in sweep["cells"]}
-  first = cfgs[names[0]]
   store_dir = os.path.abspath(root)
-  parent_cfg = {"name": sweep["name"], "track": track._section(first),
+  parent_cfg = {"name": sweep["name"], "track": track._section(cfgs[names[0]]),
                 "sweep": {"file": sweep["file"], "base": sweep["base"],
                           "overrides": sweep["overrides"], "cells": names}}
+  about = (f"Sweep **{sweep['name']}** ({sweep['file']}): {len(names)} cells over "
+           f"`{sweep['base']}`; the comparison table, plot and best cell are this run's "
+           f"artifacts, the best cell's scores its metrics.")
   status = {}
   with track.Tracker(parent_cfg, sweep_dir, run_name=sweep["name"], uri=uri,
-                     store_dir=store_dir, resume="always",
+                     store_dir=store_dir, resume="always", description=about,
                      tags={"m6jax.role": "sweep", "m6jax.sweep": sweep["name"]}) as parent:
     for cell in sweep["cells"]:
       name, cfg = cell["name"], cfgs[cell["name"]]
@@ -190,20 +173,38 @@ def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) 
         continue
       log.info("cell %s: training (%s %s)", name, cell["base"], cell["overrides"])
       tags = {"m6jax.role": "cell", "m6jax.sweep": sweep["name"], "m6jax.cell": name,
-              "m6jax.base": cell["base"],
-              "m6jax.overrides": json.dumps(cell["overrides"], default=str)}
+              "m6jax.base": cell["base"], "m6jax.overrides": cell["overrides"]}
       try:
         experiment.run(cfg, workdir, parent_run_id=parent.run_id, run_name=name, uri=uri,
-                       store_dir=store_dir, tags=tags, parent_workdir=sweep_dir)
+                       store_dir=store_dir, tags=tags, parent_workdir=sweep_dir,
+                       overrides=sweep["overrides"] | cell["overrides"])
         status[name] = "done"
       except Exception as e:  # noqa: BLE001 - one bad cell should not sink the others
         log.exception("cell %s failed", name)
         status[name] = f"failed: {type(e).__name__}: {e}"
     n_done = sum(os.path.isfile(os.path.join(sweep_dir, n, "results.json")) for n in names)
     parent.set_tags({"m6jax.cells_done": f"{n_done}/{len(names)}"})
+    if n_done:
+      log_comparison(parent, sweep_dir, uri)
   log.info("sweep %s: %d/%d cells have results (%s)", sweep["name"], n_done, len(names),
            sweep_dir)
   return status
+
+
+def log_comparison(parent, sweep_dir: str, uri: str | None = None, metric: str = "macro_f1"):
+  """Writes <sweep_dir>/comparison.{md,png,json} and logs them, the best cell (tags)
+  and the best cell's scores (metrics) to the sweep's parent run."""
+  try:
+    res = compare.compare(sweep_dir, metric, uri=uri or parent.uri)
+  except Exception as e:  # noqa: BLE001 - the cells are done; the summary is extra
+    log.warning("sweep %s: no comparison: %s", sweep_dir, e)
+    return None
+  best = res["rows"][0]
+  parent.log_artifacts(res["paths"])
+  parent.set_tags({"m6jax.best_cell": best["cell"], "m6jax.best_by": f"{res['split']} {metric}",
+                   "m6jax.best_overrides": best["overrides"]})
+  parent.log_metrics(compare.row_metrics(best))
+  return res
 
 
 def main(argv=None):

@@ -1,66 +1,55 @@
-"""Experiment tracking: MLflow runs with a local fallback that never stops training.
+"""Experiment tracking: one writer per run; metrics.jsonl always, MLflow when enabled.
 
-The only module that imports mlflow, and only inside functions, so importing
-this module is cheap.
-
-  with Tracker(cfg, workdir) as t:        # nested under parent_run_id when given
-    res = experiment.train_and_evaluate(cfg, workdir, on_epoch=t.log_epoch)
+  with Tracker(cfg, workdir, overrides={"seeds": 3}) as t:   # parent_run_id= nests it
+    res = train.train_and_evaluate(cfg, workdir, on_epoch=t.log_epoch)
     t.log_results(res, workdir)
 
 Store: cfg.track.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<workdir/..>/mlflow.db.
-Files in the workdir:
-  metrics.jsonl          one line per epoch record, always (tracking on, off or down)
-  tracking.json          {uri, experiment, run_id, status}: a rerun resumes an unfinished run
-  tracking_buffer.jsonl  what the store did not take (store down or gone mid-run);
-                         `replay(workdir)` / `python -m m6jax.track replay WORKDIR` pushes it
-  checkpoint.txt         where the best checkpoint is (logged instead of the checkpoint)
+Nothing here raises into training: a store that is down or lost mid-run turns the
+tracker "degraded" and its events go to <workdir>/tracking_buffer.jsonl, which
+`python -m m6jax.track replay WORKDIR` pushes later. mlflow is imported lazily.
 
-Metric names: per epoch `loss/seed0`, `loss/mean`, `loss/std` (also grad_norm,
-val_macro_f1, val_accuracy; step = epoch); final `test/<metric>/{seedN,mean,std,
-ci95_low,ci95_high}`, `test/ensemble/<metric>`, `val/best_{macro_f1,accuracy}/...`.
+Metric names (step = epoch for per-epoch series, 0 for final values):
+  <split>/<metric>             mean over seeds (train/loss, val/macro_f1, test/accuracy, ...)
+  <split>/<metric>/seed_<s>    one seed (s is the seed value, cfg.seed + k)
+  <split>/<metric>/<stat>      std, ci95_low, ci95_high (t interval, clipped to [0, 1])
+  test/ensemble/<metric>       the seed ensemble (mean of probabilities)
+  val/best_<metric>            each seed's selected (best macro-F1) epoch, as above
+  feasibility/<emb>/{ari,nmi}, gradcam/stability, importance/<modality>/{drop,without},
+  time/<phase>_s               analysis and timings, when the results have them
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
-import math
 import os
-import subprocess
-import sys
 import time
+
+from m6jax import curves
+from m6jax import metrics as metrics_lib
+from m6jax.mlflow_store import (BUFFER, STATE, Store, dataset_event, param_str, read_json,
+                                replay)
+from m6jax.results import write_json
 
 log = logging.getLogger(__name__)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUFFER = "tracking_buffer.jsonl"
-STATE = "tracking.json"
-EPOCH_KEYS = ("loss", "grad_norm", "val_macro_f1", "val_accuracy")
-FINAL_PER_SEED = ("accuracy", "macro_f1")
-# MLflow 3 sends usage telemetry (config.mlflow-telemetry.io) unless told not to:
-# runs stay offline. Read when mlflow is first imported, which only this module does.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+EPOCH_KEYS = {"loss": "train/loss", "grad_norm": "train/grad_norm",
+              "val_macro_f1": "val/macro_f1", "val_accuracy": "val/accuracy"}
+TEST_METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
+STATS = ("std", "ci95_low", "ci95_high")
 ARTIFACTS = ("config.json", "results.json", "report.txt", "confusion_matrix.png",
-             "feasibility.png", "feasibility.json", "data_report.json", "data_report.txt",
-             "predictions_test.csv", "metrics.jsonl", "checkpoint.txt")
-ARTIFACT_DIRS = ("gradcam",)
-MAX_PARAM_LEN = 6000      # mlflow's limit on one param value
-MAX_KEY_LEN = 250
-BATCH = 100               # mlflow's limit on params per log_batch call
+             "training_curves.png", "feasibility.png", "feasibility.json", "data_report.json",
+             "data_report.txt", "predictions_test.csv", "metrics.jsonl", "gradcam")
 
 
-# ------------------------------------------------------------------ config
+# ----------------------------------------------------------------- naming
 
 
 def _section(cfg) -> dict:
   """cfg.track as a dict ({} when the config has none)."""
-  if cfg is None:
-    return {}
   t = cfg.get("track", None) if hasattr(cfg, "get") else None
-  if t is None:
-    return {}
-  return dict(t.to_dict() if hasattr(t, "to_dict") else t)
+  return dict(t.to_dict() if hasattr(t, "to_dict") else t or {})
 
 
 def default_uri(store_dir: str) -> str:
@@ -70,215 +59,169 @@ def default_uri(store_dir: str) -> str:
 def resolve_uri(cfg, workdir: str, store_dir: str | None = None) -> str:
   """cfg.track.uri, else $MLFLOW_TRACKING_URI, else sqlite in store_dir (workdir's parent)."""
   uri = _section(cfg).get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
-  if uri:
-    return uri
-  return default_uri(store_dir or os.path.dirname(os.path.abspath(workdir)))
+  return uri or default_uri(store_dir or os.path.dirname(os.path.abspath(workdir)))
 
 
 def flatten(d, prefix: str = "") -> dict:
   """Nested dict / ConfigDict -> {'a.b.c': value}."""
-  if hasattr(d, "to_dict"):
-    d = d.to_dict()
   out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
+  for k, v in (d.to_dict() if hasattr(d, "to_dict") else d).items():
     if hasattr(v, "to_dict") or isinstance(v, dict):
-      sub = flatten(v, key + ".")
-      out.update(sub if sub else {key: "{}"})
+      out.update(flatten(v, f"{prefix}{k}.") or {f"{prefix}{k}": "{}"})
     else:
-      out[key] = v
+      out[f"{prefix}{k}"] = v
   return out
 
 
-def _param_str(v) -> str:
-  s = v if isinstance(v, str) else json.dumps(v, default=str) if isinstance(
-      v, (list, tuple, dict)) else str(v)
-  # mlflow rejects longer values; keep the head and say it was cut.
-  return s if len(s) <= MAX_PARAM_LEN else s[:MAX_PARAM_LEN - 20] + "...[truncated]"
+def short_keys(keys) -> dict:
+  """Each dotted key -> its shortest dotted suffix that no other key shares."""
+  keys = sorted(set(keys))
+  out = {}
+  for k in keys:
+    parts = k.split(".")
+    # 'name' alone says nothing: 'image.name=resnet50' does.
+    for n in range(1 if parts[-1] != "name" else min(2, len(parts)), len(parts) + 1):
+      suf = ".".join(parts[-n:])
+      if not any(o != k and (o == suf or o.endswith("." + suf)) for o in keys):
+        break
+    out[k] = suf
+  return out
 
 
-def _git_tags() -> dict:
-  def git(*args):
-    return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True,
-                          timeout=10, check=True).stdout.strip()
-  try:
-    tags = {"mlflow.source.git.commit": git("rev-parse", "HEAD")}
-    tags["m6jax.git_dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no")))
-    return tags
-  except Exception:  # noqa: BLE001 - no git, not a repo: just no tag
-    return {}
+def make_run_name(workdir: str, overrides: dict | None = None) -> str:
+  """The workdir's name plus the config overrides: 'x seeds=3 fusion=gated'."""
+  name = os.path.basename(os.path.abspath(workdir))
+  short = short_keys(overrides or {})
+  for k, v in (overrides or {}).items():
+    v = os.path.basename(v.rstrip("/")) if isinstance(v, str) and os.sep in v else v
+    name += f" {short[k]}={param_str(v)[:24]}"
+  return name[:250]
 
 
-def _runtime_tags() -> dict:
-  tags = {"mlflow.source.name": os.path.basename(sys.argv[0] or "python"),
-          "m6jax.host": os.uname().nodename}
-  try:
-    tags["mlflow.user"] = getpass.getuser()
-  except Exception:  # noqa: BLE001
-    pass
-  try:
-    import jax
-    tags["m6jax.jax_version"] = jax.__version__
-    tags["m6jax.devices"] = _param_str([str(d) for d in jax.devices()])
-  except Exception:  # noqa: BLE001
-    pass
-  return tags | _git_tags()
+def describe(cfg, workdir: str, overrides: dict | None = None) -> str:
+  """The run description (markdown) MLflow shows on the run page."""
+  g = lambda *path: _get(cfg, path)
+  lines = [f"**{g('name') or 'run'}** config: {g('model', 'fusion')} fusion, "
+           f"text `{g('model', 'text', 'name')}`, image `{g('model', 'image', 'name')}`, "
+           f"train.mode={g('train', 'mode')}, {g('seeds')} seeds x {g('train', 'epochs')} "
+           f"epochs."]
+  if overrides:
+    lines.append("Overrides: " + ", ".join(f"`{k}={param_str(v)}`" for k, v in overrides.items()))
+  lines.append(f"Workdir: `{os.path.abspath(workdir)}`")
+  return "\n\n".join(lines)
 
 
-# ------------------------------------------------------------------- store
+def _get(cfg, path):
+  for p in path:
+    cfg = cfg.get(p) if hasattr(cfg, "get") else None
+  return cfg
 
 
-def _quick_http(uri: str) -> None:
-  """An unreachable server must fail in seconds, not after minutes of retries."""
-  if uri.startswith(("http://", "https://")):
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+def _seed_keys(prefix, vals, seeds) -> dict:
+  """Per-seed names; replicas that are not one per seed (folds x seeds) by their index."""
+  if len(vals) == len(seeds):
+    return {f"{prefix}/seed_{s}": float(v) for s, v in zip(seeds, vals)}
+  return {f"{prefix}/replica_{i}": float(v) for i, v in enumerate(vals)}
 
 
-class _Store:
-  """Applies tracking events to one MLflow store (all calls may raise)."""
+def epoch_metrics(record: dict, seeds) -> dict:
+  """One epoch record -> {name: value}: per-seed values and their mean."""
+  out = {}
+  for key, name in EPOCH_KEYS.items():
+    vals = [float(v) for v in record.get(key) or ()]
+    if vals:
+      out[name] = sum(vals) / len(vals)
+      out |= _seed_keys(name, vals, seeds)
+  if "seconds" in record:
+    out["time/epoch_s"] = float(record["seconds"])
+  return out
 
-  def __init__(self, uri: str):
-    _quick_http(uri)
-    if uri.startswith("sqlite:///"):
-      os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
-    from mlflow.tracking import MlflowClient
-    self.uri = uri
-    self.client = MlflowClient(tracking_uri=uri)
-    self.resumed = False    # did start() continue an existing run
 
-  def experiment_id(self, name: str) -> str:
-    exp = self.client.get_experiment_by_name(name)
-    if exp is not None:
-      return exp.experiment_id
-    location = None
-    if self.uri.startswith("sqlite:///"):
-      # Otherwise mlflow puts artifacts in ./mlruns of whatever the cwd is.
-      import pathlib
-      root = os.path.dirname(os.path.abspath(self.uri[len("sqlite:///"):]))
-      location = pathlib.Path(root, "mlartifacts", name).as_uri()
-    return self.client.create_experiment(name, artifact_location=location)
+def _stats(prefix, st) -> dict:
+  out = {prefix: st["mean"]}
+  out |= {f"{prefix}/{s}": st[s] for s in STATS if isinstance(st.get(s), (int, float))}
+  return out
 
-  def get_run(self, run_id):
-    if not run_id:
-      return None
-    try:
-      return self.client.get_run(run_id)
-    except Exception as e:  # noqa: BLE001
-      if "RESOURCE_DOES_NOT_EXIST" in str(getattr(e, "error_code", "")) or "not found" in str(
-          e).lower():
-        return None
-      raise
 
-  def start(self, ev: dict, resume: str = "unfinished") -> str:
-    """Creates (or continues ev['run_id']) a run; logs ev's params and tags."""
-    eid = self.experiment_id(ev["experiment"])
-    run = self.get_run(ev.get("run_id"))
-    if run is not None and (resume == "always" or run.info.status != "FINISHED"):
-      run_id = run.info.run_id
-      self.client.update_run(run_id, status="RUNNING")
-      have, self.resumed = run.data.params, True
-    else:
-      tags = dict(ev.get("tags") or {})
-      if ev.get("parent_run_id"):
-        tags["mlflow.parentRunId"] = ev["parent_run_id"]
-      run_id = self.client.create_run(eid, run_name=ev.get("run_name"), tags=tags).info.run_id
-      have, self.resumed = {}, False
-    ev["run_id"] = run_id
-    self.log(run_id, params=ev.get("params") or {}, tags=ev.get("tags") or {}, have=have)
-    if ev.get("parent_run_id"):
-      self.client.set_tag(run_id, "mlflow.parentRunId", ev["parent_run_id"])
-    return run_id
+def final_metrics(results: dict) -> dict:
+  """results.json -> {name: value} of the final scores and analyses (see module doc)."""
+  test = results.get("test", {})
+  per_seed = test.get("per_seed", {})
+  seeds = results.get("seeds") or list(range(len(per_seed.get("accuracy", []))))
+  out = {}
+  for k in TEST_METRICS:
+    if k in test.get("summary", {}):
+      out |= _stats(f"test/{k}", test["summary"][k])
+      out |= _seed_keys(f"test/{k}", per_seed.get(k, []), seeds)
+    if isinstance(test.get("ensemble", {}).get(k), (int, float)):
+      out[f"test/ensemble/{k}"] = test["ensemble"][k]
+  for name, vals in best_val(results).items():
+    out |= _stats(f"val/best_{name}", metrics_lib.seed_stats(vals))
+    out |= _seed_keys(f"val/best_{name}", vals, seeds)
+  for emb, r in (results.get("feasibility") or {}).items():
+    if isinstance(r, dict):
+      out |= {f"feasibility/{emb}/{m}": r[m] for m in ("ari", "nmi") if m in r}
+  if isinstance((results.get("gradcam") or {}).get("stability"), (int, float)):
+    out["gradcam/stability"] = results["gradcam"]["stability"]
+  for k, v in (results.get("modality_importance") or {}).items():
+    kind, _, mod = k.partition("_")
+    if kind in ("drop", "without") and mod:
+      out[f"importance/{mod}/{kind}"] = v
+  timings = results.get("timings") or results.get("timing_s") or {}
+  out |= {f"time/{k}_s": v for k, v in timings.items()}
+  return {k: float(v) for k, v in out.items()}
 
-  def log(self, run_id, params=None, tags=None, metrics=None, step=0, timestamp=None,
-          have=None, dedup=False):
-    from mlflow.entities import Metric, Param, RunTag
-    params = {k[:MAX_KEY_LEN]: _param_str(v) for k, v in (params or {}).items()}
-    if have:
-      changed = sorted(k for k, v in params.items() if k in have and have[k] != v)
-      if changed:  # params are immutable in mlflow: keep the first, say so
-        log.warning("run %s: params changed since it started, kept the old values: %s",
-                    run_id, changed)
-      params = {k: v for k, v in params.items() if k not in have}
-    ps = [Param(k, v) for k, v in params.items()]
-    ts = [RunTag(k, _param_str(v)) for k, v in (tags or {}).items()]
-    ms = []
-    ms_time = int(timestamp if timestamp is not None else time.time() * 1000)
-    for k, v in (metrics or {}).items():
-      if dedup and any(m.step == step for m in self._history(run_id, k)):
-        continue
-      ms.append(Metric(k, float(v), ms_time, int(step)))
-    for i in range(0, max(len(ps), len(ts), len(ms)), BATCH):
-      self.client.log_batch(run_id, metrics=ms[i:i + BATCH], params=ps[i:i + BATCH],
-                            tags=ts[i:i + BATCH])
 
-  def _history(self, run_id, key):
-    return self.client.get_metric_history(run_id, key)
-
-  def artifacts(self, run_id, paths):
-    for path, dest in paths:
-      if os.path.isdir(path):
-        self.client.log_artifacts(run_id, path, dest or os.path.basename(path))
-      elif os.path.isfile(path):
-        self.client.log_artifact(run_id, path, dest)
-
-  def end(self, run_id, status):
-    self.client.set_terminated(run_id, status)
+def best_val(results: dict) -> dict:
+  """Per-seed validation scores of the selected epoch: {'macro_f1': [K], 'accuracy': [K]}
+  (results['validation'] when training recorded it, else recomputed from the history)."""
+  val = results.get("validation") or {}
+  if val.get("macro_f1"):
+    return {k: [float(v) for v in val[k]] for k in ("macro_f1", "accuracy") if val.get(k)}
+  out = {}
+  if results.get("best_val_macro_f1"):
+    out["macro_f1"] = [float(v) for v in results["best_val_macro_f1"]]
+  hist = results.get("history") or []
+  if hist and all("val_accuracy" in h for h in hist):
+    row = {h["epoch"]: h for h in hist}
+    out["accuracy"] = [float(row[e]["val_accuracy"][i])
+                       for i, e in enumerate(curves.best_epochs(hist))]
+  return out
 
 
 # ----------------------------------------------------------------- tracker
 
 
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def _seed_stats(vals):
-  m = sum(vals) / len(vals)
-  var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-  return m, math.sqrt(var)
-
-
 class Tracker:
-  """One tracked run (context manager); every method is safe to call and never raises.
+  """One tracked run (context manager); no method raises into training.
 
   cfg: the run's ConfigDict (or a dict); its `track` section ({enabled, uri,
   experiment}) is read with defaults. parent_run_id nests the run (sweeps).
-  uri / store_dir override the store and the default store's folder.
-  resume: continue the run recorded in workdir/tracking.json when it is
-  'unfinished' (default), 'always', or 'never'.
+  run_name: default `make_run_name(workdir, overrides)`; overrides: the config
+  overrides given (named in the run name and description). uri / store_dir
+  override the store and the default store's folder. resume: continue the run
+  in workdir/tracking.json when it is 'unfinished' (default), 'always' or 'never'.
   """
 
   def __init__(self, cfg, workdir, parent_run_id=None, run_name=None, *, uri=None,
-               store_dir=None, tags=None, resume="unfinished", parent_workdir=None):
+               store_dir=None, tags=None, resume="unfinished", parent_workdir=None,
+               overrides=None, description=None):
     sec = _section(cfg)
-    self.cfg = cfg
-    self.workdir = os.path.abspath(workdir)
+    self.cfg, self.workdir = cfg, os.path.abspath(workdir)
     self.enabled = bool(sec.get("enabled", True))
     self.uri = uri or resolve_uri(cfg, workdir, store_dir)
     self.experiment = sec.get("experiment") or "m6jax"
     self.parent_run_id = parent_run_id
     self.parent_workdir = parent_workdir and os.path.abspath(parent_workdir)
-    self.run_name = run_name or (cfg.get("name") if hasattr(cfg, "get") else None) or \
-        os.path.basename(self.workdir)
+    self.overrides = dict(overrides or {})
+    self.run_name = run_name or make_run_name(workdir, self.overrides)
+    self.description = description or describe(cfg, workdir, self.overrides)
     self.tags = dict(tags or {})
     self.resume = resume
-    self.seed0 = int(cfg.get("seed", 0)) if hasattr(cfg, "get") else 0
-    self.run_id = None
-    self.status = None
+    seed0, k = int(_get(cfg, ("seed",)) or 0), int(_get(cfg, ("seeds",)) or 1)
+    self.seeds = [seed0 + i for i in range(k)]
+    self.run_id = self.status = self._store = None
     self.degraded = False
-    self._store = None
     self._journal = []
     self._logged_steps = set()   # epochs a continued run already has
 
@@ -286,314 +229,166 @@ class Tracker:
   def buffer_path(self):
     return os.path.join(self.workdir, BUFFER)
 
-  # --- context manager ---------------------------------------------------------
   def __enter__(self):
-    self.start()
-    return self
+    return self.start()
 
   def __exit__(self, exc_type, exc, tb):
-    if exc_type is None:
-      self.end("FINISHED")
-    else:
-      self.end("KILLED" if issubclass(exc_type, (KeyboardInterrupt, SystemExit)) else "FAILED")
+    self.end("FINISHED" if exc_type is None else "KILLED" if issubclass(
+        exc_type, (KeyboardInterrupt, SystemExit)) else "FAILED")
     return False
 
-  # --- events ------------------------------------------------------------------
+  # --- the writer interface ----------------------------------------------------
   def start(self):
     os.makedirs(self.workdir, exist_ok=True)
     if not self.enabled:
       return self
-    prev = _read_json(os.path.join(self.workdir, STATE)) or {}
-    resume_id = prev.get("run_id") if (self.resume != "never" and prev.get("uri") == self.uri
-                                       and prev.get("experiment") == self.experiment) else None
-    params = flatten(self.cfg) if self.cfg is not None else {}
-    params = {k: v for k, v in params.items() if not k.startswith("track.")}
-    tags = _runtime_tags() | {"m6jax.workdir": self.workdir} | self.tags
-    if hasattr(self.cfg, "get") and self.cfg.get("name"):
-      tags["m6jax.config_name"] = str(self.cfg.get("name"))
-    if self.parent_workdir:
-      tags["m6jax.parent_workdir"] = self.parent_workdir
-    self._emit({"event": "start", "uri": self.uri, "experiment": self.experiment,
-                "run_id": resume_id, "run_name": self.run_name, "resume": self.resume,
-                "parent_run_id": self.parent_run_id, "parent_workdir": self.parent_workdir,
-                "workdir": self.workdir, "tags": tags, "params": params})
+    try:
+      from mlflow.tracking.context.registry import resolve_tags   # git, user, source
+      prev = read_json(os.path.join(self.workdir, STATE)) or {}
+      same = prev.get("uri") == self.uri and prev.get("experiment") == self.experiment
+      params = {k: v for k, v in flatten(self.cfg or {}).items() if not k.startswith("track.")}
+      tags = resolve_tags(self.tags | {"mlflow.note.content": self.description,
+                                       "m6jax.workdir": self.workdir})
+      if self.parent_workdir:
+        tags["m6jax.parent_workdir"] = self.parent_workdir
+      self._emit({"event": "start", "uri": self.uri, "experiment": self.experiment,
+                  "run_id": prev.get("run_id") if same and self.resume != "never" else None,
+                  "run_name": self.run_name, "parent_run_id": self.parent_run_id,
+                  "parent_workdir": self.parent_workdir, "tags": tags, "params": params})
+    except Exception as e:  # noqa: BLE001 - tracking must never stop training
+      log.warning("tracking: could not start: %s", e)
     return self
 
   def log_epoch(self, record: dict):
-    """on_epoch callback: metrics.jsonl line + per-seed / mean / std metrics at step=epoch."""
+    """on_epoch callback: a metrics.jsonl line, and per-seed / mean metrics at step=epoch."""
     try:
       with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
-      if not self.enabled:
-        return
-      metrics = {}
-      for key in EPOCH_KEYS:
-        vals = [float(v) for v in record.get(key) or ()]
-        if not vals:
-          continue
-        for k, v in enumerate(vals):
-          metrics[f"{key}/seed{self.seed0 + k}"] = v
-        metrics[f"{key}/mean"], metrics[f"{key}/std"] = _seed_stats(vals)
-      if "seconds" in record:
-        metrics["epoch_seconds"] = float(record["seconds"])
-      self._emit({"event": "metrics", "metrics": metrics, "step": int(record["epoch"]),
-                  "timestamp": int(time.time() * 1000), "epoch": True})
-    except Exception as e:  # noqa: BLE001 - tracking must never stop training
+      if self.enabled and int(record["epoch"]) not in self._logged_steps:
+        self._emit({"event": "metrics", "metrics": epoch_metrics(record, self.seeds),
+                    "step": int(record["epoch"]), "timestamp": int(time.time() * 1000)})
+    except Exception as e:  # noqa: BLE001
       log.warning("tracking: could not log epoch: %s", e)
 
-  def log_results(self, results: dict, workdir: str | None = None):
-    """Final metrics (results.json's numbers) and the run's output files as artifacts."""
-    if not self.enabled:
-      return
-    try:
-      workdir = os.path.abspath(workdir or self.workdir)
-      self._emit({"event": "metrics", "metrics": final_metrics(results), "step": 0,
-                  "timestamp": int(time.time() * 1000)})
-      best = os.path.join(workdir, "checkpoints", "latest")
-      with open(os.path.join(workdir, "checkpoint.txt"), "w") as f:
-        f.write(best + "\n")
-      paths = [[os.path.join(workdir, a), None] for a in ARTIFACTS
-               if os.path.isfile(os.path.join(workdir, a))]
-      paths += [[os.path.join(workdir, d), d] for d in ARTIFACT_DIRS
-                if os.path.isdir(os.path.join(workdir, d))]
+  def log_metrics(self, metrics: dict, step: int = 0):
+    if self.enabled:
+      self._emit({"event": "metrics", "metrics": {k: float(v) for k, v in metrics.items()},
+                  "step": int(step), "timestamp": int(time.time() * 1000)})
+
+  def log_artifacts(self, paths):
+    """Files and folders (a folder keeps its name in the run's artifacts)."""
+    paths = [os.path.abspath(p) for p in paths if os.path.exists(p)]
+    if self.enabled and paths:
       self._emit({"event": "artifacts", "paths": paths})
-    except Exception as e:  # noqa: BLE001
-      log.warning("tracking: could not log results: %s", e)
 
   def set_tags(self, tags: dict):
     if self.enabled:
-      self._emit({"event": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+      self._emit({"event": "tags", "tags": {k: param_str(v) for k, v in tags.items()}})
+
+  def log_results(self, results: dict, workdir: str | None = None):
+    """Final metrics, training_curves.png, the dataset input and the run's files."""
+    workdir = os.path.abspath(workdir or self.workdir)
+    try:
+      if results.get("history"):
+        curves.plot_training_curves(results["history"],
+                                    os.path.join(workdir, "training_curves.png"),
+                                    results.get("seeds"), title=self.run_name)
+      if not self.enabled:
+        return
+      self.log_metrics(final_metrics(results))
+      ev = dataset_event(results.get("data") or {})
+      if ev:
+        self._emit(ev)
+      data = results.get("data") or {}
+      self.set_tags({f"m6jax.data.{k}": data[k] for k in ("used_rows", "skipped_rows")
+                     if k in data} | ({"m6jax.devices": results["devices"]}
+                                      if results.get("devices") else {}))
+      self.log_artifacts([os.path.join(workdir, a) for a in ARTIFACTS])
+    except Exception as e:  # noqa: BLE001
+      log.warning("tracking: could not log results: %s", e)
+
+  def log_pyfunc(self, python_model, name: str = "model", **save_kwargs):
+    """Logs an mlflow.pyfunc.PythonModel as this run's MLflow model; returns its
+    'models:/<id>' URI (None when tracking is off or the store is unavailable).
+
+    save_kwargs go to mlflow.pyfunc.save_model (artifacts, input_example,
+    signature, pip_requirements, code_paths, ...). Not buffered: a model is
+    logged only while the store answers.
+    """
+    if not self.enabled or self.degraded or self.run_id is None:
+      log.warning("tracking: model %r not logged (tracking off or store unavailable)", name)
+      return None
+    try:
+      return self._store.log_pyfunc(self.run_id, python_model, name,
+                                    **save_kwargs)
+    except Exception as e:  # noqa: BLE001
+      log.warning("tracking: could not log model %r: %s", name, e)
+      return None
 
   def end(self, status: str = "FINISHED"):
-    """FINISHED, FAILED or KILLED. Safe to call twice (the first wins)."""
+    """FINISHED, FAILED or KILLED; prints where everything is. The first call wins."""
     if self.status is not None:
       return
     self.status = status
+    if self.enabled:
+      self._emit({"event": "end", "status": status})
+    print(self.summary(), flush=True)
+
+  def summary(self) -> str:
+    """One line: where the results, the MLflow run and its UI are."""
+    line = f"[m6jax] {self.status or 'RUNNING'}: results in {self.workdir}"
     if not self.enabled:
-      return
-    self._emit({"event": "end", "status": status})
-    if self.degraded:
-      log.warning("tracking: %s holds this run's tracking events; push them with "
-                  "`python -m m6jax.track replay %s`", self.buffer_path, self.workdir)
+      return line + "; tracking off (metrics.jsonl only)"
+    if self.degraded or self.run_id is None:
+      return (line + f"; MLflow unavailable, events kept in {self.buffer_path}: "
+              f"push them with `python -m m6jax.track replay {self.workdir}`")
+    ui = ("./launch.sh ui" if self.uri == default_uri("runs") else
+          f"mlflow ui --backend-store-uri {self.uri}")
+    return line + f"; MLflow run {self.run_id} in {self.uri}; browse with `{ui}`"
 
   # --- plumbing ----------------------------------------------------------------
   def _emit(self, ev):
     self._journal.append(ev)
-    if not self.degraded:
-      try:
-        self._apply(ev)
-        return
-      except Exception as e:  # noqa: BLE001 - store down, gone, or refusing
-        self._degrade(e)
-        return
-    self._buffer([ev])
+    if self.degraded:
+      return self._buffer([ev])
+    try:
+      self._apply(ev)
+    except Exception as e:  # noqa: BLE001 - store down, gone, or refusing
+      self.degraded = True
+      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+      if len(msg) > 300:  # the cause ("Connection refused") is at the end of mlflow's messages
+        msg = msg[:150] + " ... " + msg[-140:]
+      log.warning("tracking unavailable: %s; buffering to %s", msg, self.buffer_path)
+      # The whole run so far goes to the buffer, so a replay into any store is complete;
+      # the start event carries the run id (if one was made) to continue it instead.
+      self._buffer(self._journal)
 
   def _apply(self, ev):
-    kind = ev["event"]
-    if kind == "start":
-      self._store = _Store(self.uri)
+    if ev["event"] == "start":
+      self._store = Store(self.uri)
       self.run_id = self._store.start(ev, self.resume)
       if self._store.resumed:
         # Killed between logging an epoch and checkpointing it: that epoch runs again.
-        self._logged_steps = {m.step for m in self._store._history(self.run_id, "loss/mean")}
-      self._save_state("RUNNING")
-      return
-    if self._store is None or self.run_id is None:
+        self._logged_steps = self._store.steps(self.run_id, EPOCH_KEYS["loss"])
+      ev["run_id"] = self.run_id
+    elif self._store is None or self.run_id is None:
       raise RuntimeError("no run was started")
-    if kind == "metrics":
-      if ev.get("epoch") and ev["step"] in self._logged_steps:
-        return
-      self._store.log(self.run_id, metrics=ev["metrics"], step=ev["step"],
-                      timestamp=ev.get("timestamp"))
-    elif kind == "tags":
-      self._store.log(self.run_id, tags=ev["tags"])
-    elif kind == "artifacts":
-      self._store.artifacts(self.run_id, ev["paths"])
-    elif kind == "end":
-      self._store.end(self.run_id, ev["status"])
-      self._save_state(ev["status"])
-
-  def _degrade(self, err):
-    self.degraded = True
-    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if len(msg) > 300:  # the cause ("Connection refused") is at the end of mlflow's messages
-      msg = msg[:150] + " ... " + msg[-140:]
-    log.warning("tracking unavailable: %s; buffering to %s", msg, self.buffer_path)
-    # The whole run so far goes to the buffer, so a replay into any store is complete;
-    # the start event carries the run id (if one was made) to continue it instead.
-    self._buffer(self._journal)
+    else:
+      self._store.apply(self.run_id, ev)
+    if ev["event"] in ("start", "end"):
+      self._save_state(ev.get("status", "RUNNING"))
 
   def _buffer(self, events):
     try:
       with open(self.buffer_path, "a") as f:
-        for ev in events:
-          f.write(json.dumps(ev, default=str) + "\n")
+        f.writelines(json.dumps(ev, default=str) + "\n" for ev in events)
     except Exception as e:  # noqa: BLE001
       log.warning("tracking: could not write %s: %s", self.buffer_path, e)
 
   def _save_state(self, status):
-    _write_json(os.path.join(self.workdir, STATE),
-                {"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id,
-                 "parent_run_id": self.parent_run_id, "status": status})
-
-
-def final_metrics(results: dict) -> dict:
-  """results.json -> flat {name: value} of the final scores."""
-  out = {}
-  test = results.get("test", {})
-  seeds = results.get("seeds") or list(range(len(test.get("per_seed", {}).get("accuracy", []))))
-  for k in FINAL_PER_SEED:
-    for s, v in zip(seeds, test.get("per_seed", {}).get(k, [])):
-      out[f"test/{k}/seed{s}"] = v
-  for k, st in test.get("summary", {}).items():
-    for stat in ("mean", "std", "ci95_low", "ci95_high"):
-      if isinstance(st.get(stat), (int, float)):
-        out[f"test/{k}/{stat}"] = st[stat]
-    out["test/n_seeds"] = st.get("n", len(seeds))
-  for k, v in test.get("ensemble", {}).items():
-    if isinstance(v, (int, float)):
-      out[f"test/ensemble/{k}"] = v
-  for name, vals in best_val(results).items():
-    for s, v in zip(seeds, vals):
-      out[f"val/best_{name}/seed{s}"] = v
-    out[f"val/best_{name}/mean"], out[f"val/best_{name}/std"] = _seed_stats(vals)
-  for k, v in (results.get("timings") or results.get("timing_s") or {}).items():
-    out[f"time/{k}_s"] = v
-  return {k: float(v) for k, v in out.items()}
-
-
-def best_val(results: dict) -> dict:
-  """Per-seed validation scores of the selected (best macro-F1) epoch:
-  {'macro_f1': [K], 'accuracy': [K]} (accuracy only when the history has it)."""
-  out = {}
-  if results.get("best_val_macro_f1"):
-    out["macro_f1"] = [float(v) for v in results["best_val_macro_f1"]]
-  hist = results.get("history") or []
-  if hist and all("val_accuracy" in h for h in hist):
-    k = len(hist[0]["val_macro_f1"])
-    acc = []
-    for i in range(k):
-      # train keeps the first epoch with the highest F1 (strict >)
-      best = max(range(len(hist)), key=lambda e: (hist[e]["val_macro_f1"][i], -e))
-      acc.append(float(hist[best]["val_accuracy"][i]))
-    out["accuracy"] = acc
-  return out
-
-
-# ------------------------------------------------------------------ replay
-
-
-def replay(workdir: str, uri: str | None = None, recursive: bool = True) -> list:
-  """Pushes <workdir>/tracking_buffer.jsonl (and, recursively, those of its sweep
-  cells, parents first) into a store: `uri`, else the one the run was aimed at.
-
-  Continues the buffered run where the target store has it (metrics already
-  there are not duplicated), else creates it. Returns [(workdir, run_id)].
-  A replayed buffer is renamed to tracking_buffer.replayed.jsonl.
-  """
-  workdir = os.path.abspath(workdir)
-  done = []
-  buf = os.path.join(workdir, BUFFER)
-  if os.path.isfile(buf):
-    done.append((workdir, _replay_one(workdir, buf, uri)))
-  if recursive:
-    for name in sorted(os.listdir(workdir)):
-      sub = os.path.join(workdir, name)
-      if os.path.isdir(sub) and name not in ("checkpoints", "gradcam"):
-        done += replay(sub, uri, recursive)
-  return done
-
-
-def _replay_one(workdir, buf, uri):
-  with open(buf) as f:
-    events = [json.loads(line) for line in f if line.strip()]
-  starts = [e for e in events if e["event"] == "start"]
-  if not starts:
-    raise ValueError(f"{buf}: no start event")
-  target = uri or starts[0]["uri"]
-  store = _Store(target)
-  run_id = None
-  for ev in events:
-    kind = ev["event"]
-    if kind == "start":
-      if run_id is None:
-        ev = dict(ev, run_id=next((s["run_id"] for s in starts if s.get("run_id")), None))
-        if ev.get("parent_run_id") and store.get_run(ev["parent_run_id"]) is None:
-          ev["parent_run_id"] = None
-        if not ev.get("parent_run_id") and ev.get("parent_workdir"):
-          st = _read_json(os.path.join(ev["parent_workdir"], STATE)) or {}
-          ev["parent_run_id"] = st.get("run_id") if st.get("uri") == target else None
-        run_id = store.start(ev, resume="always")
-        _relink_children(store, ev["experiment"], workdir, run_id)
-      else:
-        store.log(run_id, tags=ev.get("tags"), params=ev.get("params"),
-                  have=store.client.get_run(run_id).data.params)
-    elif kind == "metrics":
-      # A continued run may hold some of these already (store went away mid-run).
-      store.log(run_id, metrics=ev["metrics"], step=ev["step"], timestamp=ev.get("timestamp"),
-                dedup=store.resumed)
-    elif kind == "tags":
-      store.log(run_id, tags=ev["tags"])
-    elif kind == "artifacts":
-      store.artifacts(run_id, ev["paths"])
-    elif kind == "end":
-      store.end(run_id, ev["status"])
-  last = next((e["status"] for e in reversed(events) if e["event"] == "end"), "RUNNING")
-  _write_json(os.path.join(workdir, STATE),
-              {"uri": target, "experiment": starts[0]["experiment"], "run_id": run_id,
-               "status": last, "replayed_from": buf})
-  os.replace(buf, os.path.join(workdir, "tracking_buffer.replayed.jsonl"))
-  log.info("replayed %d events from %s into run %s (%s)", len(events), buf, run_id, target)
-  return run_id
-
-
-def _relink_children(store, experiment, workdir, run_id):
-  """Nests runs that were tracked while their parent (this sweep) was not."""
-  eid = store.experiment_id(experiment)
-  for run in store.client.search_runs([eid], f"tags.`m6jax.parent_workdir` = '{workdir}'"):
-    if not run.data.tags.get("mlflow.parentRunId"):
-      store.client.set_tag(run.info.run_id, "mlflow.parentRunId", run_id)
-
-
-def attach(workdir: str, *names: str) -> bool:
-  """Adds files/folders of a finished workdir (e.g. 'gradcam' after m6jax.explain) to
-  the run recorded in its tracking.json. Never raises; False when not attached."""
-  workdir = os.path.abspath(workdir)
-  st = _read_json(os.path.join(workdir, STATE)) or {}
-  paths = [[os.path.join(workdir, n), n if os.path.isdir(os.path.join(workdir, n)) else None]
-           for n in names if os.path.exists(os.path.join(workdir, n))]
-  if not st.get("run_id") or not paths:
-    return False
-  try:
-    _Store(st["uri"]).artifacts(st["run_id"], paths)
-    return True
-  except Exception as e:  # noqa: BLE001
-    log.warning("tracking: could not attach %s to run %s: %s", names, st["run_id"], e)
-    return False
-
-
-# ------------------------------------------------------------------ reading
-
-
-def child_runs(uri: str, parent_run_id: str) -> list:
-  """The runs nested under a parent: [{run_id, status, name, tags, params, metrics}]."""
-  _quick_http(uri)
-  from mlflow.tracking import MlflowClient
-  # The client's search_runs is mlflow.search_runs without its process-global tracking URI.
-  client = MlflowClient(tracking_uri=uri)
-  parent = client.get_run(parent_run_id)
-  runs, token = [], None
-  while True:
-    page = client.search_runs([parent.info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"], page_token=token)
-    runs += list(page)
-    token = page.token
-    if not token:
-      break
-  return [{"run_id": r.info.run_id, "status": r.info.status, "name": r.info.run_name,
-           "tags": dict(r.data.tags), "params": dict(r.data.params),
-           "metrics": dict(r.data.metrics)} for r in runs]
+    write_json(os.path.join(self.workdir, STATE),
+               {"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id,
+                "parent_run_id": self.parent_run_id, "status": status})
 
 
 def main(argv=None):

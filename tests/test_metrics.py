@@ -221,21 +221,40 @@ def test_report_rejects_batched_metrics():
 def test_seed_stats(k):
   rng = np.random.default_rng(k)
   # Per-replica metrics arrive as float32 jax arrays; compare against the
-  # same float32 values in float64 so the check is exact to 1e-6.
-  v32 = jnp.asarray(rng.random(k), jnp.float32)
+  # same float32 values in float64 so the check is exact to 1e-6. Values near
+  # 0.5 keep the interval inside [0, 1], so no clipping here.
+  v32 = jnp.asarray(0.45 + 0.1 * rng.random(k), jnp.float32)
   v = np.asarray(v32, np.float64)
   s = M.seed_stats(v32)
-  assert s["n"] == k
+  assert s["n"] == k and s["ci95_reliable"] == (k >= 3)
   assert math.isclose(s["mean"], v.mean(), rel_tol=1e-6)
   if k == 1:
     assert s["std"] == 0.0
-    assert s["ci95_low"] == s["ci95_high"] == s["mean"]
+    assert s["ci95_low"] is None and s["ci95_high"] is None  # no interval from one seed
   else:
     assert math.isclose(s["std"], v.std(ddof=1), rel_tol=1e-6)
     lo, hi = stats.t.interval(0.95, k - 1, loc=v.mean(), scale=stats.sem(v))
+    assert 0 < lo and hi < 1
     assert math.isclose(s["ci95_low"], lo, rel_tol=1e-6)
     assert math.isclose(s["ci95_high"], hi, rel_tol=1e-6)
   json.dumps(s)
+
+
+def test_seed_stats_ci_is_clipped_and_flagged():
+  # The case: two seeds far apart give a t interval beyond 1 (and below 0).
+  v = [0.30, 0.90]
+  lo, hi = stats.t.interval(0.95, 1, loc=np.mean(v), scale=stats.sem(v))
+  assert lo < 0 and hi > 1
+  s = M.seed_stats(v)
+  assert (s["ci95_low"], s["ci95_high"]) == (0.0, 1.0)
+  assert s["ci95_reliable"] is False
+  # Unbounded values (a loss) keep the raw interval.
+  raw = M.seed_stats(v, bounds=None)
+  assert math.isclose(raw["ci95_low"], lo) and math.isclose(raw["ci95_high"], hi)
+  # Per-class (K, C) values are clipped elementwise; three seeds are reliable.
+  s3 = M.seed_stats([[0.0, 1.0], [0.5, 1.0], [1.0, 0.2]])
+  assert s3["ci95_reliable"] is True
+  assert all(0.0 <= x <= 1.0 for x in s3["ci95_low"] + s3["ci95_high"])
 
 
 def test_seed_summary():

@@ -1,4 +1,5 @@
-"""Tracking: a real sqlite MLflow store, an unreachable server, a store lost mid-run, replay."""
+"""Tracking: a real sqlite MLflow store, metric names, curves, the model seam, an unreachable
+server, a store lost mid-run, replay."""
 
 import json
 import os
@@ -9,12 +10,13 @@ import time
 import ml_collections
 import pytest
 
-from m6jax import experiment, track
+from m6jax import curves, experiment, mlflow_store, track
 from tests.conftest import REPO, tiny_config
 
 HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 RECORD = {"loss": [1.0, 2.0], "grad_norm": [0.5, 0.7], "val_macro_f1": [0.4, 0.6],
           "val_accuracy": [0.5, 0.7], "seconds": 0.1}
+KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def test_import_does_not_load_mlflow():
 def test_tracked_run_reads_back_from_sqlite(tiny_catalogue, tfds_dir, tmp_path):
   cfg = tiny_config(tiny_catalogue, tfds_dir, **{"train.epochs": 2})
   wd = str(tmp_path / "runs" / "a")
-  with track.Tracker(cfg, wd) as t:
+  with track.Tracker(cfg, wd, overrides={"train.epochs": 2}) as t:
     res = _train(cfg, wd, t)
   assert not t.degraded and t.run_id
   # default store: sqlite in the workdir's parent
@@ -64,36 +66,149 @@ def test_tracked_run_reads_back_from_sqlite(tiny_catalogue, tfds_dir, tmp_path):
   assert (tmp_path / "runs" / "mlflow.db").is_file()
   c = _client(uri)
   run = c.get_run(t.run_id)
-  assert run.info.status == "FINISHED"
+  assert c.get_experiment(run.info.experiment_id).tags.get(KIND[0]) == KIND[1]
+  assert run.info.status == "FINISHED" and run.info.run_name == "a epochs=2"
   p = run.data.params
   assert (p["model.fusion"], p["seeds"], p["train.epochs"], p["model.image.name"]) == (
       "early", "2", "2", "tiny")
   tags = run.data.tags
-  assert tags["m6jax.config_name"] == "smoke" and tags["m6jax.jax_version"]
+  assert "train.epochs=2" in tags["mlflow.note.content"] and "smoke" in tags["mlflow.note.content"]
+  assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"]   # mlflow's own context
   assert "cpu" in tags["m6jax.devices"].lower()
-  for key in ("loss/seed0", "loss/seed1", "loss/mean", "loss/std", "val_macro_f1/seed1",
-              "grad_norm/mean", "val_accuracy/mean"):
+  for key in ("train/loss", "train/loss/seed_0", "train/loss/seed_1", "val/macro_f1/seed_1",
+              "train/grad_norm", "val/accuracy", "val/macro_f1"):
     assert _steps(c, t.run_id, key) == [0, 1], key
-  hist = sorted(c.get_metric_history(t.run_id, "val_macro_f1/seed1"), key=lambda m: m.step)
+  hist = sorted(c.get_metric_history(t.run_id, "val/macro_f1/seed_1"), key=lambda m: m.step)
   assert [m.value for m in hist] == pytest.approx([h["val_macro_f1"][1] for h in res["history"]])
   saved = json.loads((tmp_path / "runs" / "a" / "results.json").read_text())
   m, test = run.data.metrics, saved["test"]
   for k in ("accuracy", "macro_f1"):
-    for stat in ("mean", "std", "ci95_low", "ci95_high"):
+    assert m[f"test/{k}"] == test["summary"][k]["mean"]
+    for stat in ("std", "ci95_low", "ci95_high"):
       assert m[f"test/{k}/{stat}"] == test["summary"][k][stat], (k, stat)
     for s, v in zip(saved["seeds"], test["per_seed"][k]):
-      assert m[f"test/{k}/seed{s}"] == v
+      assert m[f"test/{k}/seed_{s}"] == v
   assert m["test/ensemble/accuracy"] == test["ensemble"]["accuracy"]
-  assert m["test/n_seeds"] == 2
-  assert m["val/best_macro_f1/mean"] == pytest.approx(sum(saved["best_val_macro_f1"]) / 2)
+  assert m["val/best_macro_f1"] == pytest.approx(sum(saved["best_val_macro_f1"]) / 2)
+  assert not any("micro_f1" in k or "n_seeds" in k for k in m)   # == accuracy; a count
+  assert all(0.0 <= v <= 1.0 for k, v in m.items() if "ci95" in k)
   arts = {a.path for a in c.list_artifacts(t.run_id)}
   assert {"results.json", "confusion_matrix.png", "config.json", "report.txt",
-          "checkpoint.txt", "metrics.jsonl"} <= arts
-  assert not any(a.startswith("checkpoints") for a in arts)   # a pointer, not the files
-  assert (tmp_path / "runs" / "a" / "checkpoint.txt").read_text().strip().endswith(
-      os.path.join("a", "checkpoints", "latest"))
+          "training_curves.png", "metrics.jsonl"} <= arts
+  assert not any(a.startswith("checkpoints") for a in arts)
+  assert (tmp_path / "runs" / "a" / "training_curves.png").stat().st_size > 1000
+  [ds] = run.inputs.dataset_inputs
+  assert json.loads(ds.dataset.profile)["used_rows"] == saved["data"]["used_rows"]
+  assert ds.dataset.digest and ds.dataset.name == os.path.basename(tiny_catalogue)
   lines = (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
+
+
+def _fake_results(k=2):
+  """results.json as train writes it, with every analysis, for k seeds."""
+  hist = [{"epoch": e, "loss": [1.0 / (e + 1)] * k, "grad_norm": [0.1] * k,
+           "val_macro_f1": [0.5 + 0.1 * e * (i % 2) for i in range(k)],
+           "val_accuracy": [0.6 + 0.01 * e] * k, "seconds": 0.1} for e in range(3)]
+  per = {"accuracy": [0.3, 0.9][:k] + [0.6] * (k - 2), "macro_f1": [0.2, 0.8][:k] + [0.5] * (k - 2)}
+  from m6jax import metrics
+  summary = {n: metrics.seed_stats(v) for n, v in per.items()}
+  return {"seeds": list(range(k)), "history": hist, "devices": ["TFRT_CPU_0"],
+          "best_val_macro_f1": [max(h["val_macro_f1"][i] for h in hist) for i in range(k)],
+          "test": {"per_seed": per, "summary": summary,
+                   "ensemble": {"accuracy": 0.7, "macro_f1": 0.6, "micro_f1": 0.7}},
+          "feasibility": {"text": {"ari": 0.4, "nmi": 0.5, "cluster_sizes": [1, 2]},
+                          "fused": {"ari": 0.6, "nmi": 0.7}, "plot": "feasibility.png"},
+          "gradcam": {"method": "gradcam", "stability": 0.8, "gallery": "gradcam/gallery.png"},
+          "modality_importance": {"full": 0.7, "without_text": 0.4, "drop_text": 0.3},
+          "data": {"csv": "/data/shop/products.csv", "total_rows": 9, "used_rows": 8,
+                   "skipped_rows": 1, "class_counts": {"a": 8}},
+          "timing_s": {"train": 1.5}}
+
+
+def test_final_metrics_follow_the_naming_scheme():
+  m = track.final_metrics(_fake_results())
+  assert m["test/accuracy"] == pytest.approx(0.6) and m["test/accuracy/seed_1"] == 0.9
+  # Two seeds far apart: the t interval would leave [0, 1]; it is clipped.
+  assert (m["test/accuracy/ci95_low"], m["test/accuracy/ci95_high"]) == (0.0, 1.0)
+  assert m["test/ensemble/accuracy"] == 0.7 and "test/ensemble/micro_f1" not in m
+  assert m["val/best_macro_f1/seed_1"] == pytest.approx(0.7)
+  assert m["val/best_accuracy/seed_1"] == pytest.approx(0.62)   # at seed 1's best epoch (2)
+  assert m["val/best_accuracy/seed_0"] == pytest.approx(0.60)   # first of equal epochs
+  assert (m["feasibility/text/ari"], m["feasibility/fused/nmi"]) == (0.4, 0.7)
+  assert m["gradcam/stability"] == 0.8
+  assert (m["importance/text/drop"], m["importance/text/without"]) == (0.3, 0.4)
+  assert m["time/train_s"] == 1.5
+  assert not any("micro_f1" in k or "cluster" in k or "rows" in k for k in m)
+  assert set(k.split("/")[0] for k in m) == {"test", "val", "feasibility", "gradcam",
+                                              "importance", "time"}
+  one = track.final_metrics(dict(_fake_results(), test={"summary": {
+      "accuracy": {"mean": 0.5, "std": 0.0, "ci95_low": None, "ci95_high": None, "n": 1}}}))
+  assert "test/accuracy/ci95_low" not in one   # one seed: no interval, not a fake one
+
+
+def test_results_analysis_curves_and_dataset_in_store(tmp_path, capsys):
+  wd = tmp_path / "runs" / "fake"
+  cfg = ml_collections.ConfigDict({"name": "fake", "seed": 0, "seeds": 2})
+  res = _fake_results()
+  with track.Tracker(cfg, str(wd)) as t:
+    for rec in res["history"]:
+      t.log_epoch(rec)
+    t.log_results(res)
+  c = _client(t.uri)
+  run = c.get_run(t.run_id)
+  m = run.data.metrics
+  assert {"feasibility/text/ari", "feasibility/fused/nmi", "gradcam/stability",
+          "importance/text/drop"} <= set(m)
+  assert _steps(c, t.run_id, "val/macro_f1/seed_1") == [0, 1, 2]
+  assert run.data.tags["m6jax.data.used_rows"] == "8"
+  [ds] = run.inputs.dataset_inputs
+  assert ds.dataset.name == "shop" and "products.csv" in ds.dataset.source
+  assert "training_curves.png" in {a.path for a in c.list_artifacts(t.run_id)}
+  assert curves.best_epochs(res["history"]) == [0, 2]
+  out = capsys.readouterr().out.strip().splitlines()[-1]
+  assert str(wd) in out and t.run_id in out and t.uri in out and "mlflow ui" in out
+
+
+def test_training_curves_png(tmp_path):
+  import matplotlib.image
+  hist = _fake_results(k=3)["history"]
+  path = curves.plot_training_curves(hist, tmp_path / "c.png", seeds=[5, 6, 7])
+  img = matplotlib.image.imread(path)
+  assert img.shape[1] > 1000 and img.std() > 0
+  with pytest.raises(ValueError, match="empty"):
+    curves.plot_training_curves([], tmp_path / "x.png")
+
+
+def test_run_name_and_description():
+  assert track.make_run_name("runs/x") == "x"
+  name = track.make_run_name("runs/x/", {"seeds": 3, "model.fusion": "gated",
+                                          "model.image.name": "resnet50",
+                                          "data.manual_dir": "/long/path/to/shop"})
+  assert name == "x seeds=3 fusion=gated image.name=resnet50 manual_dir=shop"
+  from configs import default
+  d = track.describe(default.get_config(), "runs/x", {"seeds": 3})
+  assert "early fusion" in d and "`seeds=3`" in d and "runs/x" in d
+
+
+def test_log_pyfunc_seam(tmp_path):
+  import mlflow.pyfunc
+  import pandas as pd
+
+  class Double(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+      return model_input["x"] * 2
+
+  with track.Tracker(ml_collections.ConfigDict({"name": "m"}), str(tmp_path / "runs" / "m")) as t:
+    uri = t.log_pyfunc(Double(), pip_requirements=[])
+  assert uri.startswith("models:/")
+  from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+  with _use_tracking_uri(t.uri):
+    model = mlflow.pyfunc.load_model(uri)
+  assert model.predict(pd.DataFrame({"x": [1, 4]})).tolist() == [2, 8]
+  [out] = _client(t.uri).get_run(t.run_id).outputs.model_outputs
+  assert uri.endswith(out.model_id)
+  off = track.Tracker(ml_collections.ConfigDict({"track": {"enabled": False}}), str(tmp_path))
+  assert off.log_pyfunc(Double()) is None
 
 
 def test_unreachable_server_buffers_then_replays(tiny_catalogue, tfds_dir, tmp_path, caplog,
@@ -112,17 +227,19 @@ def test_unreachable_server_buffers_then_replays(tiny_catalogue, tfds_dir, tmp_p
   events = [json.loads(x) for x in open(os.path.join(wd, track.BUFFER))]
   assert events[0]["event"] == "start" and events[-1] == {"event": "end", "status": "FINISHED"}
   finals = [e["metrics"] for e in events if e["event"] == "metrics"
-            and "test/accuracy/mean" in e["metrics"]]
-  assert finals[0]["test/accuracy/mean"] == res["test"]["summary"]["accuracy"]["mean"]
+            and "test/accuracy" in e["metrics"]]
+  assert finals[0]["test/accuracy"] == res["test"]["summary"]["accuracy"]["mean"]
 
   uri = track.default_uri(str(tmp_path / "store"))
   [(_, run_id)] = track.replay(wd, uri=uri)
   c = _client(uri)
   run = c.get_run(run_id)
   assert run.info.status == "FINISHED"
-  assert run.data.metrics["test/macro_f1/mean"] == res["test"]["summary"]["macro_f1"]["mean"]
+  assert run.data.metrics["test/macro_f1"] == res["test"]["summary"]["macro_f1"]["mean"]
   assert run.data.params["model.fusion"] == "early"
-  assert _steps(c, run_id, "loss/seed1") == [0]
+  assert c.get_experiment(run.info.experiment_id).tags.get(KIND[0]) == KIND[1]
+  assert _steps(c, run_id, "train/loss/seed_1") == [0]
+  assert len(run.inputs.dataset_inputs) == 1
   assert "results.json" in {a.path for a in c.list_artifacts(run_id)}
   assert not os.path.exists(os.path.join(wd, track.BUFFER))   # replayed: not pushed twice
 
@@ -145,12 +262,12 @@ def test_store_lost_mid_run_loses_nothing(tmp_path, caplog):
   assert sum("tracking unavailable" in r.getMessage() for r in caplog.records) == 1
   c = _client(t.uri)
   assert c.get_run(t.run_id).info.status == "RUNNING"
-  assert _steps(c, t.run_id, "loss/seed0") == [0]
+  assert _steps(c, t.run_id, "train/loss/seed_0") == [0]
   # The store is back: replay continues the same run without duplicating epoch 0.
   [(_, run_id)] = track.replay(wd)
   assert run_id == t.run_id
-  assert _steps(c, run_id, "loss/seed0") == [0, 1, 2]
-  assert _steps(c, run_id, "loss/mean") == [0, 1, 2]
+  assert _steps(c, run_id, "train/loss/seed_0") == [0, 1, 2]
+  assert _steps(c, run_id, "train/loss") == [0, 1, 2]
   assert c.get_run(run_id).info.status == "FINISHED"
 
 
@@ -196,7 +313,7 @@ def test_uri_precedence_and_long_params(tmp_path, monkeypatch):
   cfg.track.uri = "sqlite:////x/y.db"
   assert track.resolve_uri(cfg, "w") == "sqlite:////x/y.db"
   flat = track.flatten(cfg)
-  assert len(track._param_str(flat["note"])) <= track.MAX_PARAM_LEN
+  assert len(mlflow_store.param_str(flat["note"])) <= mlflow_store.MAX_PARAM_LEN
 
 
 def test_continued_run_does_not_log_an_epoch_twice(tmp_path):
@@ -212,15 +329,4 @@ def test_continued_run_does_not_log_an_epoch_twice(tmp_path):
     t2.log_epoch(dict(RECORD, epoch=1))
     t2.log_epoch(dict(RECORD, epoch=2))
   assert t2.run_id == t1.run_id
-  assert _steps(_client(t1.uri), t1.run_id, "loss/mean") == [0, 1, 2]
-
-
-def test_attach_adds_later_outputs(tmp_path):
-  wd = tmp_path / "runs" / "r"
-  with track.Tracker(ml_collections.ConfigDict({"name": "fake"}), str(wd)) as t:
-    pass
-  (wd / "gradcam").mkdir()
-  (wd / "gradcam" / "gallery.png").write_bytes(b"png")
-  assert track.attach(str(wd), "gradcam", "missing.txt")
-  assert [a.path for a in _client(t.uri).list_artifacts(t.run_id, "gradcam")] == [
-      "gradcam/gallery.png"]
+  assert _steps(_client(t1.uri), t1.run_id, "train/loss") == [0, 1, 2]
