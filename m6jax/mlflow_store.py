@@ -105,7 +105,7 @@ class Store:
     """Creates (or continues ev['run_id']) a run; logs ev's params and tags."""
     eid = self.experiment_id(ev["experiment"])
     run = self.get_run(ev.get("run_id"))
-    tags = dict(ev.get("tags") or {})
+    tags = {k: param_str(v) for k, v in (ev.get("tags") or {}).items()}
     if ev.get("parent_run_id"):
       tags["mlflow.parentRunId"] = ev["parent_run_id"]
     self.resumed = run is not None and (resume == "always" or run.info.status != "FINISHED")

@@ -100,7 +100,8 @@ def make_run_name(workdir: str, overrides: dict | None = None) -> str:
 
 def describe(cfg, workdir: str, overrides: dict | None = None) -> str:
   """The run description (markdown) MLflow shows on the run page."""
-  g = lambda *path: _get(cfg, path)
+  def g(*path):
+    return _get(cfg, path)
   lines = [f"**{g('name') or 'run'}** config: {g('model', 'fusion')} fusion, "
            f"text `{g('model', 'text', 'name')}`, image `{g('model', 'image', 'name')}`, "
            f"train.mode={g('train', 'mode')}, {g('seeds')} seeds x {g('train', 'epochs')} "

@@ -33,10 +33,14 @@ def test_overrides_are_checked():
   assert cfg.train.epochs == 3 and cfg.train.learning_rate == 1.0
   with pytest.raises(KeyError, match="model.imgae"):
     sweep.apply_overrides(cfg, {"model.imgae.name": "x"})
-  with pytest.raises(KeyError, match="train.epoch'"):
+  with pytest.raises(KeyError, match="train.epoch=3"):   # a typo is not added as a new key
     sweep.apply_overrides(cfg, {"train.epoch": 3})
-  with pytest.raises(TypeError, match="train.epochs"):
+  with pytest.raises(TypeError, match="train.epochs='many'"):
     sweep.apply_overrides(cfg, {"train.epochs": "many"})
+  # The same mechanism as `--config.a.b=v`: ml_collections' own flattened update.
+  ref = sweep.load_config("configs/image_only.py:efficientnet-lite1")
+  ref.update_from_flattened_dict({"train.epochs": 3, "train.learning_rate": 1})
+  assert cfg.to_dict() == ref.to_dict()
 
 
 def test_ablation_sweep_file():
@@ -109,12 +113,34 @@ def test_cells_are_nested_runs_of_one_parent(tiny_sweep):
   assert sorted(r.data.tags["m6jax.cell"] for r in children) == ["fusion=early", "fusion=late"]
   assert all(r.info.status == "FINISHED" for r in runs)
   assert parents[0].data.tags["m6jax.cells_done"] == "2/2"
+  assert c.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == \
+      "custom_model_development"
+  assert {r.info.run_name for r in children} == {"fusion=early", "fusion=late"}
+
+
+def test_sweep_parent_has_comparison_best_cell_and_metrics(tiny_sweep):
+  from mlflow.tracking import MlflowClient
+  root = tiny_sweep["root"]
+  c = MlflowClient(track.default_uri(str(root)))
+  runs = c.search_runs([c.get_experiment_by_name("m6jax").experiment_id])
+  [parent] = [r for r in runs if r.data.tags.get("m6jax.role") == "sweep"]
+  best = parent.data.tags["m6jax.best_cell"]
+  [child] = [r for r in runs if r.data.tags.get("m6jax.cell") == best]
+  assert {"comparison.md", "comparison.png", "comparison.json"} <= {
+      a.path for a in c.list_artifacts(parent.info.run_id)}
+  pm, cm = parent.data.metrics, child.data.metrics
+  for key in ("test/accuracy", "test/macro_f1/std", "test/ensemble/accuracy",
+              "val/best_macro_f1"):
+    assert pm[key] == pytest.approx(cm[key]), key
+  assert all(0.0 <= v <= 1.0 for k, v in pm.items() if "ci95" in k)
+  assert "†" in (root / "tiny" / "comparison.md").read_text()   # 2 seeds: CI flagged
 
 
 def test_compare_table_plot_and_best(tiny_sweep, tmp_path, monkeypatch):
   root = tiny_sweep["root"] / "tiny"
   out = compare.compare(str(root), "macro_f1", str(tmp_path / "cmp"))
   assert out["split"] == "validation" and "from MLflow" in out["source"]
+  assert {r["source"] for r in out["rows"]} == {"mlflow"}
   vals = {}
   for cell in ("fusion=early", "fusion=late"):
     res = json.loads((root / cell / "results.json").read_text())
@@ -161,7 +187,7 @@ def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):
 
   assert sweep.run_sweep(path, str(root)) == {"fusion=late": "done"}
   assert json.loads((cell / track.STATE).read_text())["run_id"] == run_id   # same run, continued
-  assert sorted(m.step for m in c.get_metric_history(run_id, "loss/seed0")) == [0, 1]
+  assert sorted(m.step for m in c.get_metric_history(run_id, "train/loss/seed_0")) == [0, 1]
   assert c.get_run(run_id).info.status == "FINISHED"
   epochs = [json.loads(x)["epoch"] for x in (cell / "metrics.jsonl").read_text().splitlines()]
   assert epochs == [0, 1]   # epoch 0 was not trained again: resumed from its checkpoint
