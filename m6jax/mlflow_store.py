@@ -77,6 +77,7 @@ class Store:
     self.uri = uri
     self.client = client(uri)
     self.resumed = False    # did start() continue an existing run
+    self.experiment_ids = {}
 
   def experiment_id(self, name: str) -> str:
     exp = self.client.get_experiment_by_name(name)
@@ -104,6 +105,7 @@ class Store:
   def start(self, ev: dict, resume: str = "unfinished") -> str:
     """Creates (or continues ev['run_id']) a run; logs ev's params and tags."""
     eid = self.experiment_id(ev["experiment"])
+    self.experiment_ids[ev["experiment"]] = eid
     run = self.get_run(ev.get("run_id"))
     tags = {k: param_str(v) for k, v in (ev.get("tags") or {}).items()}
     if ev.get("parent_run_id"):

@@ -345,7 +345,11 @@ class Tracker:
               f"push them with `python -m m6jax.track replay {self.workdir}`")
     ui = ("./launch.sh ui" if self.uri == default_uri("runs") else
           f"mlflow ui --backend-store-uri {self.uri}")
-    return line + f"; MLflow run {self.run_id} in {self.uri}; browse with `{ui}`"
+    eid = self._store.experiment_ids.get(self.experiment, "0")
+    # workflowType: MLflow 3.17's UI opens on its GenAI view unless told otherwise.
+    page = f"#/experiments/{eid}/runs/{self.run_id}?workflowType=machine_learning"
+    return line + (f"; MLflow run {self.run_id} in {self.uri}; browse with `{ui}`, "
+                   f"then http://127.0.0.1:5000/{page}")
 
   # --- plumbing ----------------------------------------------------------------
   def _emit(self, ev):
