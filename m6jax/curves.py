@@ -33,11 +33,12 @@ def best_epochs(history: Sequence[dict]) -> list[int]:
 
 
 def plot_training_curves(history: Sequence[dict], path, seeds: Sequence[int] | None = None,
-                         title: str | None = None):
+                         title: str | None = None, best: Sequence[int] | None = None):
   """Writes the two-panel PNG at `path` and returns the path.
 
   history: per-epoch records {'epoch', 'loss': [K], 'val_macro_f1': [K], ...}.
-  seeds: the K seed values for the legend (default 0..K-1).
+  seeds: the K seed values for the legend (default 0..K-1). best: each replica's
+  selected epoch (default `best_epochs(history)`, selection by macro-F1).
   """
   # Figure + Agg canvas instead of pyplot: no global backend switch, thread safe.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -47,7 +48,7 @@ def plot_training_curves(history: Sequence[dict], path, seeds: Sequence[int] | N
     raise ValueError("no epochs to plot: the history is empty")
   fig = Figure(figsize=(11, 4.2), dpi=110)
   FigureCanvasAgg(fig)
-  best = best_epochs(history)
+  best = list(best) if best else best_epochs(history)
   for i, (key, label) in enumerate(PANELS):
     ax = fig.add_subplot(1, 2, i + 1)
     epochs, vals = series(history, key)

@@ -259,3 +259,17 @@ def child_runs(uri: str, parent_run_id: str) -> list:
   return [{"run_id": r.info.run_id, "status": r.info.status, "name": r.info.run_name,
            "tags": dict(r.data.tags), "params": dict(r.data.params),
            "metrics": dict(r.data.metrics)} for r in runs]
+
+
+def main(argv=None):
+  import argparse
+  p = argparse.ArgumentParser(prog="python -m m6jax.track",
+                              description="push buffered tracking events into a store")
+  sub = p.add_subparsers(dest="cmd", required=True)
+  r = sub.add_parser("replay", help="replay WORKDIR's tracking_buffer.jsonl (and its cells')")
+  r.add_argument("workdir")
+  r.add_argument("--uri", default=None, help="target store (default: the one buffered)")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  for wd, run_id in replay(args.workdir, args.uri):
+    print(f"{wd} -> run {run_id}")

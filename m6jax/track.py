@@ -28,8 +28,8 @@ import time
 
 from m6jax import curves
 from m6jax import metrics as metrics_lib
-from m6jax.mlflow_store import (BUFFER, STATE, Store, dataset_event, param_str, read_json,
-                                replay)
+from m6jax import mlflow_store
+from m6jax.mlflow_store import BUFFER, STATE, Store, dataset_event, param_str, read_json
 from m6jax.results import write_json
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,7 @@ ARTIFACTS = ("config.json", "results.json", "report.txt", "confusion_matrix.png"
 # ----------------------------------------------------------------- naming
 
 
-def _section(cfg) -> dict:
-  """cfg.track as a dict ({} when the config has none)."""
+def _section(cfg) -> dict:   # cfg.track as a dict ({} when there is none)
   t = cfg.get("track", None) if hasattr(cfg, "get") else None
   return dict(t.to_dict() if hasattr(t, "to_dict") else t or {})
 
@@ -291,9 +290,10 @@ class Tracker:
     workdir = os.path.abspath(workdir or self.workdir)
     try:
       if results.get("history"):
-        curves.plot_training_curves(results["history"],
-                                    os.path.join(workdir, "training_curves.png"),
-                                    results.get("seeds"), title=self.run_name)
+        curves.plot_training_curves(
+            results["history"], os.path.join(workdir, "training_curves.png"),
+            results.get("seeds"), self.run_name,
+            (results.get("validation") or {}).get("best_epoch"))
       if not self.enabled:
         return
       self.log_metrics(final_metrics(results))
@@ -396,19 +396,5 @@ class Tracker:
                 "parent_run_id": self.parent_run_id, "status": status})
 
 
-def main(argv=None):
-  import argparse
-  p = argparse.ArgumentParser(prog="python -m m6jax.track",
-                              description="push buffered tracking events into a store")
-  sub = p.add_subparsers(dest="cmd", required=True)
-  r = sub.add_parser("replay", help="replay WORKDIR's tracking_buffer.jsonl (and its cells')")
-  r.add_argument("workdir")
-  r.add_argument("--uri", default=None, help="target store (default: the one buffered)")
-  args = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  for wd, run_id in replay(args.workdir, args.uri):
-    print(f"{wd} -> run {run_id}")
-
-
-if __name__ == "__main__":
-  main()
+if __name__ == "__main__":   # python -m m6jax.track replay WORKDIR [--uri URI]
+  mlflow_store.main()

@@ -169,12 +169,12 @@ def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):
   root = tmp / "runs_killed"
   real = experiment.train_and_evaluate
 
-  def killed_in_epoch_1(cfg, workdir, on_epoch=None):
+  def killed_in_epoch_1(cfg, workdir, on_epoch=None, **kw):
     def cb(rec):
       if rec["epoch"] == 1:
         raise KeyboardInterrupt   # Ctrl-C after epoch 0 was logged and checkpointed
       on_epoch(rec)
-    return real(cfg, workdir, on_epoch=cb)
+    return real(cfg, workdir, on_epoch=cb, **kw)
   monkeypatch.setattr(experiment, "train_and_evaluate", killed_in_epoch_1)
   with pytest.raises(KeyboardInterrupt):
     sweep.run_sweep(path, str(root))

@@ -231,7 +231,7 @@ def test_unreachable_server_buffers_then_replays(tiny_catalogue, tfds_dir, tmp_p
   assert finals[0]["test/accuracy"] == res["test"]["summary"]["accuracy"]["mean"]
 
   uri = track.default_uri(str(tmp_path / "store"))
-  [(_, run_id)] = track.replay(wd, uri=uri)
+  [(_, run_id)] = mlflow_store.replay(wd, uri=uri)
   c = _client(uri)
   run = c.get_run(run_id)
   assert run.info.status == "FINISHED"
@@ -264,7 +264,7 @@ def test_store_lost_mid_run_loses_nothing(tmp_path, caplog):
   assert c.get_run(t.run_id).info.status == "RUNNING"
   assert _steps(c, t.run_id, "train/loss/seed_0") == [0]
   # The store is back: replay continues the same run without duplicating epoch 0.
-  [(_, run_id)] = track.replay(wd)
+  [(_, run_id)] = mlflow_store.replay(wd)
   assert run_id == t.run_id
   assert _steps(c, run_id, "train/loss/seed_0") == [0, 1, 2]
   assert _steps(c, run_id, "train/loss") == [0, 1, 2]
