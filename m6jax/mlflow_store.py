@@ -181,9 +181,19 @@ class Store:
     import mlflow
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     # Model.log is pyfunc.log_model with an explicit run: no fluent active run to manage.
-    with _use_tracking_uri(self.uri):
-      info = mlflow.models.Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc,
-                                     python_model=python_model, run_id=run_id, **save_kwargs)
+    # It files the model under the *active* experiment (else "0", whose artifacts go to
+    # ./mlruns): point it at the run's own for this call.
+    saved = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = self.client.get_run(run_id).info.experiment_id
+    try:
+      with _use_tracking_uri(self.uri):
+        info = mlflow.models.Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc,
+                                       python_model=python_model, run_id=run_id, **save_kwargs)
+    finally:
+      if saved is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+      else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = saved
     return info.model_uri
 
 

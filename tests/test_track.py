@@ -205,8 +205,13 @@ def test_log_pyfunc_seam(tmp_path):
   with _use_tracking_uri(t.uri):
     model = mlflow.pyfunc.load_model(uri)
   assert model.predict(pd.DataFrame({"x": [1, 4]})).tolist() == [2, 8]
-  [out] = _client(t.uri).get_run(t.run_id).outputs.model_outputs
+  run = _client(t.uri).get_run(t.run_id)
+  [out] = run.outputs.model_outputs
   assert uri.endswith(out.model_id)
+  # Filed under the run's experiment and store, not MLflow's default "0" in ./mlruns.
+  model = _client(t.uri).get_logged_model(out.model_id)
+  assert model.experiment_id == run.info.experiment_id
+  assert str(tmp_path / "runs" / "mlartifacts") in model.artifact_location
   off = track.Tracker(ml_collections.ConfigDict({"track": {"enabled": False}}), str(tmp_path))
   assert off.log_pyfunc(Double()) is None
 
