@@ -26,9 +26,8 @@ import logging
 import os
 import time
 
-from m6jax import curves
+from m6jax import curves, mlflow_store
 from m6jax import metrics as metrics_lib
-from m6jax import mlflow_store
 from m6jax.mlflow_store import BUFFER, STATE, Store, dataset_event, param_str, read_json
 from m6jax.results import write_json
 
@@ -243,7 +242,7 @@ class Tracker:
     if not self.enabled:
       return self
     try:
-      from mlflow.tracking.context.registry import resolve_tags   # git, user, source
+      from mlflow.tracking.context.registry import resolve_tags  # git, user, source
       prev = read_json(os.path.join(self.workdir, STATE)) or {}
       same = prev.get("uri") == self.uri and prev.get("experiment") == self.experiment
       params = {k: v for k, v in flatten(self.cfg or {}).items() if not k.startswith("track.")}
