@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from m6jax import checkpoint, explain, feasibility, features, results, track
+from m6jax import bundle, checkpoint, explain, feasibility, features, results, track
 from m6jax import config as config_lib
 from m6jax import workdir as workdir_lib
 from m6jax.models import fusion
@@ -76,6 +76,7 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
   labels = {s: c["label"] for s, c in run.cols.items()}
   with timer("train"), checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint) as ckpt:
     states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch)
+  bundle.save(workdir, run, states)   # what predict/explain/serve need besides the checkpoint
 
   mods = fusion.modalities(cfg.model.fusion)
   with timer("evaluate"):

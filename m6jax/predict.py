@@ -3,89 +3,375 @@
   python -m m6jax.predict --workdir runs/default --csv new.csv --images new_images/ \\
       --out predictions.csv
 
-One row per usable product: uniq_id, predicted category, one probability
-column per category (the mean over the seed replicas). Bad rows are skipped
-and listed in `<out>.data_report.txt` (or stop the run with --on_bad_row=fail).
+Reads the run's inference bundle and checkpoint (m6jax.restore) and the new
+products, nothing else: the training catalogue is never touched, and nothing
+is written into the run unless --out points there.
+
+Every CSV row gets one output row, in input order: uniq_id, predicted
+category, one probability column per category (the mean over the K replicas
+of the checkpoint) and a `note`. A fused model predicts a row whose image is
+missing or unusable from its text alone (and a row without text from its
+image): modality dropout trained it for that, and the note says so. A
+text-only model never reads images. A row that cannot be predicted (an
+unreadable record, or no usable input for the model) keeps its reason in
+`note` and empty probabilities. Every noted row is also listed in
+`<out>.data_report.txt` / `<out>.data_report.json`; with --on_bad_row=fail any
+noted row stops the run before anything is written.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import itertools
+import json
 import os
 
 import numpy as np
 from absl import app, flags, logging
 
+from m6jax import restore
+from m6jax.data import catalogue, images, pipeline
+
 flags.DEFINE_string("workdir", None, "a finished training run")
 flags.DEFINE_string("csv", None, "catalogue CSV of the products to classify")
-flags.DEFINE_string("images", None, "folder with their images")
+flags.DEFINE_string("images", None, "folder with their images (models that read images)")
 flags.DEFINE_string("out", "predictions.csv", "output CSV")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "which saved parameters")
 flags.DEFINE_enum("on_bad_row", None, ["skip", "fail"], "default: the run's data.on_bad_row")
 FLAGS = flags.FLAGS
 
 
-def predict(workdir: str, csv_path: str, image_dir: str, out: str, which: str = "best",
-            on_bad_row: str | None = None) -> dict:
-  """Writes `out`; returns {'probs': (N, C) ensemble, 'uniq_id', 'classes', 'report'}."""
-  from m6jax import embed, restore
-  from m6jax.data import catalogue, pipeline
-  from m6jax.models import fusion
+@dataclasses.dataclass
+class Product:
+  """One input row as prediction sees it."""
+  row: int              # 1-based data row (the CSV header is not counted)
+  line: int             # CSV line where the record ends (the row for a DataFrame)
+  uniq_id: str
+  text: str = ""        # the catalogue text ('' when empty or unused)
+  image: str = ""       # image path ('' when missing or unused)
+  problems: list = dataclasses.field(default_factory=list)   # [(field, file, reason)]
+  error: str = ""       # why the row cannot be predicted at all
+  missing: tuple = ()   # modalities predicted as zeros (missing input)
 
-  cfg = restore.load_config(workdir)
-  policy = on_bad_row or cfg.data.on_bad_row
-  rows, report = catalogue.read_catalogue(
-      csv_path, image_dir, dict(cfg.data.columns), cfg.data.label_depth,
-      max_image_pixels=cfg.data.max_image_pixels, require_label=False)
-  out_dir = os.path.dirname(os.path.abspath(out))
-  os.makedirs(out_dir, exist_ok=True)
-  report.write(out_dir)
-  if report.bad:
-    logging.warning("%d of %d rows skipped:\n%s", len(report.bad), report.total_rows,
-                    report.summary())
-    if policy == "fail":
-      raise catalogue.DataError(f"{len(report.bad)} bad row(s) in {csv_path}:\n"
-                                + "\n".join(str(b) for b in report.bad))
-  if not rows:
-    raise catalogue.DataError(f"no usable rows in {csv_path}")
 
-  cfg, run, params, stats = restore.restore(workdir, which)
-  mods = fusion.modalities(cfg.model.fusion)
-  bs = cfg.data.batch_size
-  texts = [r.text for r in rows]
+@dataclasses.dataclass
+class Predictions:
+  """One entry per input row, in input order; `probs` rows are NaN where not predicted."""
+  classes: list
+  products: list
+  probs: np.ndarray     # float32 (N, C), the ensemble mean over K replicas
+  source: str = ""
 
-  if cfg.train.mode == "frozen":
+  @property
+  def uniq_id(self) -> list[str]:
+    return [p.uniq_id for p in self.products]
+
+  @property
+  def predicted(self) -> list[str]:
+    return ["" if np.isnan(q).any() else self.classes[int(q.argmax())] for q in self.probs]
+
+  @property
+  def notes(self) -> list[str]:
+    return [_note(p) for p in self.products]
+
+  def noted(self) -> list[dict]:
+    """The rows with a note: {'row', 'line', 'uniq_id', 'field', 'file', 'reason', 'predicted'}."""
+    out = []
+    for p, pred in zip(self.products, self.predicted):
+      for field, file, reason in p.problems:
+        out.append({"row": p.row, "line": p.line, "uniq_id": p.uniq_id, "field": field,
+                    "file": file, "reason": reason, "predicted": bool(pred)})
+    return out
+
+  def to_frame(self):
+    """A pandas DataFrame: uniq_id, predicted, p_<class> (float64; NaN if not predicted), note."""
+    import pandas as pd
+    data = {"uniq_id": self.uniq_id, "predicted": self.predicted}
+    for j, c in enumerate(self.classes):
+      data[f"p_{c}"] = self.probs[:, j].astype(np.float64)
+    data["note"] = self.notes
+    return pd.DataFrame(data)
+
+  def write_csv(self, out: str) -> None:
+    """Writes `out` atomically, probabilities with 6 decimals ('' where not predicted)."""
+    tmp = out + ".tmp"
+    with open(tmp, "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(["uniq_id", "predicted"] + [f"p_{c}" for c in self.classes] + ["note"])
+      for p, pred, q, note in zip(self.products, self.predicted, self.probs, self.notes):
+        w.writerow([p.uniq_id, pred] + ([""] * len(q) if not pred else [f"{v:.6f}" for v in q])
+                   + [note])
+    os.replace(tmp, out)
+
+  def report(self) -> dict:
+    n_pred = sum(1 for x in self.predicted if x)
+    return {"csv": self.source, "total_rows": len(self.products), "predicted": n_pred,
+            "not_predicted": len(self.products) - n_pred,
+            "rows_with_notes": sum(1 for p in self.products if p.problems),
+            "noted": self.noted()}
+
+  def summary(self) -> str:
+    r = self.report()
+    lines = [f"{r['csv']}: {r['total_rows']} rows, {r['predicted']} predicted, "
+             f"{r['not_predicted']} not predicted, {r['rows_with_notes']} with a note"]
+    for n in r["noted"]:
+      where = f" file={n['file']}" if n["file"] else ""
+      lines.append(f"  row {n['row']} (line {n['line']}) uniq_id={n['uniq_id'] or '?'} "
+                   f"field={n['field']}{where}: {n['reason']}"
+                   + ("" if n["predicted"] else " [not predicted]"))
+    return "\n".join(lines)
+
+  def write_report(self, out: str) -> None:
+    """`<out>.data_report.txt` and `<out>.data_report.json`."""
+    catalogue.atomic_write(out + ".data_report.txt", self.summary() + "\n")
+    catalogue.atomic_write(out + ".data_report.json", json.dumps(self.report(), indent=2))
+
+
+def _note(p: Product) -> str:
+  reasons = "; ".join(reason for _, _, reason in p.problems)
+  if p.error:
+    return f"not predicted: {p.error}"
+  if p.missing:
+    kept = " and ".join(m for m in ("image", "text") if m not in p.missing)
+    return f"{reasons}: {kept} only"
+  return reasons
+
+
+# --- reading rows ---------------------------------------------------------------
+
+def _required_columns(bundle, mods) -> list[str]:
+  cols = bundle.preprocessing["columns"]
+  need = [cols["id"]]
+  if "text" in mods:
+    need += [cols[r] for r in bundle.preprocessing["text_fields"]]
+  if "image" in mods:
+    need.append(cols["image"])
+  return need
+
+
+def _image_path(image_dir: str | None, name: str) -> str:
+  """A row's image name -> path: confined to `image_dir` when given, else as is."""
+  if image_dir is not None:
+    return images.confined_path(image_dir, name)
+  if not name:
+    raise images.ImageError("missing image: empty file name")
+  return os.path.abspath(name)
+
+
+class _Reader:
+  """Fields of one row -> Product; remembers ids to flag duplicates."""
+
+  def __init__(self, run, image_dir: str | None):
+    self.pre = run.bundle.preprocessing
+    self.cols = self.pre["columns"]
+    self.mods = run.mods
+    self.image_dir = image_dir
+    self.seen: dict[str, int] = {}
+
+  def __call__(self, row: int, line: int, fields: dict, error: str = "") -> Product:
+    cols = self.cols
+
+    def get(role):
+      v = fields.get(cols[role])
+      return "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip()
+
+    p = Product(row, line, get("id"))
+    if error:
+      p.error = error
+      p.problems.append(("*", "", error))
+      return p
+    if not p.uniq_id:
+      p.problems.append((cols["id"], "", "empty id"))
+    elif p.uniq_id in self.seen:
+      p.problems.append((cols["id"], "", f"duplicate uniq_id: first seen on row "
+                                           f"{self.seen[p.uniq_id]}"))
+    else:
+      self.seen[p.uniq_id] = row
+    if "text" in self.mods:
+      p.text = " ".join(s for s in (get(r) for r in self.pre["text_fields"]) if s)
+      if not p.text:
+        fields_ = "+".join(cols[r] for r in self.pre["text_fields"])
+        p.problems.append((fields_, "", "empty text"))
+    if "image" in self.mods:
+      name = get("image")
+      try:
+        p.image = _image_path(self.image_dir, name)
+      except images.ImageError as e:
+        shown = os.path.join(self.image_dir, name) if self.image_dir and name else name
+        p.problems.append((cols["image"], shown, str(e)))
+    return p
+
+
+def read_csv(run, csv_path: str, image_dir: str | None) -> list[Product]:
+  """A CSV of new products -> one Product per record (bad records included)."""
+  header, records = catalogue.read_records(csv_path, run.bundle.preprocessing["encoding"])
+  missing = [c for c in _required_columns(run.bundle, run.mods) if c not in header]
+  if missing:
+    raise catalogue.DataError(f"{csv_path}: missing column(s) {missing}; found {header}")
+  read = _Reader(run, image_dir)
+  return [read(i, rec.line, rec.fields, rec.error) for i, rec in enumerate(records, 1)]
+
+
+def read_frame(run, frame, image_dir: str | None = None) -> list[Product]:
+  """A pandas DataFrame of new products (the catalogue's columns) -> Products."""
+  missing = [c for c in _required_columns(run.bundle, run.mods) if c not in frame.columns]
+  if missing:
+    raise catalogue.DataError(f"input: missing column(s) {missing}; found {list(frame.columns)}")
+  read = _Reader(run, image_dir)
+  return [read(i, i, rec) for i, rec in enumerate(frame.to_dict("records"), 1)]
+
+
+# --- predicting -------------------------------------------------------------------
+
+def _decoded(run, products, idx):
+  """Yields (i, uint8 (S, S, 3) image or None) for products[i], i in idx; a failure
+  is noted on the product."""
+  field = run.bundle.preprocessing["columns"]["image"]
+  for i in idx:
+    p = products[i]
+    if not p.image:
+      yield i, None
+      continue
+    try:
+      yield i, pipeline.image_from_file(p.image, run.data_cfg)
+    except images.ImageError as e:
+      p.problems.append((field, p.image, str(e)))
+      p.image = ""
+      yield i, None
+
+
+def _batch(run, group, missing, bs) -> dict:
+  """[(i, image or None, text)] of one missing-modality pattern -> a padded batch."""
+  n, size = len(group), run.data_cfg.image_size
+  b = {"mask": np.arange(bs) < n, "label": np.zeros(bs, np.int32),
+       "uniq_id": np.array([str(i) for i, _, _ in group] + [""] * (bs - n), dtype=object),
+       "text": np.array([t for _, _, t in group] + [""] * (bs - n), dtype=object)}
+  for m in missing:
+    b[f"{m}_embedding"] = np.zeros((bs, run.feature_dims[m]), np.float32)
+  if "image" in run.mods and "image" not in missing:
+    img = np.zeros((bs, size, size, 3), np.uint8)
+    img[:n] = np.stack([x for _, x, _ in group])
+    b["image"] = img
+  return b
+
+
+def _missing(run, p: Product, has_image: bool) -> tuple:
+  out = []
+  if "image" in run.mods and not has_image:
+    out.append("image")
+  if "text" in run.mods and not p.text:
+    out.append("text")
+  return tuple(out)
+
+
+def _finish(run, p: Product, has_image: bool) -> bool:
+  """Sets p.missing / p.error; True when the row can be predicted."""
+  if p.error:
+    return False
+  p.missing = _missing(run, p, has_image)
+  if len(p.missing) == len(run.mods):
+    p.error = "no usable input: " + "; ".join(reason for _, _, reason in p.problems)
+    return False
+  return True
+
+
+def predict_products(run, params, batch_stats, products: list[Product]) -> np.ndarray:
+  """Products -> float32 (N, C) ensemble probabilities (NaN rows where not predicted).
+
+  Images are decoded batch by batch (memory stays bounded); the rows with a
+  full input are batched in input order as the run batched its own splits.
+  """
+  n, c, bs = len(products), len(run.class_names), run.data_cfg.batch_size
+  probs = np.full((n, c), np.nan, np.float32)
+  todo = [i for i, p in enumerate(products) if not p.error]
+  stream = _decoded(run, products, todo)
+  if run.mode == "frozen":
+    got = {}                              # i -> image embedding row
+    if "image" in run.mods:
+      order = []
+
+      def batches():
+        group = []
+        for i, img in stream:
+          if img is not None:
+            group.append((i, img, ""))
+          if len(group) == bs:
+            order.extend(i for i, _, _ in group)
+            yield _batch(run, group, (), bs)
+            group = []
+        if group:
+          order.extend(i for i, _, _ in group)
+          yield _batch(run, group, (), bs)
+
+      gen = batches()
+      first = next(gen, None)
+      if first is not None:   # else no row has a usable image
+        got = dict(zip(order, run.image_features_for(itertools.chain([first], gen))))
+    ok = [i for i in todo if _finish(run, products[i], i in got)]
+    if not ok:
+      return probs
     feats = {}
-    if "image" in mods:
-      from m6jax.models import towers
-      tower = towers.image_tower(cfg.model.image.name, cfg.model.image.weights,
-                                 cfg.data.image_size, seed=cfg.seed)
-      feats["image"] = embed.embed_image_batches(tower, pipeline.row_batches(rows, cfg.data, bs))
-    if "text" in mods:
-      feats["text"] = run.text_features_for(texts)
-    probs, _ = run.trainer.predict_features(params, feats)
-    probs = np.asarray(probs)
-  else:
-    tfidf = run.text_features_for(texts) if run.text_features is not None else None
-    if tfidf is not None:
-      run.trainer.text_lookup["new"] = dict(zip([r.uniq_id for r in rows], tfidf))
-    chunks = []
-    for b in pipeline.row_batches(rows, cfg.data, bs):
-      pr, _ = run.trainer.predict_batch(params, stats, b, "new")
-      chunks.append(np.asarray(pr)[:, b["mask"]])
-    probs = np.concatenate(chunks, 1)
+    for m in run.mods:
+      feats[m] = np.zeros((len(ok), run.feature_dims[m]), np.float32)
+    if "image" in run.mods:
+      for j, i in enumerate(ok):
+        if i in got:
+          feats["image"][j] = got[i]
+    if "text" in run.mods:
+      with_text = [j for j, i in enumerate(ok) if products[i].text]
+      if with_text:
+        feats["text"][with_text] = run.text_features_for([products[ok[j]].text
+                                                          for j in with_text])
+    pr, _ = run.predict_features(params, feats)
+    probs[ok] = np.asarray(pr).mean(0)
+    return probs
 
-  ens = probs.mean(0)
-  tmp = out + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["uniq_id", "predicted"] + [f"p_{c}" for c in run.class_names])
-    for r, p in zip(rows, ens):
-      w.writerow([r.uniq_id, run.class_names[int(p.argmax())]] + [f"{v:.6f}" for v in p])
-  os.replace(tmp, out)
-  logging.info("wrote %d predictions to %s (%d rows skipped)", len(rows), out, len(report.bad))
-  return {"probs": ens, "uniq_id": [r.uniq_id for r in rows], "classes": run.class_names,
-          "report": report}
+  groups: dict[tuple, list] = {}
+
+  def flush(missing):
+    group = groups.pop(missing)
+    pr, _ = run.predict_batch(params, batch_stats, _batch(run, group, missing, bs),
+                                "predict")
+    probs[[i for i, _, _ in group]] = np.asarray(pr)[:, :len(group)].mean(0)
+
+  for i, img in stream:
+    p = products[i]
+    if not _finish(run, p, img is not None):
+      continue
+    groups.setdefault(p.missing, []).append((i, img, p.text))
+    if len(groups[p.missing]) == bs:
+      flush(p.missing)
+  for missing in list(groups):
+    flush(missing)
+  return probs
+
+
+def predict(workdir: str, csv_path: str, image_dir: str | None, out: str,
+            which: str = "best", on_bad_row: str | None = None) -> Predictions:
+  """Writes `out` (and `<out>.data_report.{txt,json}`); returns the Predictions."""
+  _, run, params, stats = restore.restore(workdir, which)
+  if "image" in run.mods and image_dir is None:
+    raise catalogue.DataError(f"the model of {workdir} reads images: give their folder "
+                              "(--images)")
+  policy = on_bad_row or run.bundle.preprocessing["on_bad_row"]
+  products = read_csv(run, csv_path, image_dir)
+  res = Predictions(run.class_names, products,
+                    predict_products(run, params, stats, products), source=csv_path)
+  noted = res.noted()
+  if noted and policy == "fail":
+    raise catalogue.DataError(f"{len(noted)} problem(s) in {csv_path} (on_bad_row=fail):\n"
+                              + res.summary())
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  res.write_report(out)
+  res.write_csv(out)
+  if noted:
+    logging.warning("%s", res.summary())
+  r = res.report()
+  logging.info("wrote %d predictions to %s (%d rows not predicted, %d with a note; see "
+               "%s.data_report.txt)", r["predicted"], out, r["not_predicted"],
+               r["rows_with_notes"], out)
+  return res
 
 
 def main(argv):
@@ -95,5 +381,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "csv", "images"])
+  flags.mark_flags_as_required(["workdir", "csv"])
   app.run(main)

@@ -1,20 +1,40 @@
-"""Rebuild a finished run for inference: config -> setup -> checkpoint -> parameters.
+"""Rebuild a trained run for inference from its bundle and checkpoint only.
 
-m6jax.predict and m6jax.explain depend on this module, not on the trainer's
-run loop. The checkpoint holds each replica's own best-validation parameters
-(`TrainState.best_*`), the ones results.json scored.
+  cfg, run, params, batch_stats = restore.restore(workdir)
+
+reads `<workdir>/bundle` (m6jax.bundle) and the newest readable step of
+`<workdir>/checkpoints`: it never builds the dataset, re-embeds the catalogue
+or reads the training CSV, so a run keeps predicting the same way when its
+catalogue changes or moves. The weight files of the towers inference loads are
+checked against the fingerprints recorded at training (BundleError on a
+mismatch). Parameters carry the leading replica axis K, read from the
+checkpoint and checked against the bundle: each replica's best-validation
+parameters (`TrainState.best_*`), the ones results.json scored.
+
+`run` is an :class:`Inference`: the model and feature extractors of the run
+(m6jax.predict, m6jax.explain and m6jax.serve use it). The run's own splits
+(`builder`, `cols`, `predict(params, stats, split)`) are read from the built
+dataset the bundle names, and only when asked for.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from m6jax import checkpoint, features
+from m6jax import bundle as bundle_lib
+from m6jax import checkpoint, embed, steps, train
+from m6jax.data import pipeline
+from m6jax.models import fusion, towers
 
 WHICH = ("best", "latest")
+SPLITS = ("train", "validation", "test")
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -26,22 +46,200 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def restore(workdir: str, which: str = "best"):
-  """A finished run -> (cfg, Setup, params, batch_stats).
+class _PerSplit(dict):
+  """{split: value} computed by `fn(split)` on first access."""
+
+  def __init__(self, fn):
+    super().__init__()
+    self._fn = fn
+
+  def __missing__(self, split):
+    self[split] = value = self._fn(split)
+    return value
+
+
+class Inference:
+  """A trained run's model for inference, rebuilt from its bundle.
+
+  Frozen mode: `text_features_for` / `image_features_for` give the tower
+  embeddings, `predict_features(params, feats)` the head's output. Finetune
+  mode: `predict_batch(params, batch_stats, batch, split)` runs towers + head on
+  a pipeline batch. Both return (K, N, C) probabilities and (K, N, M) modality
+  weights. A batch may carry `<modality>_embedding` arrays in place of the raw
+  input: zeros there stand for a missing modality, as modality dropout trained.
+  """
+
+  def __init__(self, bundle: bundle_lib.Bundle):
+    self.bundle = bundle
+    self.cfg = cfg = bundle.config
+    self.class_names = bundle.class_names
+    self.mods = bundle.modalities
+    self.mode = bundle.meta["mode"]
+    self.num_replicas = bundle.num_replicas
+    self.data_cfg = bundle.data_config()
+    self.feature_dims = {m: t["feature_dim"] for m, t in bundle.meta["towers"].items()}
+    self.text_features = bundle.text_features()       # fitted TF-IDF, or None
+    self.text_lookup = {} if self.text_features is not None else None  # {split: {id: feature}}
+    self.head = train.head_module(cfg, len(self.class_names))
+    self.model = None
+    if self.mode == "frozen":
+      predict = functools.partial(steps.predict_step, apply_fn=self.head.apply)
+      self._predict = jax.jit(jax.vmap(lambda p, f: predict(p, None, f), in_axes=(0, None)))
+    else:
+      dtype = train.compute_dtype(cfg)
+      image = None
+      if "image" in self.mods:
+        # The module only: its parameters (and BatchNorm statistics) are in the checkpoint.
+        image = towers.image_tower(cfg.model.image.name, "none", self.data_cfg.image_size,
+                                   dtype=dtype, seed=cfg.seed)
+      bert = self.text_tower if "text" in self.mods and self.text_features is None else None
+      self.model = fusion.Classifier(
+          fusion=self.head, image=image.module if image else None,
+          text=bert.module if bert else None,
+          image_preprocess=image.preprocess if image else None,
+          tower_train=cfg.train.bn == "update")
+      predict = functools.partial(steps.predict_step, apply_fn=self.model.apply)
+      self._predict = jax.jit(jax.vmap(predict, in_axes=(0, 0, None)))
+
+  @property
+  def trainer(self) -> "Inference":
+    """Itself: the prediction side of m6jax.train's trainer interface."""
+    return self
+
+  # --- towers (built on first use) ---------------------------------------------
+  @functools.cached_property
+  def image_tower(self) -> towers.ImageTower:
+    """The frozen image tower with its (verified) weights."""
+    c = self.cfg.model.image
+    return towers.image_tower(c.name, c.weights, self.data_cfg.image_size, seed=self.cfg.seed)
+
+  @functools.cached_property
+  def text_tower(self) -> towers.TextTower:
+    """The BERT text tower with its (verified) weights and tokenizer."""
+    c = self.cfg.model.text
+    # Frozen embeddings were computed in float32 (m6jax.embed); finetune uses model.dtype.
+    dtype = train.compute_dtype(self.cfg) if self.mode == "finetune" else jnp.float32
+    return towers.text_tower(c.name, c.weights, dtype=dtype)
+
+  # --- features -------------------------------------------------------------------
+  def text_features_for(self, texts) -> np.ndarray:
+    """Texts -> float32 (N, D) text features exactly as the run computed them."""
+    if self.text_features is not None:   # TF-IDF fitted on the training split
+      return self.text_features.transform(list(texts)).astype(np.float32)
+    return embed.embed_texts(self.cfg, self.text_tower, list(texts))
+
+  def image_features_for(self, batches) -> np.ndarray:
+    """Batches {'image': uint8 (B, S, S, 3), 'mask'} -> float32 (N, Di) (frozen tower)."""
+    return embed.embed_image_batches(self.image_tower, batches)
+
+  # --- prediction -----------------------------------------------------------------
+  def predict_features(self, params, feats: dict):
+    """Embeddings {modality: (N, D)} -> (K, N, C) probabilities, (K, N, M) weights."""
+    return self._predict(params, {m: np.asarray(feats[m], np.float32) for m in self.mods})
+
+  def inputs(self, batch: dict, split: str) -> dict:
+    """A pipeline batch -> the Classifier's input dict (finetune mode)."""
+    out = {"label": batch["label"], "mask": batch["mask"]}
+    for m in self.mods:
+      if f"{m}_embedding" in batch:
+        out[f"{m}_embedding"] = np.asarray(batch[f"{m}_embedding"], np.float32)
+      elif m == "image":
+        out["image"] = batch["image"]
+      elif self.text_features is None:
+        from m6jax.data import tokenize
+        toks = tokenize.tokenize(self.text_tower.tokenizer, [str(t) for t in batch["text"]],
+                                 self.cfg.data.max_text_length)
+        out["input_ids"], out["attention_mask"] = toks["input_ids"], toks["attention_mask"]
+      elif split in self.text_lookup:
+        table, dim = self.text_lookup[split], self.feature_dims["text"]
+        out["text_embedding"] = np.stack([table.get(u, np.zeros(dim, np.float32))
+                                          for u in batch["uniq_id"]]).astype(np.float32)
+      else:   # TF-IDF is computed row by row: a batch gives each row's own features
+        out["text_embedding"] = self.text_features_for([str(t) for t in batch["text"]])
+    return out
+
+  def predict_batch(self, params, batch_stats, batch: dict, split: str = "new"):
+    """A pipeline batch -> (K, B, C) probabilities, (K, B, M) modality weights (finetune)."""
+    return self._predict(params, batch_stats or {}, self.inputs(batch, split))
+
+  # --- the run's own splits (from the built dataset, on demand) --------------------
+  @functools.cached_property
+  def builder(self):
+    """The run's built dataset (read-only); BundleError when it is gone."""
+    import tensorflow_datasets as tfds
+    path = self.bundle.meta["dataset"]["dir"]
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+      raise bundle_lib.BundleError(f"the run's built dataset {path} is gone: its own splits "
+                                   "cannot be read (new products need only the bundle)")
+    return tfds.builder_from_directory(path)
+
+  @functools.cached_property
+  def cols(self) -> dict:
+    """{split: {'label', 'uniq_id', 'text'}} of the run's dataset."""
+    return _PerSplit(lambda s: pipeline.columns(self.builder.as_data_source(s)))
+
+  @functools.cached_property
+  def feats(self) -> dict:
+    """{'text': {split: (N, D)}} text features of the run's splits, computed on demand."""
+    if "text" not in self.mods:
+      return {}
+    return {"text": _PerSplit(lambda s: self.text_features_for(self.cols[s]["text"]))}
+
+  def predict(self, params, batch_stats, split: str, with_weights: bool = False):
+    """(K, N, C) probabilities (and (K, N, M) modality weights) for a split of the run."""
+    bs, size = self.data_cfg.batch_size, self.data_cfg.image_size
+    src = self.builder.as_data_source(split)
+    if self.mode == "frozen":
+      feats = {}
+      if "image" in self.mods:
+        feats["image"] = self.image_features_for(pipeline.batches(src, bs, size))
+      if "text" in self.mods:
+        feats["text"] = self.feats["text"][split]
+      probs, weights = self.predict_features(params, feats)
+    else:
+      probs, weights = [], []
+      for b in pipeline.batches(src, bs, size):
+        pr, w = self.predict_batch(params, batch_stats, b, split)
+        probs.append(np.asarray(pr)[:, b["mask"]])
+        weights.append(np.asarray(w)[:, b["mask"]])
+      probs, weights = np.concatenate(probs, 1), np.concatenate(weights, 1)
+    return (probs, weights) if with_weights else probs
+
+
+def load(bundle_dir: str, run_dir: str, which: str = "best"):
+  """Bundle folder + run folder holding `checkpoints/` -> (Inference, params, batch_stats).
 
   which: 'best' (each replica's best-validation parameters, what results.json
   scored) or 'latest' (the parameters after the last trained epoch).
-  Parameters carry the leading replica axis K.
   """
   if which not in WHICH:
     raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-  cfg = load_config(workdir)
-  run = features.setup(cfg, workdir)
-  with checkpoint.Checkpoints(workdir, read_only=True) as ckpt:
-    restored = ckpt.restore_latest(run.trainer.init_states())
+  b = bundle_lib.load(bundle_dir)
+  # The towers whose weight files inference reads: frozen towers, and the BERT
+  # tokenizer/weights (finetune keeps the trained tower parameters in the checkpoint).
+  used = [m for m, t in b.meta["towers"].items()
+          if t["name"] != "tfidf" and (b.meta["mode"] == "frozen" or m == "text")]
+  b.verify_weights(used)
+  with checkpoint.Checkpoints(run_dir, read_only=True) as ckpt:
+    restored = ckpt.restore_latest(None)   # no target: the saved tree, as nested dicts
   if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint.directory(workdir)}")
-  states, _ = restored
-  if which == "best":
-    return cfg, run, states.best_params, states.best_batch_stats
-  return cfg, run, states.params, states.batch_stats
+    raise FileNotFoundError(f"no checkpoint in {checkpoint.directory(run_dir)}")
+  state = restored[0]
+  params = state["best_params" if which == "best" else "params"]
+  stats = state["best_batch_stats" if which == "best" else "batch_stats"] or {}
+  k = int(jax.tree.leaves(params)[0].shape[0])
+  if k != b.num_replicas:
+    raise bundle_lib.BundleError(
+        f"{checkpoint.directory(run_dir)} holds {k} replicas, the bundle {bundle_dir} "
+        f"{b.num_replicas}: they are from different runs")
+  return Inference(b), params, stats
+
+
+def restore(workdir: str, which: str = "best"):
+  """A finished run -> (cfg, Inference, params, batch_stats); see the module docstring."""
+  if which not in WHICH:
+    raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+  if not os.path.isdir(bundle_lib.directory(workdir)):
+    load_config(workdir)   # names a folder that is not a run at all
+  run, params, stats = load(bundle_lib.directory(workdir), workdir, which)
+  return run.cfg, run, params, stats

@@ -24,6 +24,8 @@ class TfidfFeatures:
                                       lowercase=lowercase, dtype=np.float32)
     self.dim = dim
     self.seed = seed
+    self.options = dict(ngram_range=list(ngram_range), sublinear_tf=bool(sublinear_tf),
+                        lowercase=bool(lowercase))
     self.svd = None
     self.fitted = False
 
@@ -52,6 +54,35 @@ class TfidfFeatures:
     x = self.vectorizer.transform(list(texts))
     x = self.svd.transform(x) if self.svd is not None else x.toarray()
     return np.asarray(x, dtype=np.float32)
+
+  def to_arrays(self) -> tuple[dict, dict]:
+    """The fitted state as (options, arrays), no pickle: options is plain JSON;
+    arrays are 'terms' (V,) str in column order, 'idf' (V,) and, with an SVD,
+    'components' (dim, V)."""
+    if not self.fitted:
+      raise RuntimeError("TfidfFeatures: call fit(train_texts) first")
+    vocab = self.vectorizer.vocabulary_
+    arrays = {"terms": np.array(sorted(vocab, key=vocab.get), dtype=str),
+              "idf": np.asarray(self.vectorizer.idf_)}
+    if self.svd is not None:
+      arrays["components"] = np.asarray(self.svd.components_)
+    return dict(self.options, dim=self.dim, seed=self.seed), arrays
+
+  @classmethod
+  def from_arrays(cls, options: dict, arrays) -> "TfidfFeatures":
+    """Inverse of `to_arrays`: transform() gives the fitted object's features bit for bit."""
+    feats = cls(ngram_range=tuple(options["ngram_range"]), sublinear_tf=options["sublinear_tf"],
+                lowercase=options["lowercase"], dim=options["dim"], seed=options["seed"])
+    terms = [str(t) for t in arrays["terms"]]
+    feats.vectorizer.set_params(vocabulary={t: i for i, t in enumerate(terms)})
+    feats.vectorizer.idf_ = np.asarray(arrays["idf"])
+    if "components" in arrays:
+      from sklearn.decomposition import TruncatedSVD
+      feats.svd = TruncatedSVD(feats.dim, random_state=feats.seed)
+      feats.svd.components_ = np.asarray(arrays["components"])
+      feats.svd.n_features_in_ = len(terms)
+    feats.fitted = True
+    return feats
 
   def fit_transform(self, texts: Sequence[str]) -> np.ndarray:
     texts = list(texts)
