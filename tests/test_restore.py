@@ -1,12 +1,15 @@
-"""m6jax.restore: a finished run serves exactly the parameters results.json scored."""
+"""m6jax.restore: a finished run serves exactly the parameters results.json scored,
+rebuilt from its bundle and checkpoint."""
 
 import csv
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
-from m6jax import experiment, restore, results
+from m6jax import bundle, experiment, restore, results
 from tests.conftest import tiny_config
 
 
@@ -36,6 +39,20 @@ def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogu
   # The last epoch's parameters are a different model: serving them would differ.
   _, _, last, last_stats = restore.restore(wd, "latest")
   assert not np.allclose(np.asarray(run.trainer.predict(last, last_stats, "test")), probs)
+
+  # K comes from the checkpoint; a bundle that disagrees is from another run.
+  other = str(tmp_path / "other")
+  shutil.copytree(wd, other)
+  meta_path = os.path.join(other, "bundle", "bundle.json")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  assert meta["num_replicas"] == 3 and probs.shape[0] == 3
+  results.write_json(meta_path, dict(meta, num_replicas=2))
+  with pytest.raises(bundle.BundleError, match="holds 3 replicas"):
+    restore.restore(other)
+  shutil.rmtree(os.path.join(other, "bundle"))
+  with pytest.raises(bundle.BundleError, match="no inference bundle"):
+    restore.restore(other)
 
 
 def test_restore_of_a_folder_that_is_not_a_run(tmp_path):

@@ -1,0 +1,107 @@
+"""The trained model as an MLflow pyfunc model: bundle + checkpoint, predict's output.
+
+  serve.log_model(workdir)          # inside an active MLflow run (m6jax.track calls it)
+  model = mlflow.pyfunc.load_model(uri)
+  model.predict(frame, params={"images": "new_images/"})
+
+The logged model holds two artifacts: `bundle` (the run's inference bundle,
+m6jax.bundle) and `run` (the newest checkpoint step, as `checkpoints/latest/
+<step>`), plus the m6jax code, so it loads on a machine that has neither the
+workdir nor the training catalogue. `predict` takes a DataFrame of new
+products with the catalogue's columns (`image`: a file path, relative to the
+`images` param when given, else as is) and returns what the predict CLI
+writes: one row per input row, uniq_id, predicted, p_<class> and note
+(m6jax.predict.Predictions.to_frame).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import warnings
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from m6jax import bundle as bundle_lib
+from m6jax import checkpoint, predict, restore
+
+NAME = "model"
+
+
+class Model(mlflow.pyfunc.PythonModel):
+  """pyfunc around a run's inference bundle and checkpoint (see the module docstring)."""
+
+  def load_context(self, context):
+    self._run, self._params, self._stats = restore.load(context.artifacts["bundle"],
+                                                        context.artifacts["run"])
+
+  def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+    """DataFrame of new products -> DataFrame (uniq_id, predicted, p_<class>, note)."""
+    del context
+    images = (params or {}).get("images") or None
+    products = predict.read_frame(self._run, model_input, images)
+    probs = predict.predict_products(self._run, self._params, self._stats, products)
+    return predict.Predictions(self._run.class_names, products, probs).to_frame()
+
+
+def signature(b: bundle_lib.Bundle) -> ModelSignature:
+  """Inputs: the catalogue columns the model reads (strings); outputs: predict's columns."""
+  cols = b.preprocessing["columns"]
+  roles = ["id"]
+  if "text" in b.modalities:
+    roles += b.preprocessing["text_fields"]
+  if "image" in b.modalities:
+    roles.append("image")
+  inputs = Schema([ColSpec("string", cols[r], required=(r == "id")) for r in roles])
+  outputs = Schema([ColSpec("string", "uniq_id"), ColSpec("string", "predicted")]
+                   + [ColSpec("double", f"p_{c}") for c in b.class_names]
+                   + [ColSpec("string", "note")])
+  return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("images", "string", "")]))
+
+
+def _requirements() -> list[str]:
+  """m6jax's dependencies pinned to the installed versions (m6jax itself ships as code)."""
+  from packaging.requirements import Requirement
+  try:
+    reqs = importlib.metadata.requires("m6jax") or []
+  except importlib.metadata.PackageNotFoundError:
+    reqs = ["jax", "flax", "optax", "orbax-checkpoint", "ml_collections", "numpy", "pillow",
+            "scikit-learn", "tensorflow-datasets", "grain", "transformers", "mlflow"]
+  out = []
+  for line in reqs:
+    req = Requirement(line)
+    if req.marker is not None and "extra" in str(req.marker):
+      continue
+    try:
+      out.append(f"{req.name}=={importlib.metadata.version(req.name)}")
+    except importlib.metadata.PackageNotFoundError:
+      out.append(str(req))
+  return out
+
+
+def log_model(workdir: str, name: str = NAME, **kwargs):
+  """Logs the run in `workdir` as a pyfunc model to the active MLflow run.
+
+  kwargs go to mlflow.pyfunc.log_model. Returns its ModelInfo.
+  """
+  b = bundle_lib.load(bundle_lib.directory(workdir))
+  with checkpoint.Checkpoints(workdir, read_only=True) as ckpt:
+    step = ckpt.latest_step()
+    src = os.path.join(ckpt.directory, "latest", str(step)) if step is not None else None
+  if src is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpoint.directory(workdir)}")
+  with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    # The signature is explicit; an input example would need a product photo.
+    warnings.filterwarnings("ignore", "An input example was not provided")
+    run = os.path.join(tmp, "run")
+    shutil.copytree(src, os.path.join(run, "checkpoints", "latest", str(step)))
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=Model(),
+        artifacts={"bundle": b.path, "run": run},
+        code_paths=[os.path.dirname(os.path.abspath(__file__))],
+        signature=signature(b), pip_requirements=_requirements(), **kwargs)
