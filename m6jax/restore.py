@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from m6jax import bundle as bundle_lib
 from m6jax import checkpoint, embed, steps, train
@@ -206,6 +207,24 @@ class Inference:
     return (probs, weights) if with_weights else probs
 
 
+def _saved_tree(ckpt: checkpoint.Checkpoints):
+  """The saved state's tree (nested dicts) as ShapeDtypeStructs on this process's
+  first device, from the newest step whose metadata reads; None when none does.
+
+  A checkpoint saved on another device topology (a mesh of 8 devices, say)
+  restores onto this machine with this target.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  for step in reversed(ckpt.all_steps()):
+    path = os.path.join(ckpt.directory, "latest", str(step), "state")
+    try:
+      tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    except Exception:  # noqa: BLE001 - unreadable step: restore_latest reports it
+      continue
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return None
+
+
 def load(bundle_dir: str, run_dir: str, which: str = "best"):
   """Bundle folder + run folder holding `checkpoints/` -> (Inference, params, batch_stats).
 
@@ -221,7 +240,7 @@ def load(bundle_dir: str, run_dir: str, which: str = "best"):
           if t["name"] != "tfidf" and (b.meta["mode"] == "frozen" or m == "text")]
   b.verify_weights(used)
   with checkpoint.Checkpoints(run_dir, read_only=True) as ckpt:
-    restored = ckpt.restore_latest(None)   # no target: the saved tree, as nested dicts
+    restored = ckpt.restore_latest(_saved_tree(ckpt))
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint.directory(run_dir)}")
   state = restored[0]

@@ -5,12 +5,15 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 
 from m6jax import bundle, experiment, restore, results
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 
 def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogue, tmp_path):
@@ -60,3 +63,29 @@ def test_restore_of_a_folder_that_is_not_a_run(tmp_path):
     restore.restore(str(tmp_path))
   with pytest.raises(ValueError, match="which must be one of"):
     restore.restore(str(tmp_path), "best_mean")
+
+
+_TRAIN_ON_8_DEVICES = """
+import sys
+from m6jax import experiment
+from tests.conftest import REPO, tiny_config
+cfg = tiny_config(sys.argv[1], sys.argv[2], **{"train.epochs": 2, "seeds": 2})
+experiment.train_and_evaluate(cfg, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_a_run_trained_on_a_device_mesh_restores_on_one_device(tiny_catalogue, tmp_path):
+  wd = str(tmp_path / "run")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  r = subprocess.run([sys.executable, "-c", _TRAIN_ON_8_DEVICES, tiny_catalogue,
+                      str(tmp_path / "tfds"), wd], capture_output=True, text=True,
+                     timeout=600, cwd=REPO, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert len(jax.devices()) == 1
+  _, run, params, stats = restore.restore(wd)
+  probs = np.asarray(run.trainer.predict(params, stats, "test")).mean(0)
+  with open(os.path.join(wd, "predictions_test.csv")) as f:
+    saved = list(csv.DictReader(f))
+  for row, p in zip(saved, probs):
+    np.testing.assert_allclose([float(row[f"p_{c}"]) for c in run.class_names], p, atol=1e-6)
