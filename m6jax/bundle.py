@@ -2,7 +2,7 @@
 
 Saved at the end of training (m6jax.experiment) into `<workdir>/bundle/`:
 
-  bundle.json         format, class names, number of replicas K, mode, fusion config
+  bundle.json         format, class names, number of replicas R (and of folds), mode, fusion config
                       (`model`), preprocessing (image size, store size, text length, CSV
                       columns and text fields, image decoding limits), towers (name, weights
                       spec, embedding size, fingerprint of the resolved weight files), text
@@ -146,6 +146,8 @@ def save(workdir: str, run, states) -> str | None:
   cfg = run.cfg
   mods = fusion.modalities(cfg.model.fusion)
   num_replicas = int(jax.tree.leaves(states.best_params)[0].shape[0])
+  plan = getattr(run.trainer, "plan", None)   # cross-validation: R = folds x seeds replicas
+  folds = int(np.max(plan.fold_of_replica)) + 1 if plan is not None else 1
   dims = _feature_dims(run)
   towers = {}
   for m in mods:
@@ -160,6 +162,7 @@ def save(workdir: str, run, states) -> str | None:
     text = {"kind": "tfidf", "options": options, "arrays": TEXT_ARRAYS}
   meta = {
       "format": FORMAT, "class_names": list(run.class_names), "num_replicas": num_replicas,
+      "folds": folds,
       "mode": cfg.train.mode, "seed": int(cfg.seed), "model": cfg.model.to_dict(),
       "preprocessing": _preprocessing(cfg.data), "towers": towers, "text_features": text,
       "dataset": {"id": run.dataset_id(), "dir": os.path.abspath(run.builder.data_dir)},
@@ -201,6 +204,11 @@ class Bundle:
   @property
   def num_replicas(self) -> int:
     return int(self.meta["num_replicas"])
+
+  @property
+  def folds(self) -> int:
+    """Replica r is fold r // seeds of seed r % seeds (1: no cross-validation)."""
+    return int(self.meta.get("folds", 1))
 
   @property
   def modalities(self) -> tuple[str, ...]:

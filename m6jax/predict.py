@@ -8,10 +8,11 @@ products, nothing else: the training catalogue is never touched, and nothing
 is written into the run unless --out points there.
 
 Every CSV row gets one output row, in input order: uniq_id, predicted
-category, one probability column per category (the mean over the K replicas
-of the checkpoint) and a `note`. A fused model predicts a row whose image is
-missing or unusable from its text alone (and a row without text from its
-image): modality dropout trained it for that, and the note says so. A
+category, one probability column per category (the ensemble of all replicas
+of the checkpoint, as results.json scored it) and a `note`. A fused model
+predicts a row whose image is missing or unusable from its text alone (and a
+row without text from its image): modality dropout trained it for that, and
+the note says so. A
 text-only model never reads images. A row that cannot be predicted (an
 unreadable record, or no usable input for the model) keeps its reason in
 `note` and empty probabilities. Every noted row is also listed in
@@ -60,7 +61,7 @@ class Predictions:
   """One entry per input row, in input order; `probs` rows are NaN where not predicted."""
   classes: list
   products: list
-  probs: np.ndarray     # float32 (N, C), the ensemble mean over K replicas
+  probs: np.ndarray     # float32 (N, C), the ensemble of the R replicas (Inference.ensemble)
   source: str = ""
 
   @property
@@ -324,7 +325,7 @@ def predict_products(run, params, batch_stats, products: list[Product]) -> np.nd
         feats["text"][with_text] = run.text_features_for([products[ok[j]].text
                                                           for j in with_text])
     pr, _ = run.predict_features(params, feats)
-    probs[ok] = np.asarray(pr).mean(0)
+    probs[ok] = run.ensemble(pr)
     return probs
 
   groups: dict[tuple, list] = {}
@@ -333,7 +334,7 @@ def predict_products(run, params, batch_stats, products: list[Product]) -> np.nd
     group = groups.pop(missing)
     pr, _ = run.predict_batch(params, batch_stats, _batch(run, group, missing, bs),
                                 "predict")
-    probs[[i for i, _, _ in group]] = np.asarray(pr)[:, :len(group)].mean(0)
+    probs[[i for i, _, _ in group]] = run.ensemble(np.asarray(pr)[:, :len(group)])
 
   for i, img in stream:
     p = products[i]

@@ -134,6 +134,14 @@ class Inference:
     return embed.embed_image_batches(self.image_tower, batches)
 
   # --- prediction -----------------------------------------------------------------
+  def ensemble(self, probs) -> np.ndarray:
+    """(R, N, C) replica probabilities -> (N, C), as results.json scored them: with
+    cross-validation each seed's folds are averaged first, then the seeds."""
+    probs = np.asarray(probs)
+    if self.bundle.folds > 1:
+      probs = probs.reshape(self.bundle.folds, -1, *probs.shape[1:]).mean(0)
+    return probs.mean(0)
+
   def predict_features(self, params, feats: dict):
     """Embeddings {modality: (N, D)} -> (K, N, C) probabilities, (K, N, M) weights."""
     return self._predict(params, {m: np.asarray(feats[m], np.float32) for m in self.mods})

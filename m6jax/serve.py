@@ -97,7 +97,7 @@ def log_model(workdir: str, name: str = NAME, **kwargs):
     raise FileNotFoundError(f"no checkpoint in {checkpoint.directory(workdir)}")
   with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
     # The signature is explicit; an input example would need a product photo.
-    warnings.filterwarnings("ignore", "An input example was not provided")
+    warnings.filterwarnings("ignore", ".*An input example was not provided")
     run = os.path.join(tmp, "run")
     shutil.copytree(src, os.path.join(run, "checkpoints", "latest", str(step)))
     return mlflow.pyfunc.log_model(

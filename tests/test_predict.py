@@ -44,8 +44,8 @@ def _assert_same_as_test_predictions(wd, out_rows):
 def test_predict_reproduces_the_runs_test_predictions_without_its_data(early, tmp_path,
                                                                        monkeypatch):
   wd = early["workdir"]
-  # Nothing of the training data is needed: catalogue, built dataset, embedding cache.
-  for gone in (early["catalogue"], os.path.join(early["root"], "tfds"), os.path.join(wd, "cache")):
+  # Nothing of the training data is needed: catalogue, built dataset, embeddings.
+  for gone in (early["catalogue"], os.path.join(early["root"], "tfds")):
     shutil.rmtree(gone)
 
   def refuse(*a, **k):
@@ -127,7 +127,7 @@ def test_every_row_is_in_the_output_with_its_note(early, tmp_path):
   _, run, params, _ = restore.restore(wd)
   text = run.text_features_for([f"{rows[1][0][1]} {rows[1][0][2]}"])
   zero = np.zeros((1, run.feature_dims["image"]), np.float32)
-  want = np.asarray(run.predict_features(params, {"image": zero, "text": text})[0]).mean(0)[0]
+  want = run.ensemble(run.predict_features(params, {"image": zero, "text": text})[0])[0]
   for i in (1, 2, 3, 4):
     np.testing.assert_allclose(res.probs[i], want, rtol=1e-6, atol=1e-7)
   assert not np.array_equal(res.probs[0], want)        # the full row did use its image
@@ -169,6 +169,16 @@ def test_text_only_model_never_reads_images(tmp_path_factory, tmp_path):
   _assert_same_as_test_predictions(run["workdir"], got[:-1])
   assert got[-1]["predicted"] == "" and got[-1]["note"].startswith(
       "not predicted: no usable input: empty text")
+
+
+def test_cross_validation_run_predicts_its_fold_ensembles_as_scored(tmp_path_factory,
+                                                                   tmp_path):
+  run = trained_run(tmp_path_factory, "folds", **{"train.folds": 2, "train.epochs": 2})
+  _, inf, params, _ = restore.restore(run["workdir"])
+  assert inf.bundle.folds == 2 and inf.num_replicas == 2 * run["cfg"].seeds
+  out = str(tmp_path / "pred.csv")
+  predict.predict(run["workdir"], run["new_csv"], run["new_images"], out)
+  _assert_same_as_test_predictions(run["workdir"], _read(out))
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ from tests.conftest import REPO, tiny_config
 
 def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogue, tmp_path):
   cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"),
-                    **{"train.epochs": 3, "model.fusion": "late", "seeds": 3})
+                    **{"train.epochs": 3, "model.fusion": "late", "seeds": 3,
+                       "train.select_by": "macro_f1"})
   wd = str(tmp_path / "run")
   res = experiment.train_and_evaluate(cfg, wd)
   f1 = np.array([h["val_macro_f1"] for h in res["history"]])   # (epochs, K)
