@@ -6,7 +6,8 @@ Saved at the end of training (m6jax.experiment) into `<workdir>/bundle/`:
                       (`model`), preprocessing (image size, store size, text length, CSV
                       columns and text fields, image decoding limits), towers (name, weights
                       spec, embedding size, fingerprint of the resolved weight files), text
-                      features, the dataset it was trained on and the full run config
+                      features, the dataset it was trained on, the run fingerprint
+                      (m6jax.workdir) and the full run config
   text_features.npz   the fitted TF-IDF vocabulary, idf and SVD components (TF-IDF text
                       tower only), plain arrays: no pickle
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from m6jax import results
 from m6jax import weights as weights_lib
+from m6jax import workdir as workdir_lib
 from m6jax.data import images
 from m6jax.models import fusion
 
@@ -166,6 +168,8 @@ def save(workdir: str, run, states) -> str | None:
       "mode": cfg.train.mode, "seed": int(cfg.seed), "model": cfg.model.to_dict(),
       "preprocessing": _preprocessing(cfg.data), "towers": towers, "text_features": text,
       "dataset": {"id": run.dataset_id(), "dir": os.path.abspath(run.builder.data_dir)},
+      # As checkpoints/fingerprint.json of the same run: restore refuses a mix of runs.
+      "run_fingerprint": workdir_lib.fingerprint(cfg, run.dataset_id()),
       "config": cfg.to_dict(),
   }
   final = directory(workdir)
@@ -230,6 +234,21 @@ class Bundle:
     from m6jax.models import tfidf
     with np.load(os.path.join(self.path, text["arrays"]), allow_pickle=False) as z:
       return tfidf.TfidfFeatures.from_arrays(text["options"], {k: z[k] for k in z.files})
+
+  def verify_run(self, run_dir: str) -> None:
+    """Raises BundleError when `<run_dir>/checkpoints/fingerprint.json` exists and
+    describes another run (a restarted workdir that has not finished training)."""
+    path = os.path.join(run_dir, workdir_lib.FINGERPRINT)
+    want = self.meta.get("run_fingerprint")
+    if want is None or not os.path.isfile(path):
+      return
+    with open(path) as f:
+      got = json.load(f)
+    diff = workdir_lib.differences(want, got)
+    if diff:
+      raise BundleError(f"the bundle {self.path} and the checkpoint in {run_dir} are from "
+                        f"different runs ({'; '.join(diff)}): was the workdir restarted "
+                        "without finishing training?")
 
   def verify_weights(self, roles=None) -> None:
     """Checks the weight files of the towers `roles` (default: all) against training."""

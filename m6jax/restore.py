@@ -242,6 +242,7 @@ def load(bundle_dir: str, run_dir: str, which: str = "best"):
   if which not in WHICH:
     raise ValueError(f"which must be one of {WHICH}, got {which!r}")
   b = bundle_lib.load(bundle_dir)
+  b.verify_run(run_dir)
   # The towers whose weight files inference reads: frozen towers, and the BERT
   # tokenizer/weights (finetune keeps the trained tower parameters in the checkpoint).
   used = [m for m, t in b.meta["towers"].items()

@@ -29,6 +29,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from m6jax import bundle as bundle_lib
 from m6jax import checkpoint, predict, restore
+from m6jax import workdir as workdir_lib
 
 NAME = "model"
 
@@ -100,6 +101,9 @@ def log_model(workdir: str, name: str = NAME, **kwargs):
     warnings.filterwarnings("ignore", ".*An input example was not provided")
     run = os.path.join(tmp, "run")
     shutil.copytree(src, os.path.join(run, "checkpoints", "latest", str(step)))
+    fingerprint = os.path.join(workdir, workdir_lib.FINGERPRINT)
+    if os.path.isfile(fingerprint):
+      shutil.copy(fingerprint, os.path.join(run, workdir_lib.FINGERPRINT))
     return mlflow.pyfunc.log_model(
         name=name, python_model=Model(),
         artifacts={"bundle": b.path, "run": run},

@@ -47,6 +47,14 @@ def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogu
   # K comes from the checkpoint; a bundle that disagrees is from another run.
   other = str(tmp_path / "other")
   shutil.copytree(wd, other)
+  # A bundle and a checkpoint of different runs (a restarted workdir) are refused.
+  fp_path = os.path.join(other, "checkpoints", "fingerprint.json")
+  with open(fp_path) as f:
+    fp = json.load(f)
+  results.write_json(fp_path, {**fp, "config": {**fp["config"], "train.learning_rate": 0.5}})
+  with pytest.raises(bundle.BundleError, match=r"different runs \(train.learning_rate"):
+    restore.restore(other)
+  results.write_json(fp_path, fp)
   meta_path = os.path.join(other, "bundle", "bundle.json")
   with open(meta_path) as f:
     meta = json.load(f)
