@@ -1,6 +1,7 @@
 """The trained model as an MLflow pyfunc model: bundle + checkpoint, predict's output.
 
-  serve.log_model(workdir)          # inside an active MLflow run (m6jax.track calls it)
+  serve.log_model(workdir)          # inside an active MLflow run
+  serve.log_to(tracker, workdir)    # or through m6jax.track.Tracker.log_pyfunc
   model = mlflow.pyfunc.load_model(uri)
   model.predict(frame, params={"images": "new_images/"})
 
@@ -16,6 +17,7 @@ writes: one row per input row, uniq_id, predicted, p_<class> and note
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -85,11 +87,10 @@ def _requirements() -> list[str]:
   return out
 
 
-def log_model(workdir: str, name: str = NAME, **kwargs):
-  """Logs the run in `workdir` as a pyfunc model to the active MLflow run.
-
-  kwargs go to mlflow.pyfunc.log_model. Returns its ModelInfo.
-  """
+@contextlib.contextmanager
+def pyfunc_args(workdir: str):
+  """Yields (python_model, save_kwargs) of the run in `workdir` for mlflow.pyfunc.log_model
+  or m6jax.track.Tracker.log_pyfunc; the staged checkpoint lives until the block exits."""
   b = bundle_lib.load(bundle_lib.directory(workdir))
   with checkpoint.Checkpoints(workdir, read_only=True) as ckpt:
     step = ckpt.latest_step()
@@ -104,8 +105,22 @@ def log_model(workdir: str, name: str = NAME, **kwargs):
     fingerprint = os.path.join(workdir, workdir_lib.FINGERPRINT)
     if os.path.isfile(fingerprint):
       shutil.copy(fingerprint, os.path.join(run, workdir_lib.FINGERPRINT))
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=Model(),
-        artifacts={"bundle": b.path, "run": run},
-        code_paths=[os.path.dirname(os.path.abspath(__file__))],
-        signature=signature(b), pip_requirements=_requirements(), **kwargs)
+    yield Model(), {"artifacts": {"bundle": b.path, "run": run},
+                    "code_paths": [os.path.dirname(os.path.abspath(__file__))],
+                    "signature": signature(b), "pip_requirements": _requirements()}
+
+
+def log_model(workdir: str, name: str = NAME, **kwargs):
+  """Logs the run in `workdir` as a pyfunc model to the active MLflow run.
+
+  kwargs go to mlflow.pyfunc.log_model. Returns its ModelInfo.
+  """
+  with pyfunc_args(workdir) as (model, save_kwargs):
+    return mlflow.pyfunc.log_model(name=name, python_model=model, **save_kwargs, **kwargs)
+
+
+def log_to(tracker, workdir: str, name: str = NAME):
+  """Logs the run in `workdir` through a m6jax.track.Tracker (its run and store); the
+  model URI, or None when the tracker does not log (see Tracker.log_pyfunc)."""
+  with pyfunc_args(workdir) as (model, save_kwargs):
+    return tracker.log_pyfunc(model, name, **save_kwargs)

@@ -6,6 +6,7 @@ import os
 import types
 
 import jax
+import ml_collections
 import numpy as np
 import pandas as pd
 import pytest
@@ -118,8 +119,9 @@ def test_trained_run_bundle_matches_its_checkpoint(tmp_path_factory):
 
 def test_logged_mlflow_model_predicts_as_the_predict_cli(tmp_path_factory, tmp_path):
   import mlflow
+  from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-  from m6jax import serve
+  from m6jax import serve, track
   run = trained_run(tmp_path_factory, "early")
   wd = run["workdir"]
   mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -127,6 +129,11 @@ def test_logged_mlflow_model_predicts_as_the_predict_cli(tmp_path_factory, tmp_p
   with mlflow.start_run(experiment_id=exp):
     info = serve.log_model(wd)
   model = mlflow.pyfunc.load_model(info.model_uri)
+  # The same model logged through the tracker's seam (its own run and store).
+  with track.Tracker(ml_collections.ConfigDict({"name": "m"}), str(tmp_path / "t" / "m")) as t:
+    uri = serve.log_to(t, wd)
+  with _use_tracking_uri(t.uri):
+    tracked = mlflow.pyfunc.load_model(uri)
   # New products: the run's test products plus a row without a photo and one with nothing.
   frame = pd.read_csv(run["new_csv"], dtype=str, keep_default_na=False)
   extra = dict(frame.iloc[0], uniq_id="no_photo", image="missing.jpg")
@@ -138,6 +145,7 @@ def test_logged_mlflow_model_predicts_as_the_predict_cli(tmp_path_factory, tmp_p
   frame.to_csv(path, index=False)
   want = predict.predict(wd, path, run["new_images"], str(tmp_path / "pred.csv"))
   pd.testing.assert_frame_equal(got, want.to_frame())
+  pd.testing.assert_frame_equal(tracked.predict(frame, params={"images": run["new_images"]}), got)
   assert got["note"].iloc[-2] == "missing image: no such file: text only"
   assert got["predicted"].iloc[-1] == "" and got.iloc[-1].filter(like="p_").isna().all()
   with open(tmp_path / "pred.csv") as f:
