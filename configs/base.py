@@ -99,7 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.track = ml_collections.ConfigDict(dict(
       enabled=True,                      # False: no MLflow (metrics.jsonl is still written)
       uri="",                            # '' = $MLFLOW_TRACKING_URI, else sqlite:///<workdir/..>/mlflow.db
-      experiment="m6jax"))
+      experiment="m6jax",
+      log_model=True))                   # the trained model as an MLflow pyfunc (m6jax.serve)
 
   c.feasibility = True                 # KMeans ARI + t-SNE of the frozen embeddings
   # K = `seeds` replicas of the run, trained as one vmapped program; replica k

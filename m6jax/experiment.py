@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from m6jax import bundle, checkpoint, explain, feasibility, features, results, track
+from m6jax import bundle, checkpoint, explain, feasibility, features, results, serve, track
 from m6jax import config as config_lib
 from m6jax import workdir as workdir_lib
 from m6jax.models import fusion
@@ -177,4 +177,7 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
         if jax.process_index() == 0:
           results.write_json(os.path.join(workdir, "results.json"), res)
       tracker.log_results(res, workdir)
+      if cfg.track.log_model and cfg.train.checkpoint:
+        # The served model: bundle + the checkpoint results.json scored (m6jax.serve).
+        serve.log_to(tracker, workdir)
   return res

@@ -36,7 +36,7 @@ COSMETIC = ("name", "track", "explain", "feasibility", "mesh", "train.log_every"
             "train.cache_dir", "train.checkpoint", "data.manual_dir", "data.tfds_dir",
             "data.csv", "data.images")
 # Outputs a fresh start removes (`--restart`): the checkpoint and what describes it.
-RUN_STATE = ("checkpoints", "results.json", "metrics.jsonl", "tracking.json",
+RUN_STATE = ("checkpoints", "bundle", "results.json", "metrics.jsonl", "tracking.json",
              "tracking_buffer.jsonl")
 
 _held: dict[str, tuple[int, int]] = {}   # abs workdir -> (fd, depth)
