@@ -188,13 +188,14 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
     preds.append(pr)
     probs_all.append(np.asarray(out["probs"])[m])
     shown = np.asarray(out["mean_cams"])[m] if maps == "mean" else cams[0]
+    imgs = np.asarray(b["image"])[m]
     for i in range(int(m.sum())):
       row = start + i
       key = (int(pr[i]), True) if labels is None else (
           int(labels[row]), bool(labels[row] == pr[i]))
       bucket = picks.setdefault(key, [])
       if len(bucket) < n_per_class:
-        bucket.append((np.asarray(b["image"][m][i]), shown[i], row))
+        bucket.append((imgs[i], shown[i], row))
 
   # Batch i+1 is dispatched before batch i's host work (stability, picks), so
   # the two overlap: JAX returns before the device has finished.
