@@ -21,6 +21,7 @@ CORRECT, WRONG, NEUTRAL = "#1b8a2f", "#c62828", "0.45"
 FONT = 10          # pt: cell titles, notes, headers; row labels are 11 pt
 CELL = 2.2         # inches per image cell (220 px at the default dpi)
 LABEL_W = 1.7      # inches for the row-label column
+TITLE_CHARS = 24   # characters per line of a cell title (fits CELL at FONT)
 
 
 def overlay(image, cam, alpha: float = 0.45):
@@ -154,10 +155,8 @@ def gallery(images, cams, labels, preds, class_names, path: str, per_class: int 
       i = int(bad[j])
       ax.imshow(overlay(images[i], cams[i], alpha))
       _frame(ax, WRONG)
-      t = _wrap(class_names[int(preds[i])], 24)
-      if probs is not None:
-        t += f" ({float(probs[i]):.2f})"
-      ax.set_title(t, fontsize=FONT, color=WRONG, pad=3)
+      t = class_names[int(preds[i])] + ("" if probs is None else f" ({float(probs[i]):.2f})")
+      ax.set_title(_wrap(t, TITLE_CHARS), fontsize=FONT, color=WRONG, pad=3)
   if title:
     fig.suptitle(title, fontsize=FONT + 1, y=1.0 - 0.08 / (sum(heights) + title_h), va="top")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -278,7 +278,9 @@ def _texts(fig):
 
 def test_gallery_grid_reads_at_a_glance(tmp_path, drawn):
   rng = np.random.default_rng(0)
-  names = ["Alpha", "Beauty and Personal Care Extra Long Name", "Gamma", "Delta"]
+  # Alpha's wrong image is predicted as a 24-character name: with its probability,
+  # its title must wrap to stay in its cell.
+  names = ["Alpha", "Beauty and Personal Care", "Gamma", "Delta"]
   # Alpha: 2 right, 1 wrong; Beauty: 2 right, none wrong; Gamma: no images; Delta: 1 wrong.
   labels = np.array([0, 0, 0, 1, 1, 3])
   preds = np.array([0, 0, 1, 1, 1, 0])
@@ -305,7 +307,7 @@ def test_gallery_grid_reads_at_a_glance(tmp_path, drawn):
   assert sorted(colors.values()).count(to_rgb(gallery_lib.WRONG)) == 2
   wrong_titles = [ax.get_title() for ax in shown if colors[ax] == to_rgb(gallery_lib.WRONG)]
   assert sorted(t.replace("\n", " ").rsplit(" (", 1)[0] for t in wrong_titles) == [
-      "Alpha", "Beauty and Personal Care Extra Long Name"]
+      "Alpha", "Beauty and Personal Care"]
   texts = _texts(fig)
   words = " ".join(t.get_text() for t in texts)
   assert "no errors" in words and "Gamma" not in words and "2/3 correct" in words
@@ -320,6 +322,11 @@ def test_gallery_grid_reads_at_a_glance(tmp_path, drawn):
     assert bb.x0 >= -1 and bb.x1 <= w + 1 and bb.y0 >= -1 and bb.y1 <= h + 1, t.get_text()
     if t.get_text().startswith(("Beauty", "Alpha", "Delta")) and t.axes not in shown:
       assert bb.x1 <= first_image, t.get_text()
+  # Cell titles stay within their cell (no overlap with the neighbour).
+  for ax in shown:
+    if ax.get_title():
+      tb, ab = ax.title.get_window_extent(renderer), ax.get_window_extent(renderer)
+      assert tb.x0 >= ab.x0 - 2 and tb.x1 <= ab.x1 + 2, ax.get_title()
   # At least 200 px per image cell.
   assert min(ax.get_window_extent(renderer).width for ax in shown) >= 200
 
