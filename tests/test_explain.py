@@ -17,7 +17,7 @@ from PIL import Image
 
 from m6jax import explain, gradcam
 from m6jax import gallery as gallery_lib
-from m6jax.models import fusion, tiny
+from m6jax.models import fusion
 from tests.conftest import new_products_csv, tiny_config
 
 # --- a tiny model: TinyCNN tower + early-fusion head with a fixed text input ----
@@ -214,7 +214,7 @@ def test_batch_equals_single_calls_and_replicas_equal_solo(tiny_setup):
       if k == 0:
         for i in range(b):  # a batch of N = N single-image calls
           one = gradcam.grad_cam(make(_replica(params, k), tower.variables), _pert(tower, 1),
-                                 jax.tree.map(lambda a: a[i:i + 1], inp), method=method)
+                                 jax.tree.map(lambda a, i=i: a[i:i + 1], inp), method=method)
           np.testing.assert_allclose(one[0], solo["cams"][i], atol=1e-5)
   # Ensemble targets: argmax of the replicas' mean softmax, the same for every replica.
   ens = gradcam.replica_cams(make, params, pert, inp, shared=tower.variables, details=True)
