@@ -17,7 +17,7 @@ import codecs
 import re
 
 from configs import base
-from m6jax import explain
+from m6jax import gradcam
 from m6jax.models import fusion, towers
 
 
@@ -38,7 +38,7 @@ CHOICES = {
     "train.select_by": ("log_loss", "macro_f1"),
     "data.on_bad_row": ("skip", "fail"),
     "data.rare_classes": ("drop", "fail"),
-    "explain.method": explain.METHODS,
+    "explain.method": gradcam.METHODS,
 }
 # (key, old value) -> new value, for values whose meaning was renamed.
 RENAMED = {("train.bn", "frozen"): "fixed"}

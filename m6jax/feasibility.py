@@ -7,18 +7,21 @@ the Adjusted Rand Index (0 = chance, 1 = perfect), plus a 2-D projection plot.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from threadpoolctl import threadpool_limits
+
+from m6jax import results as results_lib
 
 log = logging.getLogger(__name__)
 
@@ -177,17 +180,34 @@ def plot_study(projections, labels, class_names, path, aris):
   return _save(fig, path)
 
 
+def _study_one(x, labels, num_classes, seed, method, num_threads):
+  """One embedding set -> (KMeans scores, (N, 2) projection, {phase: seconds})."""
+  t0 = time.perf_counter()
+  scores = kmeans_ari(x, labels, num_classes, seed=seed, num_threads=num_threads)
+  t1 = time.perf_counter()
+  # Project the same normalised geometry that KMeans clustered.
+  points = project_2d(l2_normalize(x), method=method, seed=seed, num_threads=num_threads)
+  return scores, points, {"kmeans": t1 - t0, "projection": time.perf_counter() - t1}
+
+
 def feasibility_study(embs, labels, class_names, out_dir, seed=0,
-                      method="tsne", num_threads=1):
+                      method="tsne", num_threads=1, workers=3):
   """KMeans ARI + 2-D projections for each {name: (N, D)} set (+ 'fused').
 
   Writes out_dir/feasibility.png and out_dir/feasibility.json and returns
-  {name: {'ari', 'nmi', 'cluster_sizes'}, ..., 'plot': png path}.
+  {name: {'ari', 'nmi', 'cluster_sizes'}, ..., 'plot': png path,
+  'timings': {'kmeans', 'projection' (seconds summed over sets), 'plot',
+  'total' (wall seconds)}}.
   num_threads caps BLAS/OpenMP threads for KMeans and t-SNE (None = library
   default). It defaults to 1 because at N ~ 1k the work is tiny and OpenMP
   spin-waiting on a shared 2-core box made the study 10-20x slower in wall
   time (66 s vs 8 s for N=840, D=1664, measured under load).
+  workers: sets studied at once, in threads (KMeans and t-SNE release the GIL;
+  each set's work is unchanged, so results do not depend on it). With
+  num_threads None the sets run one at a time: sklearn's own thread limits
+  inside KMeans would then race between threads.
   """
+  t0 = time.perf_counter()
   if not embs:
     raise ValueError("feasibility_study needs at least one embedding set")
   if FUSED in embs:
@@ -202,25 +222,31 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
       raise ValueError(f"{name}: {x.shape[0]} rows but {labels.shape[0]} "
                        "labels")
 
-  results, projections = {}, {}
-  for name, x in sets.items():
-    results[name] = kmeans_ari(x, labels, num_classes, seed=seed,
-                               num_threads=num_threads)
-    # Project the same normalised geometry that KMeans clustered.
-    projections[name] = project_2d(l2_normalize(x), method=method, seed=seed,
-                                   num_threads=num_threads)
+  # One thread limit for the whole pool: the per-call limits inside then
+  # set and restore the same value, whatever the threads' interleaving.
+  with threadpool_limits(limits=num_threads), \
+       ThreadPoolExecutor(max_workers=1 if num_threads is None else
+                          max(1, min(workers, len(sets)))) as pool:
+    futures = {name: pool.submit(_study_one, x, labels, num_classes, seed, method,
+                                 num_threads) for name, x in sets.items()}
+    done = {name: f.result() for name, f in futures.items()}
+  results = {name: d[0] for name, d in done.items()}
+  projections = {name: d[1] for name, d in done.items()}
+  timings = {phase: sum(d[2][phase] for d in done.values()) for phase in ("kmeans", "projection")}
 
+  t_plot = time.perf_counter()
   os.makedirs(out_dir, exist_ok=True)
   png = plot_study(projections, labels, class_names,
                    os.path.join(out_dir, "feasibility.png"),
                    {k: r["ari"] for k, r in results.items()})
-  with open(os.path.join(out_dir, "feasibility.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  results_lib.write_json(os.path.join(out_dir, "feasibility.json"), results)
+  timings["plot"] = time.perf_counter() - t_plot
+  timings["total"] = time.perf_counter() - t0
 
   lines = [f"{'set':<10} {'dim':>6} {'ARI':>7} {'NMI':>7}  cluster sizes"]
   for name, r in results.items():
     lines.append(f"{name:<10} {sets[name].shape[1]:>6} {r['ari']:>7.3f} "
                  f"{r['nmi']:>7.3f}  {r['cluster_sizes']}")
-  log.info("feasibility (KMeans k=%d, N=%d):\n%s", num_classes,
-           labels.shape[0], "\n".join(lines))
-  return {**results, "plot": png}
+  log.info("feasibility (KMeans k=%d, N=%d, %.1f s):\n%s", num_classes,
+           labels.shape[0], timings["total"], "\n".join(lines))
+  return {**results, "plot": png, "timings": timings}

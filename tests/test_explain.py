@@ -1,5 +1,6 @@
-"""Grad-CAM (m6jax.explain): against PyTorch autograd, finite differences,
-batching / replica consistency, pictures, and a trained run end to end."""
+"""Grad-CAM (m6jax.gradcam, m6jax.gallery, m6jax.explain): against PyTorch autograd,
+finite differences, batching / replica consistency, rank correlation against scipy,
+pictures, and a trained run end to end (library call and CLI)."""
 
 import csv
 import functools
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m6jax import explain
-from m6jax.models import fusion, tiny
+from m6jax import explain, gradcam
+from m6jax import gallery as gallery_lib
+from m6jax.models import fusion
 from tests.conftest import new_products_csv, tiny_config
 
 # --- a tiny model: TinyCNN tower + early-fusion head with a fixed text input ----
@@ -48,7 +50,7 @@ def _make(tower):
   def head_apply(params, emb, inputs):
     return _head().apply({"params": params}, {"image": emb, "text": inputs["text"]})["logits"]
 
-  return lambda p, tv: explain.image_logits_fn(tower, functools.partial(head_apply, p), tv)
+  return lambda p, tv: gradcam.image_logits_fn(tower, functools.partial(head_apply, p), tv)
 
 
 def _inputs(b, size=16, seed=0):
@@ -71,7 +73,7 @@ def tiny_setup():
 
 def _pert(tower, b, size=16):
   x = tower.preprocess(jnp.zeros((b, size, size, 3)))
-  return explain.zero_perturbations(tower.module, tower.variables, x, train=False)
+  return gradcam.zero_perturbations(tower.module, tower.variables, x, train=False)
 
 
 def _replica(params, k):
@@ -137,9 +139,9 @@ def test_matches_pytorch_autograd_on_lite0():
   v = E.load_torch(path, "lite0")
   logits_fn = lambda p, xx: (  # noqa: E731
       lambda o: (o["logits"], o["feature_map"]))(model.apply({**v, "perturbations": p}, xx))
-  pert = explain.zero_perturbations(model, v, x)
-  for method in explain.METHODS:
-    cam = functools.partial(explain.grad_cam, logits_fn, method=method, details=True)
+  pert = gradcam.zero_perturbations(model, v, x)
+  for method in gradcam.METHODS:
+    cam = functools.partial(gradcam.grad_cam, logits_fn, method=method, details=True)
     # grad_cam is traceable: jit one method, run the others eagerly.
     out = jax.jit(cam)(pert, x) if method == "gradcam" else cam(pert, x)
     np.testing.assert_array_equal(out["targets"], targets.numpy())
@@ -164,10 +166,10 @@ def test_feature_map_gradient_matches_finite_differences(tiny_setup):
   inp = _inputs(1, seed=3)
   logits_fn = make(p0, tower.variables)
   pert = _pert(tower, 1)
-  out = explain.grad_cam(logits_fn, pert, inp, method="gradcam", details=True)
+  out = gradcam.grad_cam(logits_fn, pert, inp, method="gradcam", details=True)
   g = np.asarray(out["grads"])[0]
   t = int(out["targets"][0])
-  leaf = explain._only_leaf(pert)
+  leaf = gradcam.only_leaf(pert)
   eps = 1e-2
 
   # Central differences for every feature-map element (4x4x32), vmapped.
@@ -198,95 +200,211 @@ def test_batch_equals_single_calls_and_replicas_equal_solo(tiny_setup):
   inp = _inputs(b, seed=5)
   pert = _pert(tower, b)
   for method in ("gradcam", "gradcam++", "hirescam"):
-    rep = explain.replica_cams(make, params, pert, inp, targets="predicted", method=method,
+    rep = gradcam.replica_cams(make, params, pert, inp, targets="predicted", method=method,
                                shared=tower.variables, details=True)
     assert rep["cams"].shape == (3, b, 16, 16) and rep["maps"].shape == (3, b, 4, 4)
     assert rep["cams"].dtype == jnp.float32
     c = np.asarray(rep["cams"])
     assert c.min() >= 0 and c.max() <= 1 and np.isfinite(c).all()
     for k in range(3):
-      solo = explain.grad_cam(make(_replica(params, k), tower.variables), pert, inp,
+      solo = gradcam.grad_cam(make(_replica(params, k), tower.variables), pert, inp,
                               method=method, details=True)
       np.testing.assert_array_equal(rep["targets"][k], solo["targets"])
       np.testing.assert_allclose(rep["cams"][k], solo["cams"], atol=1e-5)
       if k == 0:
         for i in range(b):  # a batch of N = N single-image calls
-          one = explain.grad_cam(make(_replica(params, k), tower.variables), _pert(tower, 1),
-                                 jax.tree.map(lambda a: a[i:i + 1], inp), method=method)
+          one = gradcam.grad_cam(make(_replica(params, k), tower.variables), _pert(tower, 1),
+                                 jax.tree.map(lambda a, i=i: a[i:i + 1], inp), method=method)
           np.testing.assert_allclose(one[0], solo["cams"][i], atol=1e-5)
   # Ensemble targets: argmax of the replicas' mean softmax, the same for every replica.
-  ens = explain.replica_cams(make, params, pert, inp, shared=tower.variables, details=True)
+  ens = gradcam.replica_cams(make, params, pert, inp, shared=tower.variables, details=True)
   want = np.argmax(np.asarray(jax.nn.softmax(ens["logits"], -1)).mean(0), -1)
   np.testing.assert_array_equal(ens["targets"], np.broadcast_to(want, (3, b)))
-  solo = explain.grad_cam(make(_replica(params, 2), tower.variables), pert, inp, targets=want)
+  solo = gradcam.grad_cam(make(_replica(params, 2), tower.variables), pert, inp, targets=want)
   np.testing.assert_allclose(ens["cams"][2], solo, atol=1e-5)
   # 'true' targets read the labels.
   labels = np.array([0, 1, 2, 3])
-  tr = explain.grad_cam(make(_replica(params, 0), tower.variables), pert, inp, targets="true",
+  tr = gradcam.grad_cam(make(_replica(params, 0), tower.variables), pert, inp, targets="true",
                         labels=labels, details=True)
   np.testing.assert_array_equal(tr["targets"], labels)
 
 
 def test_normalize_keeps_empty_maps_zero():
   m = jnp.stack([jnp.zeros((3, 3)), jnp.full((3, 3), 2.0), jnp.arange(9.0).reshape(3, 3)])
-  n = np.asarray(explain.normalize(m))
+  n = np.asarray(gradcam.normalize(m))
   assert np.isfinite(n).all()
   np.testing.assert_array_equal(n[0], 0)
   np.testing.assert_array_equal(n[1], 0)
   assert n[2].min() == 0 and n[2].max() == 1
   with pytest.raises(ValueError, match="unknown CAM method"):
-    explain.raw_maps(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)), "scorecam")
+    gradcam.raw_maps(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)), "scorecam")
 
 
 # --- 4. pictures and stability ---------------------------------------------------
 
-def test_overlay_gallery_and_stability(tiny_setup, tmp_path):
+# --- 4. pictures -------------------------------------------------------------------
+
+def test_overlay_blends_jet():
   rng = np.random.default_rng(0)
   img = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
   cam = np.linspace(0, 1, 256).reshape(16, 16)
-  ov = explain.overlay(img, cam)
+  ov = gallery_lib.overlay(img, cam)
   assert ov.dtype == np.uint8 and ov.shape == (16, 16, 3)
   assert not np.array_equal(ov, img)
   # jet: cold (blue) where the map is 0, hot (red) where it is 1.
-  assert ov[0, 0, 2] > ov[0, 0, 0] or img[0, 0, 0] > 200
-  hot = explain.overlay(np.zeros((2, 2, 3), np.uint8), np.ones((2, 2)), alpha=1.0)
+  hot = gallery_lib.overlay(np.zeros((2, 2, 3), np.uint8), np.ones((2, 2)), alpha=1.0)
+  cold = gallery_lib.overlay(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2)), alpha=1.0)
   assert hot[0, 0, 0] > 100 and hot[0, 0, 2] < 50
+  assert cold[0, 0, 2] > 100 and cold[0, 0, 0] < 50
 
-  n = 8
-  images = rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
-  cams = rng.uniform(size=(n, 16, 16))
-  labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
-  preds = np.array([0, 1, 1, 1, 0, 2, 0, 0])
-  for lab in (labels, None):
-    path = explain.gallery(images, cams, lab, preds, ["a", "b", "c"],
-                           str(tmp_path / f"g{lab is None}.png"), per_class=2, title="test")
-    with Image.open(path) as im:
-      assert im.format == "PNG"
-      arr = np.asarray(im.convert("RGB"))
-    assert arr.shape[0] > 100 and arr.shape[1] > 100 and arr.std() > 10
 
-  same = np.broadcast_to(cams[None], (3,) + cams.shape)
-  s = explain.cam_stability(same)
-  assert s["mean"] == pytest.approx(1.0) and s["per_image"].shape == (n,)
-  diff = explain.cam_stability(rng.uniform(size=(3, n, 16, 16)))
-  assert diff["mean"] < 0.5
-  # Real replica maps: different heads agree partly, never perfectly.
+@pytest.fixture
+def drawn(monkeypatch):
+  """Records every Figure the gallery saves (to inspect its layout)."""
+  from matplotlib.figure import Figure
+  figs, save = [], Figure.savefig
+
+  def spy(self, *a, **kw):
+    figs.append(self)
+    return save(self, *a, **kw)
+  monkeypatch.setattr(Figure, "savefig", spy)
+  return figs
+
+
+def _texts(fig):
+  from matplotlib.text import Text
+  return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def test_gallery_grid_reads_at_a_glance(tmp_path, drawn):
+  rng = np.random.default_rng(0)
+  # Alpha's wrong image is predicted as a 24-character name: with its probability,
+  # its title must wrap to stay in its cell.
+  names = ["Alpha", "Beauty and Personal Care", "Gamma", "Delta"]
+  # Alpha: 2 right, 1 wrong; Beauty: 2 right, none wrong; Gamma: no images; Delta: 1 wrong.
+  labels = np.array([0, 0, 0, 1, 1, 3])
+  preds = np.array([0, 0, 1, 1, 1, 0])
+  n = len(labels)
+  images = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+  cams = rng.uniform(size=(n, 32, 32))
+  path = gallery_lib.gallery(images, cams, labels, preds, names, str(tmp_path / "g.png"),
+                             per_class=3, title="a title " * 30, probs=rng.uniform(size=n),
+                             counts={0: (2, 1), 1: (2, 0), 3: (0, 1)})
+  fig, = drawn
+  with Image.open(path) as im:
+    assert im.format == "PNG"
+    assert im.size == tuple(round(v * fig.dpi) for v in fig.get_size_inches())
+  # Only rows (Alpha, Beauty, Delta) and columns (2 correct, 1 wrong) that hold images.
+  shown = [ax for ax in fig.axes if ax.images]
+  assert len(shown) == n
+  lefts = sorted({round(ax.get_position().x0, 4) for ax in shown})
+  rows = sorted({round(ax.get_position().y0, 4) for ax in shown})
+  assert len(lefts) == 3 and len(rows) == 3
+  # Correct green, wrong red; a wrong cell is titled with the predicted class.
+  colors = {ax: ax.spines["top"].get_edgecolor()[:3] for ax in shown}
+  from matplotlib.colors import to_rgb
+  assert sorted(colors.values()).count(to_rgb(gallery_lib.CORRECT)) == 4
+  assert sorted(colors.values()).count(to_rgb(gallery_lib.WRONG)) == 2
+  wrong_titles = [ax.get_title() for ax in shown if colors[ax] == to_rgb(gallery_lib.WRONG)]
+  assert sorted(t.replace("\n", " ").rsplit(" (", 1)[0] for t in wrong_titles) == [
+      "Alpha", "Beauty and Personal Care"]
+  texts = _texts(fig)
+  words = " ".join(t.get_text() for t in texts)
+  assert "no errors" in words and "Gamma" not in words and "2/3 correct" in words
+  assert "CORRECT" in words and "WRONG" in words
+  # Legible and inside the picture; row labels wrap instead of running into the images.
+  renderer = fig.canvas.get_renderer()
+  w, h = fig.bbox.width, fig.bbox.height
+  first_image = min(ax.get_window_extent(renderer).x0 for ax in shown)
+  for t in texts:
+    assert t.get_fontsize() >= 10, t.get_text()
+    bb = t.get_window_extent(renderer)
+    assert bb.x0 >= -1 and bb.x1 <= w + 1 and bb.y0 >= -1 and bb.y1 <= h + 1, t.get_text()
+    if t.get_text().startswith(("Beauty", "Alpha", "Delta")) and t.axes not in shown:
+      assert bb.x1 <= first_image, t.get_text()
+  # Cell titles stay within their cell (no overlap with the neighbour).
+  for ax in shown:
+    if ax.get_title():
+      tb, ab = ax.title.get_window_extent(renderer), ax.get_window_extent(renderer)
+      assert tb.x0 >= ab.x0 - 2 and tb.x1 <= ab.x1 + 2, ax.get_title()
+  # At least 200 px per image cell.
+  assert min(ax.get_window_extent(renderer).width for ax in shown) >= 200
+
+
+def test_gallery_without_labels_or_errors(tmp_path, drawn):
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+  cams = rng.uniform(size=(4, 16, 16))
+  preds = np.array([2, 2, 0, 2])
+  gallery_lib.gallery(images, cams, None, preds, ["a", "b", "c"], str(tmp_path / "n.png"),
+                      per_class=2)
+  gallery_lib.gallery(images, cams, preds, preds, ["a", "b", "c"], str(tmp_path / "r.png"),
+                      per_class=2, title="all right")
+  unlabelled, right = drawn
+  # Grouped by predicted class: rows c (2 of 3 shown) and a.
+  assert len([ax for ax in unlabelled.axes if ax.images]) == 3
+  # No wrong prediction at all: no 'wrong' columns, said once in the title.
+  assert len([ax for ax in right.axes if ax.images]) == 3
+  words = " ".join(t.get_text() for t in _texts(right))
+  assert "no wrong predictions" in words and "WRONG" not in words
+  with pytest.raises(ValueError, match="no images"):
+    gallery_lib.gallery(images[:0], cams[:0], None, preds[:0], ["a"], str(tmp_path / "e.png"))
+
+
+# --- 5. replica stability: rank correlation -------------------------------------
+
+def test_average_ranks_match_scipy():
+  from scipy import stats
+  rng = np.random.default_rng(0)
+  x = np.round(rng.normal(size=(3, 4, 50)), 1).astype(np.float32)  # many ties
+  x[0, 0, :10] = -0.0
+  x[0, 0, 10:20] = 0.0
+  x[1, 1] = 7.0  # a constant row
+  np.testing.assert_array_equal(gradcam.average_ranks(x), stats.rankdata(x, axis=-1))
+
+
+def test_cam_stability_equals_scipy_spearmanr():
+  from scipy import stats
+  rng = np.random.default_rng(1)
+  k, b = 4, 6
+  cams = np.maximum(rng.normal(size=(k, b, 5, 7)), 0).astype(np.float32)  # ReLU ties
+  cams[:, 0] = np.round(cams[:, 0], 1)
+  s = gradcam.cam_stability(cams)
+  want = [np.mean([stats.spearmanr(cams[i, n].ravel(), cams[j, n].ravel()).statistic
+                   for i in range(k) for j in range(i + 1, k)]) for n in range(b)]
+  np.testing.assert_allclose(s["per_image"], want, rtol=0, atol=1e-12)
+  assert s["mean"] == pytest.approx(np.mean(want), abs=1e-12)
+  # Conventions where scipy says NaN: two empty maps agree, empty vs varying is 0.
+  c = np.stack([np.zeros((2, 3, 3)), np.zeros((2, 3, 3)), rng.uniform(size=(2, 3, 3))])
+  np.testing.assert_allclose(gradcam.cam_stability(c)["per_image"], [1 / 3, 1 / 3])
+  same = np.broadcast_to(cams[:1], cams.shape)
+  np.testing.assert_allclose(gradcam.cam_stability(same)["per_image"], 1.0)
+  assert np.isnan(gradcam.cam_stability(cams[:1])["mean"])
+
+
+def test_replica_maps_stability(tiny_setup):
   tower, params, make = tiny_setup
-  rep = explain.replica_cams(make, params, _pert(tower, 4), _inputs(4, seed=7),
-                             shared=tower.variables)
-  st = explain.cam_stability(rep)
+  rep = gradcam.replica_cams(make, params, _pert(tower, 4), _inputs(4, seed=7),
+                             shared=tower.variables, details=True)
+  st = gradcam.cam_stability(rep["cams"])
+  # Different heads agree partly, never perfectly.
   assert -1 <= st["mean"] < 1 and np.isfinite(st["per_image"]).all()
-  empty = explain.cam_stability(np.zeros((2, 1, 4, 4)))
-  assert empty["mean"] == 1.0
+  # The run's summaries come out of the same program.
+  np.testing.assert_allclose(rep["probs"], np.mean(jax.nn.softmax(rep["logits"], -1), 0),
+                             atol=1e-6)
+  np.testing.assert_allclose(rep["mean_cams"], gradcam.normalize(jnp.mean(rep["cams"], 0)),
+                             atol=1e-6)
 
 
-# --- 5. explain_run on trained tiny runs -----------------------------------------
+# --- 6. explain_run on trained tiny runs -----------------------------------------
 
 def _train(tiny_catalogue, tmp_path_factory, mode):
   from m6jax import experiment
   tmp = tmp_path_factory.mktemp(f"explain_{mode}")
+  # data.batch_size 2: the test split spans several batches (one compile for all).
   cfg = tiny_config(tiny_catalogue, str(tmp_path_factory.getbasetemp() / "explain_tfds"),
-                    **{"train.epochs": 2, "model.fusion": "early", "train.mode": mode})
+                    **{"train.epochs": 2, "model.fusion": "early", "train.mode": mode,
+                       "data.batch_size": 2})
   wd = str(tmp / "run")
   experiment.train_and_evaluate(cfg, wd)
   return cfg, wd
@@ -303,24 +421,31 @@ def _run_predictions(wd):
             for r in csv.DictReader(f)}
 
 
-def _check_outputs(wd, res, replicas):
-  assert res["gallery"] == os.path.join(wd, "gradcam", "gallery.png")
+def _check_outputs(out_dir, res, replicas):
+  assert res["gallery"] == os.path.join(out_dir, "gallery.png")
   with Image.open(res["gallery"]) as im:
     assert im.format == "PNG" and np.asarray(im.convert("L")).std() > 5
-  with open(os.path.join(wd, "gradcam", "stability.json")) as f:
+  with open(os.path.join(out_dir, "stability.json")) as f:
     rep = json.load(f)
   assert rep["n_images"] == res["n"] > 0 and rep["replicas"] == replicas
   assert -1 <= res["stability"] <= 1
   assert rep["stability_mean_spearman"] == pytest.approx(res["stability"])
+  assert set(rep["timings"]) == {"restore", "gradcam", "stability", "gallery", "total"}
+  assert all(v >= 0 for v in rep["timings"].values())
   return rep
 
 
 @pytest.mark.parametrize("mode", ["frozen", "finetune"])
-def test_explain_run_end_to_end(tiny_catalogue, tmp_path_factory, frozen_run, mode):
+def test_explain_run_end_to_end(tiny_catalogue, tmp_path_factory, frozen_run, mode, caplog):
   cfg, wd = frozen_run if mode == "frozen" else _train(tiny_catalogue, tmp_path_factory, mode)
-  res = explain.explain_run(wd, n_per_class=2,
-                            method="gradcam++" if mode == "finetune" else "gradcam")
-  rep = _check_outputs(wd, res, cfg.seeds)
+  with jax.log_compiles(), caplog.at_level("WARNING"):
+    res = explain.explain_run(wd, n_per_class=2,
+                              method="gradcam++" if mode == "finetune" else "gradcam")
+  # One compiled program for every batch (the last one is padded), all replicas.
+  assert res["n"] > cfg.data.batch_size
+  compiles = [r for r in caplog.records if "Compiling jit(_replica_impl)" in r.getMessage()]
+  assert len(compiles) == 1
+  rep = _check_outputs(os.path.join(wd, "gradcam"), res, cfg.seeds)
   assert rep["mode"] == mode and rep["split"] == "test"
   # The rebuilt model (tower + head, text held fixed) reproduces the run's own
   # test predictions: the maps explain the model that was scored.
@@ -330,9 +455,23 @@ def test_explain_run_end_to_end(tiny_catalogue, tmp_path_factory, frozen_run, mo
     np.testing.assert_allclose(p, want[uid], atol=1e-5)
 
 
+def _snapshot(folder):
+  """{relative path: bytes} of every file under folder."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      p = os.path.join(root, name)
+      with open(p, "rb") as f:
+        out[os.path.relpath(p, folder)] = f.read()
+  return out
+
+
 def test_explain_new_products_and_cli(tiny_catalogue, frozen_run, tmp_path):
   cfg, wd = frozen_run
   want = _run_predictions(wd)
+  with open(os.path.join(wd, "results.json"), "rb") as f:
+    results_before = f.read()
+  gradcam_before = _snapshot(os.path.join(wd, "gradcam"))
   # The run's test products as a new CSV without categories, plus one bad row.
   path = str(tmp_path / "new.csv")
   src = new_products_csv(tiny_catalogue, want, path)
@@ -341,7 +480,10 @@ def test_explain_new_products_and_cli(tiny_catalogue, frozen_run, tmp_path):
   assert res["accuracy"] is None and res["n"] == len(src)
   for uid, p in zip(res["uniq_id"], res["probs"]):
     np.testing.assert_allclose(p, want[uid], atol=1e-5)
-  _check_outputs(wd, res, cfg.seeds)
+  # New products go to a new folder, never into the run's gradcam/.
+  out_dir = os.path.dirname(res["gallery"])
+  assert os.path.dirname(out_dir) == os.path.join(wd, "explain")
+  _check_outputs(out_dir, res, cfg.seeds)
 
   r = subprocess.run([sys.executable, "-m", "m6jax.explain", "--workdir", wd,
                       "--method", "hirescam", "--n_per_class", "1"],
@@ -349,6 +491,26 @@ def test_explain_new_products_and_cli(tiny_catalogue, frozen_run, tmp_path):
                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert r.returncode == 0, r.stderr[-2000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
-  with open(os.path.join(wd, "gradcam", "stability.json")) as f:
+  cli_dir = os.path.dirname(out["gallery"])
+  assert os.path.dirname(cli_dir) == os.path.join(wd, "explain") and cli_dir != out_dir
+  with open(os.path.join(cli_dir, "stability.json")) as f:
     assert json.load(f)["method"] == "hirescam"
-  assert out["gallery"] == os.path.join(wd, "gradcam", "gallery.png") and out["n"] > 0
+  assert out["n"] > 0 and set(out["timings"]) >= {"gradcam", "total"}
+  # The run's own outputs are untouched.
+  with open(os.path.join(wd, "results.json"), "rb") as f:
+    assert f.read() == results_before
+  assert _snapshot(os.path.join(wd, "gradcam")) == gradcam_before
+
+
+def test_output_dir_never_overwrites_unless_told(tmp_path):
+  wd = str(tmp_path)
+  a, b = explain.output_dir(wd), explain.output_dir(wd)
+  assert a != b and os.path.dirname(a) == os.path.join(wd, "explain")
+  assert os.path.isdir(a) and not os.listdir(a)
+  taken = tmp_path / "gradcam"
+  taken.mkdir()
+  (taken / "gallery.png").write_bytes(b"x")
+  with pytest.raises(ValueError, match="gallery.png"):
+    explain.output_dir(wd, str(taken))
+  assert explain.output_dir(wd, str(taken), overwrite=True) == str(taken)
+  assert explain.output_dir(wd, str(tmp_path / "fresh")) == str(tmp_path / "fresh")

@@ -124,14 +124,19 @@ def test_single_set_has_no_fused(tmp_path):
   embs, y = _study_inputs()
   res = fz.feasibility_study({"text": embs["text"]}, y, CLASS_NAMES,
                              tmp_path, method="pca")
-  assert set(res) == {"text", "plot"}
+  assert set(res) == {"text", "plot", "timings"}
 
 
-def test_deterministic(tmp_path):
+def test_deterministic_whatever_the_workers(tmp_path):
   embs, y = _study_inputs()
-  a = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "a", seed=3)
-  b = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "b", seed=3)
-  a.pop("plot"), b.pop("plot")
+  a = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "a", seed=3, workers=1)
+  b = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "b", seed=3, workers=3)
+  # Sets studied in parallel threads: same scores, same t-SNE points (same picture).
+  with open(a.pop("plot"), "rb") as fa, open(b.pop("plot"), "rb") as fb:
+    assert fa.read() == fb.read()
+  ta, tb = a.pop("timings"), b.pop("timings")
+  assert set(ta) == set(tb) == {"kmeans", "projection", "plot", "total"}
+  assert all(v > 0 for v in ta.values()) and ta["plot"] <= ta["total"]
   assert a == b
   x = embs["text"]
   np.testing.assert_allclose(fz.project_2d(x, seed=3), fz.project_2d(x, seed=3),

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m6jax import explain
+from m6jax import gradcam
 from m6jax.models import towers
 
 
@@ -20,10 +20,10 @@ def test_grad_cam_on_backbone(name):
   tower = towers.image_tower(name, "none", size, seed=0)
   w = jax.random.normal(jax.random.key(1), (tower.feature_dim, 5)) * 0.1
   x = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)), jnp.float32)
-  fn = explain.image_logits_fn(tower, lambda emb, _: emb @ w)
+  fn = gradcam.image_logits_fn(tower, lambda emb, _: emb @ w)
   x_pre = tower.preprocess(x)
-  pert = explain.zero_perturbations(tower.module, tower.variables, x_pre, train=False)
-  out = explain.grad_cam(fn, pert, x, details=True)
+  pert = gradcam.zero_perturbations(tower.module, tower.variables, x_pre, train=False)
+  out = gradcam.grad_cam(fn, pert, x, details=True)
   cams, grads, fmap = np.asarray(out["cams"]), np.asarray(out["grads"]), np.asarray(out["fmap"])
   assert cams.shape == (2, size, size)
   assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1
