@@ -149,7 +149,8 @@ def _explain(cfg, workdir: str, results_dict: dict) -> None:
   ex = cfg.explain
   out = explain.explain_run(workdir, n_per_class=ex.n_per_class, method=ex.method)
   results_dict["gradcam"] = {"method": ex.method, "stability": out["stability"],
-                             "gallery": os.path.relpath(out["gallery"], workdir)}
+                             "gallery": os.path.relpath(out["gallery"], workdir),
+                             "timings": out["timings"]}
   log.info("Grad-CAM: replica stability %.3f, gallery %s", out["stability"], out["gallery"])
 
 

@@ -34,13 +34,19 @@ from absl import app, flags, logging
 from m6jax import restore
 from m6jax.data import catalogue, images, pipeline
 
-flags.DEFINE_string("workdir", None, "a finished training run")
-flags.DEFINE_string("csv", None, "catalogue CSV of the products to classify")
-flags.DEFINE_string("images", None, "folder with their images (models that read images)")
-flags.DEFINE_string("out", "predictions.csv", "output CSV")
-flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "which saved parameters")
-flags.DEFINE_enum("on_bad_row", None, ["skip", "fail"], "default: the run's data.on_bad_row")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  # Defined only when run as a script: m6jax.main (which imports this module through
+  # m6jax.serve) owns a flag of the same name.
+  flags.DEFINE_string("workdir", None, "a finished training run")
+  flags.DEFINE_string("csv", None, "catalogue CSV of the products to classify")
+  flags.DEFINE_string("images", None, "folder with their images (models that read images)")
+  flags.DEFINE_string("out", "predictions.csv", "output CSV")
+  flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "which saved parameters")
+  flags.DEFINE_enum("on_bad_row", None, ["skip", "fail"], "default: the run's data.on_bad_row")
+  flags.mark_flags_as_required(["workdir", "csv"])
 
 
 @dataclasses.dataclass
@@ -382,5 +388,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "csv"])
+  _define_flags()
   app.run(main)
