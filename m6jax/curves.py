@@ -33,7 +33,8 @@ def best_epochs(history: Sequence[dict]) -> list[int]:
 
 
 def plot_training_curves(history: Sequence[dict], path, seeds: Sequence[int] | None = None,
-                         title: str | None = None, best: Sequence[int] | None = None):
+                         title: str | None = None, best: Sequence[int] | None = None,
+                         select_by: str = "macro_f1"):
   """Writes the two-panel PNG at `path` and returns the path.
 
   history: per-epoch records {'epoch', 'loss': [K], 'val_macro_f1': [K], ...}.
@@ -66,7 +67,8 @@ def plot_training_curves(history: Sequence[dict], path, seeds: Sequence[int] | N
       row = {int(e): r for r, e in enumerate(epochs)}
       for j, e in enumerate(best):
         ax.plot([e], [vals[row[e], j]], marker="*", ms=12, color=colors[j], mec="black",
-                mew=0.6, ls="none", label="best epoch per seed" if j == 0 else None)
+                mew=0.6, ls="none",
+                label=f"selected epoch (by val {select_by})" if j == 0 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel(label)
     ax.set_title(label)

@@ -292,7 +292,8 @@ class Tracker:
         curves.plot_training_curves(
             results["history"], os.path.join(workdir, "training_curves.png"),
             results.get("seeds"), self.run_name,
-            (results.get("validation") or {}).get("best_epoch"))
+            (results.get("validation") or {}).get("best_epoch"),
+            (results.get("validation") or {}).get("select_by", "macro_f1"))
       if not self.enabled:
         return
       self.log_metrics(final_metrics(results))
