@@ -255,31 +255,30 @@ def grads_report(cases) -> None:
         "| lax f32 vs f64 | fast f32 vs f64 | fast vs lax f64 |")
   print("|---|---|---|---|---|---|---|---|")
   with jax.enable_x64(True):
-    for train in (True, False):
-      for batch, size in cases:
-        init = E.EfficientNet("lite0").init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-        r = np.random.default_rng(0)
-        x64 = r.uniform(-1, 1, (batch, size, size, 3))
-        hw = -(-size // 32)
-        ct64 = r.normal(size=(batch, hw, hw, E.FEATURE_DIM))
-        g = {}
-        for dt in (jnp.float32, jnp.float64):
-          v = jax.tree.map(lambda a, dt=dt: jnp.asarray(a, dt),
-                           {"params": init["params"], "batch_stats": init["batch_stats"]})
-          for impl in ("fast", "lax"):
-            g[impl, dt] = _lite0_grads(impl, dt, train, v, jnp.asarray(x64, dt),
-                                       jnp.asarray(ct64, dt))
-        big = max(float(np.abs(a).max()) for a in g["lax", jnp.float64])
+    for train, batch, size in cases:
+      init = E.EfficientNet("lite0").init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+      r = np.random.default_rng(0)
+      x64 = r.uniform(-1, 1, (batch, size, size, 3))
+      hw = -(-size // 32)
+      ct64 = r.normal(size=(batch, hw, hw, E.FEATURE_DIM))
+      g = {}
+      for dt in (jnp.float32, jnp.float64):
+        v = jax.tree.map(lambda a, dt=dt: jnp.asarray(a, dt),
+                         {"params": init["params"], "batch_stats": init["batch_stats"]})
+        for impl in ("fast", "lax"):
+          g[impl, dt] = _lite0_grads(impl, dt, train, v, jnp.asarray(x64, dt),
+                                     jnp.asarray(ct64, dt))
+      big = max(float(np.abs(a).max()) for a in g["lax", jnp.float64])
 
-        def d(a, b):  # max difference over all leaves / largest exact gradient
-          return max(float(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).max())
-                     for p, q in zip(g[a], g[b])) / big
+      def d(a, b):  # max difference over all leaves / largest exact gradient
+        return max(float(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).max())
+                   for p, q in zip(g[a], g[b])) / big
 
-        f32, f64 = jnp.float32, jnp.float64
-        print(f"| {'train' if train else 'inference'} | {batch} x {size} | {hw}x{hw} "
-              f"| {batch * hw * hw} | {d(('fast', f32), ('lax', f32)):.1e} "
-              f"| {d(('lax', f32), ('lax', f64)):.1e} | {d(('fast', f32), ('lax', f64)):.1e} "
-              f"| {d(('fast', f64), ('lax', f64)):.1e} |", flush=True)
+      f32, f64 = jnp.float32, jnp.float64
+      print(f"| {'train' if train else 'inference'} | {batch} x {size} | {hw}x{hw} "
+            f"| {batch * hw * hw} | {d(('fast', f32), ('lax', f32)):.1e} "
+            f"| {d(('lax', f32), ('lax', f64)):.1e} | {d(('fast', f32), ('lax', f64)):.1e} "
+            f"| {d(('fast', f64), ('lax', f64)):.1e} |", flush=True)
 
 
 def main(argv=None):
@@ -291,11 +290,13 @@ def main(argv=None):
   ap.add_argument("--grads", action="store_true", help="gradient rounding study instead")
   args = ap.parse_args(argv)
   t0 = time.perf_counter()
-  print("$ " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable)] + sys.argv))
+  print("$ " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), "-m",
+                                                  "benchmarks.bench_efficientnet"]
+                        + sys.argv[1:]))
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}), {os.cpu_count()} CPUs, "
         f"load avg {os.getloadavg()[0]:.2f}", flush=True)
   if args.grads:
-    grads_report([(2, 32), (2, 64), (8, 64), (2, 224)])
+    grads_report([(True, 2, 32), (True, 2, 64), (True, 2, 224), (False, 2, 32)])
   else:
     import keras
     torch = _torch()

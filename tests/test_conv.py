@@ -1,9 +1,11 @@
 """Fast CPU convolutions (m6jax.models.conv) against lax.conv_general_dilated.
 
 Forward: float32, agreement to rounding (relative 1e-5 of the output scale).
-Gradients: float64 (jax x64 inside the test only), agreement to 1e-10 of each
-gradient's largest entry, in inference mode and in train mode (BatchNorm batch
-statistics), so any float32 difference between the two forms is rounding.
+Gradients: float64 (jax x64 inside the test only), per conv within 1e-12 and
+per model within 1e-12 of the largest gradient (observed 1e-13; per gradient
+leaf 1e-8, observed 3e-10 in train mode, 4e-15 in inference), in inference mode
+and in train mode (BatchNorm batch statistics): the two forms compute the same
+function, so float32 differences between them are rounding.
 """
 
 import jax
@@ -104,7 +106,9 @@ def _images(size, dtype):
   return jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, size, size, 3)), dtype)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [
+    "lite0", pytest.param("b0", marks=pytest.mark.slow),
+    pytest.param("mobilenetv2", marks=pytest.mark.slow)])
 def test_model_forward_fast_matches_lax(name):
   # Same variables, both forms; float32 rounding only (observed ~5e-7).
   size = 48
@@ -114,10 +118,11 @@ def test_model_forward_fast_matches_lax(name):
   assert _rel(outs["fast"], outs["lax"]) <= 1e-5
 
 
-def _grad_fn(name, impl, train):
+def _grad_fn(name, impl):
+  """jit: (params, stats, x, ct) -> (inference grads, train grads) of sum(feature_map * ct)."""
   model = MODELS[name](impl, jnp.float64)
 
-  def loss(params, stats, x, ct):
+  def loss(params, stats, x, ct, train):
     v = {"params": params, "batch_stats": stats}
     if train:
       out, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
@@ -126,29 +131,38 @@ def _grad_fn(name, impl, train):
     # The feature map, not the (float32) embedding: the whole path stays float64.
     return jnp.sum(out["feature_map"] * ct)
 
-  return jax.jit(jax.grad(loss, argnums=(0, 2)))
+  g = jax.grad(loss, argnums=(0, 2))
+  return jax.jit(lambda *a: (g(*a, False), g(*a, True)))
 
 
-@pytest.mark.parametrize("name", ["lite0", "mobilenetv2"])
-@pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
-def test_model_gradients_equal_in_float64(name, train):
-  size = 32  # final map 1x1: train-mode BN normalises over 2 values per channel
+@pytest.mark.parametrize("name", [
+    "lite0", pytest.param("mobilenetv2", marks=pytest.mark.slow)])
+def test_model_gradients_equal_in_float64(name):
+  # 64 px, batch 2: the last stages' train-mode BN normalises over 2*2*2 = 8
+  # values per channel. At 32 px (1x1 maps, 2 values per channel) train-mode BN
+  # is so ill-conditioned that even float64 gradients of the two forms differ
+  # by ~1e-6 (benchmarks/bench_efficientnet.md, "Gradients").
+  size = 64
   with jax.enable_x64(True):
     v, x = _variables(name, size, jnp.float64), _images(size, jnp.float64)
-    ct = jnp.asarray(np.random.default_rng(3).normal(size=(2, 1, 1, 1280)))
-    g = {impl: _grad_fn(name, impl, train)(v["params"], v["batch_stats"], x, ct)
+    ct = jnp.asarray(np.random.default_rng(3).normal(size=(2, 2, 2, 1280)))
+    g = {impl: _grad_fn(name, impl)(v["params"], v["batch_stats"], x, ct)
          for impl in ("lax", "fast")}
-    leaves = {impl: jax.tree.leaves(gi) for impl, gi in g.items()}
-    assert len(leaves["fast"]) == len(leaves["lax"]) > 50
-    # Relative to each gradient's largest entry; in train mode some exact
-    # gradients are 0 (a BN shift cancelled by the next BN's batch mean) and
-    # hold only rounding, so the scale is at least 1e-6 of the largest gradient.
-    floor = 1e-6 * max(float(np.abs(b).max()) for b in leaves["lax"])
-    worst = 0.0
-    for a, b in zip(leaves["fast"], leaves["lax"]):
-      assert a.dtype == jnp.float64
-      scale = max(float(np.abs(b).max()), floor)
-      worst = max(worst, float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale)
-    print(f"{name} {'train' if train else 'inference'}: max rel gradient difference "
-          f"fast vs lax (float64) {worst:.1e}")
-    assert worst <= 1e-10
+    for mode, i in (("inference", 0), ("train", 1)):
+      leaves = {impl: jax.tree.leaves(gi[i]) for impl, gi in g.items()}
+      assert len(leaves["fast"]) == len(leaves["lax"]) > 50
+      # (a) The issue's measure: difference / the largest gradient of the model.
+      # (b) Per gradient, relative to its own largest entry; in train mode some
+      # exact gradients are 0 (a BN shift cancelled by the next BN's batch mean)
+      # and hold only rounding, so that scale is at least 1e-6 of the largest.
+      big = max(float(np.abs(b).max()) for b in leaves["lax"])
+      worst_abs = worst_rel = 0.0
+      for a, b in zip(leaves["fast"], leaves["lax"]):
+        assert a.dtype == jnp.float64
+        d = float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        worst_abs = max(worst_abs, d)
+        worst_rel = max(worst_rel, d / max(float(np.abs(b).max()), 1e-6 * big))
+      print(f"{name} {mode} float64 fast vs lax: max |d| / largest gradient "
+            f"{worst_abs / big:.1e}; per gradient {worst_rel:.1e}")
+      assert worst_abs / big <= 1e-12, mode  # observed 1e-13 (lite0, train)
+      assert worst_rel <= 1e-8, mode  # observed 2.6e-10 (lite0, train), 4e-15 inference

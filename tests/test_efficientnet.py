@@ -286,6 +286,18 @@ def test_b0_parity_with_keras(keras_b0, fmt):
   assert d <= 1e-4
 
 
+def test_keras_formats_load_identically(keras_b0, tmp_path):
+  # One reader (models/keras_h5) for .weights.h5 (by layer name, or by order in
+  # files without names) and legacy .h5; the head only when asked and present.
+  import keras_ref as kr
+  _, _, new, legacy = keras_b0
+  bare = kr.strip_layer_names(new, tmp_path / "bare.weights.h5")
+  v = C.load_keras(new)
+  assert "classifier" not in v["params"]  # a notop file
+  for other in (legacy, bare):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, C.load_keras(other), v)
+
+
 def test_load_keras_errors(keras_b0, tmp_path):
   import h5py
   _, _, _, legacy = keras_b0
@@ -296,5 +308,11 @@ def test_load_keras_errors(keras_b0, tmp_path):
     for name in src:
       if name != "block3b_dwconv":
         src.copy(src[name], dst, name)
-  with pytest.raises(ValueError, match="'block3b_dwconv' is missing"):
+  with pytest.raises(ValueError, match="lists 'block3b_dwconv', the file has no group"):
     C.load_keras(bad)
+  from m6jax.models import keras_h5
+  layers = keras_h5.read_keras_h5(legacy)
+  del layers["block3b_dwconv"]
+  keras_h5.write_keras_h5_legacy(tmp_path / "missing.h5", layers)
+  with pytest.raises(ValueError, match="'block3b_dwconv' is missing"):
+    C.load_keras(tmp_path / "missing.h5")

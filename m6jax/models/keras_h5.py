@@ -43,6 +43,9 @@ def read_legacy_group(root) -> dict[str, list[np.ndarray]]:
   {layer name: arrays in 'weight_names' order}; layers without weights left out."""
   out = {}
   for name in _attr_list(root, "layer_names"):
+    if name not in root:
+      raise ValueError(f"{root.file.filename}: 'layer_names' lists {name!r}, "
+                       "the file has no group of that name")
     wn = _attr_list(root[name], "weight_names")
     if wn:
       out[name] = [np.asarray(root[name][w]) for w in wn]
