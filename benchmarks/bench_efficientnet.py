@@ -133,7 +133,7 @@ def torch_mobilenetv2(size: int):
   model = mobilenet.MobileNetV2()
   v = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
   rng = np.random.default_rng(0)
-  v = {"params": jax.tree.map(np.asarray, v["params"]),
+  v = {"params": jax.tree.map(np.array, v["params"]),  # writable copies for torch
        "batch_stats": jax.tree.map(lambda a: rng.uniform(0.5, 1.5, a.shape).astype(np.float32),
                                    v["batch_stats"])}
   tm = _torch_mobilenetv2_cls()()
@@ -270,7 +270,7 @@ def grads_report(cases) -> None:
                                      jnp.asarray(ct64, dt))
       big = max(float(np.abs(a).max()) for a in g["lax", jnp.float64])
 
-      def d(a, b):  # max difference over all leaves / largest exact gradient
+      def d(a, b, g=g, big=big):  # max difference over all leaves / largest exact gradient
         return max(float(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).max())
                    for p, q in zip(g[a], g[b])) / big
 

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from m6jax.models import conv
+from m6jax.models import conv, mobilenet
 from m6jax.models import efficientnet as E
-from m6jax.models import mobilenet
 
 DN = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # NHWC, HWIO
 
@@ -41,8 +40,8 @@ def _conv_case(case, dtype, seed=0):
   r = np.random.default_rng(seed)
   x = jnp.asarray(r.normal(size=(2, h, h + 1, cin)), dtype)
   w = jnp.asarray(r.normal(size=(k, k, cin // g, cout)), dtype)
-  kw = dict(window_strides=(s, s), padding=pad, dimension_numbers=DN, feature_group_count=g,
-            lhs_dilation=(1, 1), rhs_dilation=(1, 1))
+  kw = {"window_strides": (s, s), "padding": pad, "dimension_numbers": DN,
+        "feature_group_count": g, "lhs_dilation": (1, 1), "rhs_dilation": (1, 1)}
   return x, w, kw
 
 

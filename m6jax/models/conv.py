@@ -19,8 +19,13 @@ Anything else falls through to ``lax.conv_general_dilated``. The function has
 stay those of ``nn.Conv``, and checkpoints/weight import are unchanged.
 
 The maths is the same as the lax form, only the order of float additions
-differs: float32 outputs agree to rounding (~1e-6 relative), and gradients
-agree to ~1e-12 relative in float64 (tests/test_conv.py).
+differs: float32 outputs agree to rounding (~1e-6 relative; Lite0 logits within
+~1e-5), and in float64 the gradients of whole models agree to ~1e-13 of the
+largest gradient, in inference and train mode (tests/test_conv.py). In float32
+train mode (BatchNorm batch statistics) with random weights and batch 2 they
+can differ by ~1 % of the largest gradient: that is rounding, amplified by
+train-mode BN's nearly cancelling backward; each form is then ~2 % away from
+the float64 gradient itself (benchmarks/bench_efficientnet.md, "Gradients").
 
 Choice per backend (:func:`conv_fn`): 'fast' on CPU, where it is measured
 faster (benchmarks/bench_backbones.md); 'lax' elsewhere (GPU/TPU have their
@@ -30,7 +35,7 @@ own depthwise kernels; not measured against this form).
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

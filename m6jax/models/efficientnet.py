@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -221,7 +222,7 @@ class MBConv(nn.Module):
   def __call__(self, inputs, train: bool = False):
     sp = self.spec
     mid = sp.filters_in * sp.expand_ratio
-    kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+    kw = {"dtype": self.dtype, "conv_impl": self.conv_impl}
     x = inputs
     if sp.expand_ratio != 1:
       x = ConvBN(mid, 1, act=self.act, name="expand", **kw)(x, train)
@@ -257,7 +258,7 @@ class EfficientNet(nn.Module):
   def __call__(self, x, train: bool = False):
     cfg = variant_config(self.variant)
     act = jax.nn.relu6 if cfg.lite else jax.nn.swish
-    kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+    kw = {"dtype": self.dtype, "conv_impl": self.conv_impl}
     x = jnp.asarray(x, self.dtype)
     x = ConvBN(stem_features(self.variant), 3, 2, act=act, name="stem", **kw)(x, train)
     self.sow("intermediates", "stage0", x)  # stem output

@@ -12,7 +12,8 @@ The model itself is :mod:`m6jax.models.efficientnet`; variable paths are listed 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from m6jax import torch_pickle
 from m6jax import weights as weights_lib
 from m6jax.models import keras_h5
 from m6jax.models.efficientnet import EfficientNet, block_specs, variant_config
+
 
 def _np(a) -> np.ndarray:
   if hasattr(a, "detach"):  # a torch tensor handed in directly
@@ -227,9 +229,9 @@ def load_pretrained(variant: str, spec: str, include_classifier: bool = False,
   if path.suffix == ".npz":
     return weights_lib.load_npz(path)
   if path.suffix == ".h5":
-    convert = lambda p: load_keras(p, variant, include_classifier)  # noqa: E731
+    convert = lambda p: load_keras(p, variant, include_classifier)
   else:
-    convert = lambda p: load_torch(p, variant, include_classifier)  # noqa: E731
+    convert = lambda p: load_torch(p, variant, include_classifier)
   if not cache:
     return jax.tree_util.tree_map(np.asarray, convert(path))
   tag = f"efficientnet-{variant}-{'top' if include_classifier else 'notop'}"

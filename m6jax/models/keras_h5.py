@@ -14,7 +14,7 @@ matched by order (:func:`rename_auto_names`).
 from __future__ import annotations
 
 import pathlib
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
