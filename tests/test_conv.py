@@ -95,8 +95,8 @@ def _variables(name, size, dtype):
   v = {k: c for k, c in v.items() if k != "perturbations"}
   leaves, tree = jax.tree.flatten(v["batch_stats"])
   r = np.random.default_rng(0)
-  stats = [r.uniform(0.5, 1.5, l.shape) if i % 2 else r.normal(0, 0.1, l.shape)
-           for i, l in enumerate(leaves)]  # (mean, var) pairs in key order
+  stats = [r.uniform(0.5, 1.5, a.shape) if i % 2 else r.normal(0, 0.1, a.shape)
+           for i, a in enumerate(leaves)]  # (mean, var) pairs in key order
   v["batch_stats"] = jax.tree.unflatten(tree, stats)
   return jax.tree.map(lambda a: jnp.asarray(a, dtype), v)
 
