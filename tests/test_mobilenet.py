@@ -4,6 +4,7 @@ import os
 
 os.environ["KERAS_BACKEND"] = "jax"  # must precede the first keras import
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -87,3 +88,11 @@ def test_load_errors_name_the_layer(ref):
   with pytest.raises(ValueError, match=r"'Conv1' weight 'kernel' has shape "
                                        r"\(3, 3, 3, 32\), the model expects \(3, 3, 3, 16\)"):
     mobilenet.load_keras(ref.files["keras3"], alpha=0.5)  # width mismatch
+
+
+def test_keras3_file_without_layer_names_loads_by_order(ref):
+  # The shared reader maps automatic group names ('conv2d_3', ...) by table order.
+  bare = kr.strip_layer_names(ref.files["keras3"], ref.dir / "bare.weights.h5")
+  assert "Conv1" not in kr.read_keras_h5(bare)
+  jax.tree.map(np.testing.assert_array_equal, mobilenet.load_keras(bare),
+               mobilenet.load_keras(ref.files["keras3"]))

@@ -6,6 +6,18 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
+def make_divisible(v: float, divisor: int = 8) -> int:
+  """Channel count ``v`` rounded to a multiple of ``divisor``, never more than 10% down.
+
+  Keras/TF ``_make_divisible``, used by MobileNetV2 (alpha) and EfficientNet
+  (``round_filters`` of the width-scaled count).
+  """
+  new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+  if new < 0.9 * v:
+    new += divisor
+  return new
+
+
 def pooled_outputs(module: nn.Module, x, num_classes: int) -> dict:
   """Final map ``x`` -> {'feature_map', 'embedding' (f32 global average),
   'logits' (f32, if num_classes > 0)}.

@@ -1,14 +1,20 @@
 """Keras weight files (.h5 legacy / ImageNet cache, Keras 3 .weights.h5) -> Flax.
 
-Shared by the image backbones (vgg, resnet, mobilenet, efficientnet): reading
-the files, a legacy writer (tests, export back to Keras), and the table-driven
-assignment of Keras layers to Flax variables.
+The one Keras reader of the image backbones (vgg, resnet, mobilenet,
+efficientnet): reading the files, a legacy writer (tests, export back to
+Keras), and the table-driven assignment of Keras layers to Flax variables.
+
+Layer names: legacy files store them ('layer_names'); Keras 3 files store each
+layer under an automatic group name (snake-case class + per-class counter:
+'conv2d', 'conv2d_1', ..) with the layer name in the 'vars' group's 'name'
+attribute. Files from Keras 3 versions that did not write that attribute are
+matched by order (:func:`rename_auto_names`).
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,6 +43,9 @@ def read_legacy_group(root) -> dict[str, list[np.ndarray]]:
   {layer name: arrays in 'weight_names' order}; layers without weights left out."""
   out = {}
   for name in _attr_list(root, "layer_names"):
+    if name not in root:
+      raise ValueError(f"{root.file.filename}: 'layer_names' lists {name!r}, "
+                       "the file has no group of that name")
     wn = _attr_list(root[name], "weight_names")
     if wn:
       out[name] = [np.asarray(root[name][w]) for w in wn]
@@ -72,7 +81,7 @@ def read_keras_h5(path) -> dict[str, list[np.ndarray]]:
       raise ValueError(f"{path}: not a Keras weight file (no 'layer_names' "
                        "attribute, no 'layers' group)")
 
-    def visit(group, key):
+    def visit(group, key):  # key: the automatic name, used when 'name' is absent
       arrays = layer_vars(group)
       if arrays:
         out[_str(group["vars"].attrs.get("name", key))] = arrays
@@ -205,6 +214,33 @@ def assign_keras(layers: Mapping[str, list], table: Sequence[tuple], expected: M
   return out
 
 
+# Keras 3 automatic group name (snake-case class) per layer kind.
+_KERAS3_CLASS = {"conv_nobias": "conv2d", "conv": "conv2d", "dw": "depthwise_conv2d",
+                 "bn": "batch_normalization", "dense": "dense"}
+
+
+def rename_auto_names(layers: Mapping[str, list], table: Sequence[tuple]) -> dict:
+  """Keras 3 file without layer names -> keyed by the table's layer names.
+
+  Each table row's automatic name is its class name plus the count of earlier
+  rows of the same class ('conv2d', 'conv2d_1', ..), as Keras numbers the
+  groups over ``model.layers``. Valid when the table lists the layers of those
+  classes in ``model.layers`` order: true for single-chain models (VGG16,
+  MobileNetV2, EfficientNetB0, whose SE branch rejoins before project_conv);
+  tested for MobileNetV2 and EfficientNetB0. Entries not renamed keep their key.
+  """
+  counts: dict[str, int] = {}
+  out = dict(layers)
+  for lname, _, kind in table:
+    base = _KERAS3_CLASS[kind]
+    n = counts.get(base, 0)
+    counts[base] = n + 1
+    auto = base if n == 0 else f"{base}_{n}"
+    if auto in out:
+      out[lname] = out.pop(auto)
+  return out
+
+
 def expected_shapes(model: nn.Module, size: int) -> dict:
   """Variable shapes of `model` for a (1, size, size, 3) input, no compute."""
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -226,14 +262,18 @@ def head_classes(layers: Mapping[str, list], num_classes: int | None,
 
 
 def load_backbone(path, num_classes: int | None, table: Sequence[tuple],
-                  make_model: Callable[[int], nn.Module]) -> dict:
+                  make_model: Callable[[int], nn.Module], ignore: Sequence[str] = ()) -> dict:
   """Keras weight file -> variables for ``make_model(n_classes)``: the backbone
   ``table`` plus, per :func:`head_classes`, the 'predictions' head as
-  'classifier' (a head in the file is otherwise ignored)."""
+  'classifier' (a head in the file is otherwise ignored). Layers of the file in
+  ``ignore`` (e.g. preprocessing layers with weights) are skipped."""
   origin = str(path)
   layers = read_keras_h5(path)
-  n_cls = head_classes(layers, num_classes, origin)
   head = [("predictions", ("classifier",), "dense")]
+  if table and not any(t[0] in layers for t in table):  # Keras 3 file without names
+    layers = rename_auto_names(layers, list(table) + head)
+  n_cls = head_classes(layers, num_classes, origin)
   table = list(table) + (head if n_cls else [])
   expected = expected_shapes(make_model(n_cls), 32)
-  return assign_keras(layers, table, expected, origin, ignore=[h[0] for h in head])
+  return assign_keras(layers, table, expected, origin,
+                      ignore=[h[0] for h in head] + list(ignore))

@@ -18,7 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from m6jax.models.common import pooled_outputs
+from m6jax.models import conv
+from m6jax.models.common import make_divisible, pooled_outputs
 from m6jax.models.keras_h5 import load_backbone
 
 FEATURE_DIM = 1280
@@ -33,14 +34,6 @@ BN_MOMENTUM = 0.999
 def preprocess(images):
   """RGB float 0..255 (B, H, W, 3) -> [-1, 1] (Keras 'tf' mode)."""
   return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-
-
-def make_divisible(v: float, divisor: int = 8) -> int:
-  """Keras _make_divisible: round to a multiple of divisor, never >10% down."""
-  new = max(divisor, int(v + divisor / 2) // divisor * divisor)
-  if new < 0.9 * v:
-    new += divisor
-  return new
 
 
 def correct_pad(size: tuple[int, int], kernel: int = 3):
@@ -65,22 +58,24 @@ class InvertedResidual(nn.Module):
   expansion: int
   stride: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    fn = conv.conv_fn(self.conv_impl)
     cin = x.shape[-1]
     y = x
     if self.expansion != 1:
       y = nn.Conv(cin * self.expansion, (1, 1), use_bias=False, dtype=self.dtype,
-                  name="expand")(y)
+                  conv_general_dilated=fn, name="expand")(y)
       y = nn.relu6(_bn(train, self.dtype, "expand_bn")(y))
     pad = "SAME" if self.stride == 1 else correct_pad(y.shape[1:3], 3)
     y = nn.Conv(y.shape[-1], (3, 3), (self.stride, self.stride), padding=pad,
                 feature_group_count=y.shape[-1], use_bias=False, dtype=self.dtype,
-                name="depthwise")(y)
+                conv_general_dilated=fn, name="depthwise")(y)
     y = nn.relu6(_bn(train, self.dtype, "depthwise_bn")(y))
     y = nn.Conv(self.filters, (1, 1), use_bias=False, dtype=self.dtype,
-                name="project")(y)
+                conv_general_dilated=fn, name="project")(y)
     y = _bn(train, self.dtype, "project_bn")(y)
     if self.stride == 1 and cin == self.filters:
       y = x + y
@@ -94,29 +89,34 @@ class MobileNetV2(nn.Module):
   1280) after Conv_1 + BN + ReLU6 (= Keras include_top=False output),
   'embedding': (B, 1280) f32 global average (= Keras pooling='avg'),
   'stem', 'stage1'..'stage7' (stage outputs, 16..320 channels at alpha 1),
-  and 'logits' (B, num_classes) f32 if num_classes > 0}.
+  and 'logits' (B, num_classes) f32 if num_classes > 0}. ``conv_impl``: see
+  :func:`m6jax.models.conv.resolve`.
   """
   num_classes: int = 0
   dtype: Any = jnp.float32
   alpha: float = 1.0
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    fn = conv.conv_fn(self.conv_impl)
     x = jnp.asarray(x, self.dtype)
     out = {}
     # Keras: padding='same' stride 2 (== correct_pad + 'valid').
     x = nn.Conv(make_divisible(32 * self.alpha), (3, 3), (2, 2), padding="SAME",
-                use_bias=False, dtype=self.dtype, name="stem_conv")(x)
+                use_bias=False, dtype=self.dtype, conv_general_dilated=fn,
+                name="stem_conv")(x)
     x = nn.relu6(_bn(train, self.dtype, "stem_bn")(x))
     out["stem"] = x
     for s, (t, c, n, stride) in enumerate(STAGES, 1):
       filters = make_divisible(int(c * self.alpha))
       for b in range(n):
         x = InvertedResidual(filters, t, stride if b == 0 else 1, dtype=self.dtype,
-                             name=f"stage{s}_block{b}")(x, train)
+                             conv_impl=self.conv_impl, name=f"stage{s}_block{b}")(x, train)
       out[f"stage{s}"] = x
     last = make_divisible(1280 * self.alpha) if self.alpha > 1.0 else 1280
-    x = nn.Conv(last, (1, 1), use_bias=False, dtype=self.dtype, name="head_conv")(x)
+    x = nn.Conv(last, (1, 1), use_bias=False, dtype=self.dtype, conv_general_dilated=fn,
+                name="head_conv")(x)
     x = nn.relu6(_bn(train, self.dtype, "head_bn")(x))
     return {**out, **pooled_outputs(self, x, self.num_classes)}
 

@@ -1,22 +1,68 @@
 """Image and text towers by name: module, pretrained variables, preprocessing.
 
-One place maps a config name to the family file that owns it; weight import
-stays in that family file.
+Every image backbone family is one :class:`ImageFamily` in ``IMAGE_FAMILIES``
+(build, preprocess, embedding size, weight loader); the family files own the
+models (``vgg``, ``resnet``, ``mobilenet``, ``efficientnet``, ``tiny``) and the
+weight conversion (``load_keras`` in the Keras-layout family files,
+``efficientnet_convert`` for EfficientNet).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from m6jax import weights as weights_lib
+from m6jax.models import efficientnet, efficientnet_convert, mobilenet, resnet, tiny, vgg
 
-IMAGE_TOWERS = ("tiny", "vgg16", "resnet50", "mobilenetv2", "efficientnetb0",
-                "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+@dataclasses.dataclass(frozen=True)
+class ImageFamily:
+  """What the rest of m6jax needs of an image backbone."""
+  build: Callable[..., nn.Module]   # (dtype, conv_impl) -> module; outputs 'embedding'
+  preprocess: Callable              # float RGB 0..255 (B, H, W, 3) -> model input
+  feature_dim: int                  # size of the module's 'embedding'
+  load: Callable[[str], dict] | None = None  # weight spec -> {'params', 'batch_stats'}
+
+
+def _keras_loader(name: str, load_keras: Callable) -> Callable[[str], dict]:
+  """Weight spec -> backbone variables via the cache of converted weights."""
+  return lambda spec: weights_lib.converted(weights_lib.resolve(spec, tower=name),
+                                            f"{name}-notop", load_keras)
+
+
+def _efficientnet(variant: str) -> ImageFamily:
+  return ImageFamily(
+      lambda dtype, conv_impl: efficientnet.EfficientNet(variant, dtype=dtype,
+                                                         conv_impl=conv_impl),
+      efficientnet.preprocess_fn(variant), efficientnet.FEATURE_DIM,
+      functools.partial(efficientnet_convert.load_pretrained, variant))
+
+
+IMAGE_FAMILIES: dict[str, ImageFamily] = {
+    "tiny": ImageFamily(lambda dtype, conv_impl: tiny.TinyCNN(dtype=dtype), tiny.preprocess,
+                        tiny.FEATURE_DIM),
+    "vgg16": ImageFamily(lambda dtype, conv_impl: vgg.VGG16(dtype=dtype), vgg.preprocess,
+                         vgg.FEATURE_DIM, _keras_loader("vgg16", vgg.load_keras)),
+    "resnet50": ImageFamily(lambda dtype, conv_impl: resnet.ResNet50(dtype=dtype),
+                            resnet.preprocess, resnet.FEATURE_DIM,
+                            _keras_loader("resnet50", resnet.load_keras)),
+    "mobilenetv2": ImageFamily(
+        lambda dtype, conv_impl: mobilenet.MobileNetV2(dtype=dtype, conv_impl=conv_impl),
+        mobilenet.preprocess, mobilenet.FEATURE_DIM,
+        _keras_loader("mobilenetv2", mobilenet.load_keras)),
+    "efficientnetb0": _efficientnet("b0"),
+    "efficientnet-lite0": _efficientnet("lite0"),
+    "efficientnet-lite1": _efficientnet("lite1"),
+    "efficientnet-lite2": _efficientnet("lite2"),
+}
+IMAGE_TOWERS = tuple(IMAGE_FAMILIES)
 TEXT_TOWERS = ("minilm", "bert", "tfidf")
 
 
@@ -28,48 +74,26 @@ class ImageTower:
   feature_dim: int
 
 
-def _keras_loader(name: str, load_keras: Callable) -> Callable:
-  """Weight spec -> backbone variables via the cache of converted weights."""
-  return lambda spec: weights_lib.converted(weights_lib.resolve(spec, tower=name),
-                                            f"{name}-notop", load_keras)
-
-
 def image_tower(name: str, spec: str, image_size: int, dtype=jnp.float32,
-                seed: int = 0) -> ImageTower:
-  """Builds the named backbone; loads `spec` weights ('none' = random init)."""
-  if name == "tiny":
-    from m6jax.models import tiny as fam
-    module, pre, dim = fam.TinyCNN(dtype=dtype), fam.preprocess, fam.FEATURE_DIM
-    load = None
-  elif name == "vgg16":
-    from m6jax.models import vgg as fam
-    module, pre, dim = fam.VGG16(dtype=dtype), fam.preprocess, fam.FEATURE_DIM
-    load = _keras_loader(name, fam.load_keras)
-  elif name == "resnet50":
-    from m6jax.models import resnet as fam
-    module, pre, dim = fam.ResNet50(dtype=dtype), fam.preprocess, fam.FEATURE_DIM
-    load = _keras_loader(name, fam.load_keras)
-  elif name == "mobilenetv2":
-    from m6jax.models import mobilenet as fam
-    module, pre, dim = fam.MobileNetV2(dtype=dtype), fam.preprocess, fam.FEATURE_DIM
-    load = _keras_loader(name, fam.load_keras)
-  elif name == "efficientnetb0" or name.startswith("efficientnet-lite"):
-    from m6jax.models import efficientnet as fam
-    variant = "b0" if name == "efficientnetb0" else name.split("-")[1]
-    module, pre, dim = (fam.EfficientNet(variant=variant, dtype=dtype),
-                        fam.preprocess_fn(variant), fam.FEATURE_DIM)
-    load = lambda s: fam.load_pretrained(variant, s)
-  else:
+                seed: int = 0, conv_impl: str = "auto") -> ImageTower:
+  """Builds the named backbone; loads `spec` weights ('none' = random init).
+
+  conv_impl: 'auto' | 'lax' | 'fast' for the families with depthwise convs
+  (see :func:`m6jax.models.conv.resolve`); the others ignore it.
+  """
+  if name not in IMAGE_FAMILIES:
     raise ValueError(f"unknown image tower {name!r}; choose from {IMAGE_TOWERS}")
+  fam = IMAGE_FAMILIES[name]
+  module = fam.build(dtype, conv_impl)
   if weights_lib.is_random(spec):
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = module.init(jax.random.key(seed), x, train=False)
     variables = {k: v for k, v in variables.items() if k != "perturbations"}
   else:
-    if load is None:
+    if fam.load is None:
       raise ValueError(f"image tower {name!r} has no pretrained weights; use 'none'")
-    variables = load(spec)
-  return ImageTower(module, pre, dict(variables), dim)
+    variables = fam.load(spec)
+  return ImageTower(module, fam.preprocess, dict(variables), fam.feature_dim)
 
 
 @dataclasses.dataclass
