@@ -90,7 +90,7 @@ def plot_suspects(rows: list[dict], images: list, texts: list[str], path: str,
     body = "\n".join(textwrap.wrap(" ".join(str(text).split()[:40]), 44)[:5])
     ax.text(0.0, -0.03, body, transform=ax.transAxes, fontsize=8, va="top", ha="left")
   fig.suptitle("Label-issue suspects (out-of-fold confident learning)", fontsize=13)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.97))   # leave the top strip to the title
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=110)
   plt.close(fig)
