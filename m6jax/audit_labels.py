@@ -12,6 +12,7 @@ import os
 import textwrap
 
 import numpy as np
+from m6jax import files
 
 FIELDS = ("rank", "uniq_id", "given_label", "suggested_label", "confidence",
           "given_label_probability", "label_quality", "flagged", "name")
@@ -56,13 +57,14 @@ def suspect_rows(labels, oof_probs, class_names, ids, names) -> list[dict]:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-  """label_issues.csv, written to a temporary file and renamed (never half-written)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
+  """label_issues.csv (m6jax.files: never half-written)."""
+
+  def write(f):
     w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-  os.replace(tmp, path)
+
+  files.atomic_write(path, write)
 
 
 def plot_suspects(rows: list[dict], images: list, texts: list[str], path: str,
@@ -91,10 +93,8 @@ def plot_suspects(rows: list[dict], images: list, texts: list[str], path: str,
     ax.text(0.0, -0.03, body, transform=ax.transAxes, fontsize=8, va="top", ha="left")
   fig.suptitle("Label-issue suspects (out-of-fold confident learning)", fontsize=13)
   fig.tight_layout(rect=(0, 0, 1, 0.97))   # leave the top strip to the title
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def product_names(data_cfg, ids) -> list[str]:
@@ -119,7 +119,7 @@ def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None =
   label_issues.json into out_dir (default: the run's workdir).
   Returns {'suspects': n, 'products': N, 'csv': path, 'gallery': path}.
   """
-  from m6jax import features, folds, results, restore, train   # the run's own stack
+  from m6jax import features, folds, restore, train   # the run's own stack
 
   cfg = restore.load_config(workdir)
   if cfg.train.mode != "frozen":
@@ -163,7 +163,7 @@ def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None =
              "oof_accuracy": float((oof.argmax(1) == pooled).mean()),
              "by_given_label": {c: sum(r["given_label"] == c for r in rows)
                                 for c in run.class_names}}
-  results.write_json(os.path.join(out_dir, "label_issues.json"), summary)
+  files.write_json(os.path.join(out_dir, "label_issues.json"), summary)
   return summary
 
 

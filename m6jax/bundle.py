@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from m6jax import results
+from m6jax import files
 from m6jax import weights as weights_lib
 from m6jax import workdir as workdir_lib
 from m6jax.data import images
@@ -178,7 +178,7 @@ def save(workdir: str, run, states) -> str | None:
   os.makedirs(tmp)
   if arrays:
     np.savez(os.path.join(tmp, TEXT_ARRAYS), **arrays)
-  results.write_json(os.path.join(tmp, META), meta)
+  files.write_json(os.path.join(tmp, META), meta)
   old = f"{final}.old-{os.getpid()}"
   if os.path.isdir(final):
     os.replace(final, old)

@@ -28,12 +28,11 @@ import pathlib
 import re
 import shutil
 import time
-import uuid
 from typing import Iterable
 
 import numpy as np
 
-from m6jax import weights
+from m6jax import files, weights
 
 ENV = "M6JAX_FEATURE_CACHE"
 _META = "tower.json"
@@ -50,18 +49,6 @@ def content_key(data: bytes | str) -> str:
   if isinstance(data, str):
     data = data.encode("utf-8")
   return hashlib.sha1(data).hexdigest()
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-  """write(file object) into a unique temporary file beside `path`, then rename."""
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
 
 
 class FeatureCache:
@@ -106,15 +93,15 @@ class FeatureCache:
     self.dir.mkdir(parents=True, exist_ok=True)
     meta = self.dir / _META
     if not meta.exists():
-      _atomic_write(meta, lambda f: f.write(json.dumps(self.spec, indent=2, sort_keys=True,
-                                                       default=str).encode()))
+      files.write_text(meta, json.dumps(self.spec, indent=2, sort_keys=True, default=str))
     for key, value in items.items():
       path = self._path(key)
       value = np.ascontiguousarray(value, dtype=np.float32)
       for attempt in (0, 1):
         try:
           path.parent.mkdir(parents=True, exist_ok=True)
-          _atomic_write(path, lambda f, v=value: np.save(f, v, allow_pickle=False))
+          files.atomic_write(path, lambda f, v=value: np.save(f, v, allow_pickle=False),
+                             binary=True)
           break
         except FileNotFoundError:  # folder removed by a concurrent `clear`: once more
           if attempt:

@@ -21,8 +21,8 @@ import os
 
 from m6jax import metrics as metrics_lib
 from m6jax import track
+from m6jax.files import write_json
 from m6jax.mlflow_store import STATE, child_runs, read_json
-from m6jax.results import write_json
 
 log = logging.getLogger(__name__)
 LABEL = {"macro_f1": "macro-F1", "accuracy": "accuracy"}

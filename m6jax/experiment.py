@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from m6jax import bundle, checkpoint, explain, feasibility, features, results, serve, track
+from m6jax import bundle, checkpoint, explain, feasibility, features, files, results, serve, track
 from m6jax import config as config_lib
 from m6jax import workdir as workdir_lib
 from m6jax.models import fusion
@@ -64,7 +64,7 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
   guard = cfg.train.checkpoint and jax.process_index() == 0
   if guard:   # config and code first: refuse before any data work
     workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
-  results.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
   with timer("setup"):
     run = features.setup(cfg, workdir)
     run.report.write(workdir)
@@ -176,7 +176,7 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
         _explain(cfg, workdir, res)
         res["timings"] = dict(res["timings"], explain=time.time() - t, total=time.time() - t0)
         if jax.process_index() == 0:
-          results.write_json(os.path.join(workdir, "results.json"), res)
+          files.write_json(os.path.join(workdir, "results.json"), res)
       tracker.log_results(res, workdir)
       if cfg.track.log_model and cfg.train.checkpoint:
         # The served model: bundle + the checkpoint results.json scored (m6jax.serve).

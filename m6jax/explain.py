@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m6jax import files, gradcam
 from m6jax import gallery as gallery_lib
-from m6jax import gradcam
-from m6jax import results as results_lib
 from m6jax.data import catalogue, pipeline
 from m6jax.models import fusion, towers
 from m6jax.restore import restore  # the one call into "rebuild a finished run"
@@ -252,7 +251,7 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
                     for j, (u, p, s) in enumerate(zip(ids, preds, per_image))],
   }
   rpath = os.path.join(out_dir, "stability.json")
-  results_lib.write_json(rpath, rep)
+  files.write_json(rpath, rep)
   log.info("Grad-CAM (%s) of %d images: replica stability %.4f; gallery %s (%.1f s)", method,
            len(per_image), stab, g, timings["total"])
   return {"stability": stab, "gallery": g, "report": rpath, "accuracy": acc,

@@ -21,7 +21,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from threadpoolctl import threadpool_limits
 
-from m6jax import results as results_lib
+from m6jax import files
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
   png = plot_study(projections, labels, class_names,
                    os.path.join(out_dir, "feasibility.png"),
                    {k: r["ari"] for k, r in results.items()})
-  results_lib.write_json(os.path.join(out_dir, "feasibility.json"), results)
+  files.write_json(os.path.join(out_dir, "feasibility.json"), results)
   timings["plot"] = time.perf_counter() - t_plot
   timings["total"] = time.perf_counter() - t0
 

@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 
-from m6jax.results import write_json
+from m6jax.files import write_json
 
 log = logging.getLogger(__name__)
 # MLflow 3 sends usage telemetry (config.mlflow-telemetry.io) unless told not to:

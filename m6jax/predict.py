@@ -31,7 +31,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from m6jax import restore
+from m6jax import files, restore
 from m6jax.data import catalogue, images, pipeline
 
 FLAGS = flags.FLAGS
@@ -102,14 +102,15 @@ class Predictions:
 
   def write_csv(self, out: str) -> None:
     """Writes `out` atomically, probabilities with 6 decimals ('' where not predicted)."""
-    tmp = out + ".tmp"
-    with open(tmp, "w", newline="") as f:
+
+    def write(f):
       w = csv.writer(f)
       w.writerow(["uniq_id", "predicted"] + [f"p_{c}" for c in self.classes] + ["note"])
       for p, pred, q, note in zip(self.products, self.predicted, self.probs, self.notes):
         w.writerow([p.uniq_id, pred] + ([""] * len(q) if not pred else [f"{v:.6f}" for v in q])
                    + [note])
-    os.replace(tmp, out)
+
+    files.atomic_write(out, write)
 
   def report(self) -> dict:
     n_pred = sum(1 for x in self.predicted if x)
@@ -131,8 +132,8 @@ class Predictions:
 
   def write_report(self, out: str) -> None:
     """`<out>.data_report.txt` and `<out>.data_report.json`."""
-    catalogue.atomic_write(out + ".data_report.txt", self.summary() + "\n")
-    catalogue.atomic_write(out + ".data_report.json", json.dumps(self.report(), indent=2))
+    files.write_text(out + ".data_report.txt", self.summary() + "\n")
+    files.write_text(out + ".data_report.json", json.dumps(self.report(), indent=2))
 
 
 def _note(p: Product) -> str:

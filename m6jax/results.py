@@ -11,30 +11,18 @@ Outputs contract (other tools rely on it):
 from __future__ import annotations
 
 import csv
-import json
 import os
 
 import numpy as np
 
+from m6jax import files
 from m6jax import metrics as metrics_lib
 
 SCALARS = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision",
            "macro_recall")
 
 
-def write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=_json_default)
-  os.replace(tmp, path)
 
-
-def _json_default(x):
-  if isinstance(x, (np.generic,)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return str(x)
 
 
 def score(labels, probs, class_names) -> dict:
@@ -75,5 +63,5 @@ def write_outputs(workdir: str, scores: dict, class_names, ids, labels, probs,
       w.writerow([uid, class_names[y], class_names[int(p.argmax())]] +
                  [f"{v:.6f}" for v in p])
   results = {"classes": list(class_names), "split": "test", "test": scores, **extra}
-  write_json(os.path.join(workdir, "results.json"), results)
+  files.write_json(os.path.join(workdir, "results.json"), results)
   return results

@@ -28,7 +28,7 @@ import re
 import sys
 
 from m6jax import compare, experiment, track
-from m6jax.results import write_json
+from m6jax.files import write_json
 
 log = logging.getLogger(__name__)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

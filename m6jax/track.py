@@ -28,8 +28,8 @@ import time
 
 from m6jax import curves, mlflow_store
 from m6jax import metrics as metrics_lib
+from m6jax.files import write_json
 from m6jax.mlflow_store import BUFFER, STATE, Store, dataset_event, param_str, read_json
-from m6jax.results import write_json
 
 log = logging.getLogger(__name__)
 

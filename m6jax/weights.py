@@ -35,7 +35,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from m6jax import download
+from m6jax import download, files
 
 # name -> (python module, how to get the path from it, pip package to install).
 PYPI = {
@@ -222,10 +222,8 @@ def save_npz(path, variables: Mapping) -> None:
         flat[f"{prefix}{k}"] = np.asarray(v)
 
   walk(variables, "")
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
+  # Atomic: concurrent readers never see a partial file.
+  files.atomic_write(path, lambda f: np.savez(f, **flat), binary=True)
 
 
 def load_npz(path) -> dict:

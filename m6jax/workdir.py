@@ -25,7 +25,7 @@ import socket
 import time
 
 import m6jax
-from m6jax import results
+from m6jax import files
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def check(workdir: str, fp: dict, record: bool = True) -> None:
                 "unchecked", workdir)
   if record and old != fp:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    results.write_json(path, fp)
+    files.write_json(path, fp)
 
 
 def clear(workdir: str) -> None:

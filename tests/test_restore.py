@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from m6jax import bundle, experiment, restore, results
+from m6jax import bundle, experiment, files, restore, results
 from tests.conftest import REPO, tiny_config
 
 
@@ -51,15 +51,15 @@ def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogu
   fp_path = os.path.join(other, "checkpoints", "fingerprint.json")
   with open(fp_path) as f:
     fp = json.load(f)
-  results.write_json(fp_path, {**fp, "config": {**fp["config"], "train.learning_rate": 0.5}})
+  files.write_json(fp_path, {**fp, "config": {**fp["config"], "train.learning_rate": 0.5}})
   with pytest.raises(bundle.BundleError, match=r"different runs \(train.learning_rate"):
     restore.restore(other)
-  results.write_json(fp_path, fp)
+  files.write_json(fp_path, fp)
   meta_path = os.path.join(other, "bundle", "bundle.json")
   with open(meta_path) as f:
     meta = json.load(f)
   assert meta["num_replicas"] == 3 and probs.shape[0] == 3
-  results.write_json(meta_path, dict(meta, num_replicas=2))
+  files.write_json(meta_path, dict(meta, num_replicas=2))
   with pytest.raises(bundle.BundleError, match="holds 3 replicas"):
     restore.restore(other)
   shutil.rmtree(os.path.join(other, "bundle"))

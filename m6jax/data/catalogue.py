@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from m6jax import files
 from m6jax.data import images
 
 # Category trees look like '["Home Furnishing >> Curtains >> ..."]'.
@@ -89,8 +90,8 @@ class DataReport:
   def write(self, directory: str) -> None:
     """Writes data_report.txt, then data_report.json (last: it marks a finished build)."""
     os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, "data_report.txt"), self.summary() + "\n")
-    atomic_write(os.path.join(directory, "data_report.json"),
+    files.write_text(os.path.join(directory, "data_report.txt"), self.summary() + "\n")
+    files.write_text(os.path.join(directory, "data_report.json"),
                   json.dumps(self.to_dict(), indent=2))
 
 
@@ -100,13 +101,6 @@ def _count_reasons(bad: Iterable[BadRow]) -> dict:
     key = b.reason.split(":")[0]
     out[key] = out.get(key, 0) + 1
   return out
-
-
-def atomic_write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def category_label(tree: str, depth: int = 1) -> str:

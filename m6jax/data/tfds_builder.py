@@ -21,6 +21,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from m6jax import files
 from m6jax.data import catalogue, images
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ def prepare(data_cfg):
     for s in _SPLITS:
       for r in parts[s]:
         w.writerow([r.uniq_id, s, r.category, r.line])
-    catalogue.atomic_write(os.path.join(builder.data_dir, "split.csv"), buf.getvalue())
+    files.write_text(os.path.join(builder.data_dir, "split.csv"), buf.getvalue())
     report.write(builder.data_dir)          # data_report.json last: marks the build done
   log.info("built %s: %s", builder.data_dir, report.split_counts)
   return tfds.builder_from_directory(builder.data_dir), report
