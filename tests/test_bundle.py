@@ -124,11 +124,12 @@ def test_logged_mlflow_model_predicts_as_the_predict_cli(tmp_path_factory, tmp_p
   from m6jax import serve, track
   run = trained_run(tmp_path_factory, "early")
   wd = run["workdir"]
-  mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-  exp = mlflow.create_experiment("serve", artifact_location=(tmp_path / "artifacts").as_uri())
-  with mlflow.start_run(experiment_id=exp):
-    info = serve.log_model(wd)
-  model = mlflow.pyfunc.load_model(info.model_uri)
+  # A scoped tracking URI: a global one would leak into the other tests' stores.
+  with _use_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db"):
+    exp = mlflow.create_experiment("serve", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=exp):
+      info = serve.log_model(wd)
+    model = mlflow.pyfunc.load_model(info.model_uri)
   # The same model logged through the tracker's seam (its own run and store).
   with track.Tracker(ml_collections.ConfigDict({"name": "m"}), str(tmp_path / "t" / "m")) as t:
     uri = serve.log_to(t, wd)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from configs import base
 from m6jax import experiment
 from m6jax import workdir as workdir_lib
 from tests.conftest import REPO, tiny_config
@@ -49,7 +50,8 @@ def test_fingerprint_differences_name_keys_dataset_and_code():
   cfg.track.experiment = "other"   # cosmetic
   cfg.data.manual_dir = "/moved"   # where the catalogue lives: its content is the dataset id
   b = workdir_lib.fingerprint(cfg, "c456/1.0.0")
-  assert workdir_lib.differences(a, b) == ["train.learning_rate: 0.001 -> 0.5",
+  lr = base.base_config().train.learning_rate
+  assert workdir_lib.differences(a, b) == [f"train.learning_rate: {lr} -> 0.5",
                                            "dataset: 'c123/1.0.0' -> 'c456/1.0.0'"]
   assert workdir_lib.differences(a, dict(a, dataset=None)) == []   # not known yet: not compared
   assert workdir_lib.differences(a, dict(a, code="9.9")) == ["code: '0.1.0' -> '9.9'"]
@@ -76,7 +78,8 @@ def test_reusing_a_workdir_resumes_only_the_same_run(tiny_catalogue, tmp_path):
   with pytest.raises(workdir_lib.WorkdirMismatch) as e:
     experiment.run(other, wd)
   msg = str(e.value)
-  assert "train.learning_rate: 0.001 -> 0.5" in msg and "--restart" in msg
+  lr = base.base_config().train.learning_rate
+  assert f"train.learning_rate: {lr} -> 0.5" in msg and "--restart" in msg
   assert open(os.path.join(wd, "config.json")).read() == config_before
 
   # --restart: a fresh run with the new config.
