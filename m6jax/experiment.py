@@ -183,4 +183,5 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
       if cfg.track.log_model and cfg.train.checkpoint and mesh.is_writer():
         # The served model: bundle + the checkpoint results.json scored (m6jax.serve).
         serve.log_to(tracker, workdir)
+  mesh.barrier("run_end")   # the others wait for the writer, not jax's 5-min shutdown barrier
   return res
