@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
                                        # (log-loss is smooth: 126 products move F1 in 0.8 % steps)
   t.label_smoothing = 0.0
   t.data_order = "per_seed"            # per_seed | shared
-  t.replica_loop = "vmap"              # finetune: vmap | map (lax.map: dense convs on GPU)
+  t.replica_loop = "auto"              # finetune: auto (vmap on CPU, map on GPU/TPU) | vmap |
+                                       # map (lax.map: dense convs; on a mesh per seed group)
   t.bn = "fixed"                       # finetune: tower BatchNorm statistics 'fixed' (towers
                                        # in inference mode) or 'update' (train mode)
   # Parameter groups (finetune): {name: {regex, lr_mult, unfreeze_at (steps) or

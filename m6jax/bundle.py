@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from m6jax import files
+from m6jax import mesh as mesh_lib
 from m6jax import weights as weights_lib
 from m6jax import workdir as workdir_lib
 from m6jax.data import images
@@ -143,7 +144,7 @@ def save(workdir: str, run, states) -> str | None:
   states (the leading axis of `best_params` is the number of replicas K).
   Only process 0 writes; returns the folder (None on other processes).
   """
-  if jax.process_index() != 0:
+  if not mesh_lib.is_writer():
     return None
   cfg = run.cfg
   mods = fusion.modalities(cfg.model.fusion)

@@ -56,6 +56,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from m6jax import mesh as mesh_lib
+
 log = logging.getLogger(__name__)
 
 _FORMAT = 1
@@ -180,7 +182,7 @@ class Checkpoints:
       raise ValueError("keep_latest must be >= 1")
     self.enabled = bool(enabled)
     self.read_only = bool(read_only)
-    self.is_primary = jax.process_index() == 0
+    self.is_primary = mesh_lib.is_writer()
     self.keep_latest = keep_latest
     self.directory = directory(workdir)
     self._latest = None

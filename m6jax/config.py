@@ -34,7 +34,7 @@ CHOICES = {
     "train.mode": ("frozen", "finetune"),
     "train.bn": ("fixed", "update"),
     "train.data_order": ("per_seed", "shared"),
-    "train.replica_loop": ("vmap", "map"),
+    "train.replica_loop": ("auto", "vmap", "map"),
     "train.select_by": ("log_loss", "macro_f1"),
     "data.on_bad_row": ("skip", "fail"),
     "data.rare_classes": ("drop", "fail"),

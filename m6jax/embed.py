@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from m6jax import cache as cache_lib
+from m6jax import mesh as mesh_lib
 from m6jax import weights as weights_lib
 from m6jax.data import pipeline
 from m6jax.models import towers
@@ -104,7 +105,8 @@ def image_embeddings(cfg, builder, splits, cache_dir=None, seed: int = 0) -> dic
         pipeline.batches(rows, bs, size), total=pipeline.num_batches(len(rows), bs),
         desc=f"{name} embed", leave=False))
     new = {k: e for (_, _, k), e in zip(picks, emb)}
-    store.put_many(new)
+    if mesh_lib.is_writer():   # the cache is safe to share; one process writes it
+      store.put_many(new)
     feats.update(new)
   return _assemble(keys, feats)
 
@@ -166,7 +168,8 @@ def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = ""):
     tower = towers.text_tower(name, spec)
     emb = embed_texts(cfg, tower, list(todo.values()))
     new = dict(zip(todo, emb))
-    store.put_many(new)
+    if mesh_lib.is_writer():   # the cache is safe to share; one process writes it
+      store.put_many(new)
     feats.update(new)
   return _assemble(keys, feats), None
 

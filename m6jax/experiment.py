@@ -15,7 +15,18 @@ import time
 import jax
 import numpy as np
 
-from m6jax import bundle, checkpoint, explain, feasibility, features, files, results, serve, track
+from m6jax import (
+  bundle,
+  checkpoint,
+  explain,
+  feasibility,
+  features,
+  files,
+  mesh,
+  results,
+  serve,
+  track,
+)
 from m6jax import config as config_lib
 from m6jax import workdir as workdir_lib
 from m6jax.models import fusion
@@ -44,7 +55,7 @@ class _Timer:
 
 def _locked(workdir: str):
   """The workdir's exclusive lock (held by the primary process of a multi-host run)."""
-  return workdir_lib.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  return workdir_lib.lock(workdir) if mesh.is_writer() else contextlib.nullcontext()
 
 
 def train_and_evaluate(cfg, workdir: str, on_epoch=None) -> dict:
@@ -61,13 +72,15 @@ def train_and_evaluate(cfg, workdir: str, on_epoch=None) -> dict:
 
 
 def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
-  guard = cfg.train.checkpoint and jax.process_index() == 0
+  guard = cfg.train.checkpoint and mesh.is_writer()
   if guard:   # config and code first: refuse before any data work
     workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
-  files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  if mesh.is_writer():
+    files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
   with timer("setup"):
     run = features.setup(cfg, workdir)
-    run.report.write(workdir)
+    if mesh.is_writer():
+      run.report.write(workdir)
   if guard:
     workdir_lib.check(workdir, workdir_lib.fingerprint(cfg, run.dataset_id()))
   if run.report.bad:
@@ -107,7 +120,7 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
       extra["modality_importance"] = run.trainer.modality_importance(states.best_params)
       log.info("modality importance (test, ensemble accuracy): %s",
                {k: round(v, 4) for k, v in extra["modality_importance"].items()})
-  if cfg.get("feasibility") and run.feats:
+  if cfg.get("feasibility") and run.feats and mesh.is_writer():
     with timer("feasibility"):
       extra["feasibility"] = feasibility.feasibility_study(
           {m: np.concatenate([f[s] for s in features.SPLITS]) for m, f in run.feats.items()},
@@ -164,7 +177,7 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
   config_lib.validate(cfg)
   t0 = time.time()
   with _locked(workdir):
-    if jax.process_index() == 0:
+    if mesh.is_writer():
       if restart:
         workdir_lib.clear(workdir)
       elif cfg.train.checkpoint:   # refuse before a tracking run is opened
@@ -175,10 +188,11 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
         t = time.time()
         _explain(cfg, workdir, res)
         res["timings"] = dict(res["timings"], explain=time.time() - t, total=time.time() - t0)
-        if jax.process_index() == 0:
+        if mesh.is_writer():
           files.write_json(os.path.join(workdir, "results.json"), res)
       tracker.log_results(res, workdir)
-      if cfg.track.log_model and cfg.train.checkpoint:
+      if cfg.track.log_model and cfg.train.checkpoint and mesh.is_writer():
         # The served model: bundle + the checkpoint results.json scored (m6jax.serve).
         serve.log_to(tracker, workdir)
+  mesh.barrier("run_end")   # the others wait for the writer, not jax's 5-min shutdown barrier
   return res

@@ -26,6 +26,7 @@ import numpy as np
 
 from m6jax import files, gradcam
 from m6jax import gallery as gallery_lib
+from m6jax import mesh as mesh_lib
 from m6jax.data import catalogue, pipeline
 from m6jax.models import fusion, towers
 from m6jax.restore import restore  # the one call into "rebuild a finished run"
@@ -215,7 +216,8 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
   acc = None if labels is None else float(np.mean(preds == labels))
   if out_dir is None:
     out_dir = os.path.join(workdir, "gradcam") if csv is None else output_dir(workdir)
-  os.makedirs(out_dir, exist_ok=True)
+  if mesh_lib.is_writer():   # every process computes the maps; one writes them
+    os.makedirs(out_dir, exist_ok=True)
   stab = float(np.mean(per_image)) if len(per_image) else float("nan")
   which_maps = f"mean of {k} replicas' maps" if maps == "mean" else f"replica 0 of {k}"
   title = (f"{method} ({which_maps}), target = ensemble prediction; {cfg.model.image.name}, "
@@ -225,11 +227,12 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
             for c in range(len(run.class_names))}
   sel = sorted((r for bucket in picks.values() for r in bucket), key=lambda t: t[2])
   rows = [s[2] for s in sel]
-  g = gallery_lib.gallery(
-      np.stack([s[0] for s in sel]), np.stack([s[1] for s in sel]),
-      None if labels is None else labels[rows], preds[rows], run.class_names,
-      os.path.join(out_dir, "gallery.png"), per_class=n_per_class, title=title,
-      probs=probs[rows, preds[rows]], counts=counts)
+  g = os.path.join(out_dir, "gallery.png")
+  if mesh_lib.is_writer():
+    gallery_lib.gallery(
+        np.stack([s[0] for s in sel]), np.stack([s[1] for s in sel]),
+        None if labels is None else labels[rows], preds[rows], run.class_names,
+        g, per_class=n_per_class, title=title, probs=probs[rows, preds[rows]], counts=counts)
   t_gallery = time.perf_counter()
 
   finite = lambda v: None if not np.isfinite(v) else float(v)  # noqa: E731
@@ -251,7 +254,8 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
                     for j, (u, p, s) in enumerate(zip(ids, preds, per_image))],
   }
   rpath = os.path.join(out_dir, "stability.json")
-  files.write_json(rpath, rep)
+  if mesh_lib.is_writer():
+    files.write_json(rpath, rep)
   log.info("Grad-CAM (%s) of %d images: replica stability %.4f; gallery %s (%.1f s)", method,
            len(per_image), stab, g, timings["total"])
   return {"stability": stab, "gallery": g, "report": rpath, "accuracy": acc,

@@ -7,32 +7,79 @@ one device (a 1x1 mesh) and on many.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 AXES = ("seed", "data")
+REPLICA_LOOPS = ("auto", "vmap", "map")
+_BARRIERS = itertools.count()
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's outputs (files, plots, tracking): process 0.
+
+  Every process computes the same results; one writes them, so a shared workdir
+  gets one config.json / results.json / MLflow run, not one per host.
+  """
+  return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process reaches this point (no-op with one process).
+
+  The coordination service's barrier, not a device collective: CPU (gloo)
+  collectives give up when a peer is more than 30 s late to a new communicator,
+  which one process doing the writing (MLflow start, plots) easily is.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client has no public accessor in jax 0.10
+  # Every process passes the same sequence of barriers, so the counter agrees.
+  distributed.global_state.client.wait_at_barrier(f"m6jax:{name}:{next(_BARRIERS)}",
+                                                  timeout_in_ms=timeout_s * 1000)
+
+
+def resolve_replica_loop(choice: str, backend: str | None = None) -> str:
+  """train.replica_loop -> 'vmap' or 'map'.
+
+  'auto' picks `vmap` on CPU (one batched program; grouped convolutions are not
+  slower there) and `lax.map` on GPU/TPU, where vmapped CNN parameters become
+  grouped convolutions that run ~3.4x below dense speed (benchmarks/bench_gpu.md).
+  """
+  if choice not in REPLICA_LOOPS:
+    raise ValueError(f"train.replica_loop={choice!r}: expected one of {REPLICA_LOOPS}")
+  if choice != "auto":
+    return choice
+  return "vmap" if (backend or jax.default_backend()) == "cpu" else "map"
 
 
 def initialize_distributed(mesh_cfg=None) -> None:
   """Starts multi-host JAX when asked (config or the usual environment).
 
   mesh_cfg.distributed: True forces it; False skips; None (default) starts it
-  when JAX_COORDINATOR_ADDRESS is set (jax reads the process id/count from the
-  environment or the cluster: SLURM, Cloud TPU, ...).
+  when JAX_COORDINATOR_ADDRESS is set. The process count and this process's id
+  come from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set (e.g. several processes
+  on one machine, tests/test_multihost.py), else jax detects them from the
+  cluster (SLURM, Cloud TPU, ...). CPU devices talk over gloo collectives.
   """
   want = None if mesh_cfg is None else mesh_cfg.get("distributed")
   if want is False or (want is None and not os.environ.get("JAX_COORDINATOR_ADDRESS")):
     return
   if jax.distributed.is_initialized():
     return
-  jax.distributed.initialize()
+  env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                            ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**env)
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
 
@@ -67,6 +114,7 @@ def make_mesh(num_replicas: int, seed: int = 0, data: int = 0, devices=None) -> 
                        f"{len(devices)} available")
     devices = devices[: seed * data]
   s, d = mesh_shape(num_replicas, len(devices), seed, data)
+  barrier("make_mesh")   # programs on this mesh run collectives: start them together
   return Mesh(np.asarray(devices).reshape(s, d), AXES)
 
 
@@ -94,6 +142,20 @@ def put_global(tree, sharding: NamedSharding):
   """
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
-      tree)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      # Typed keys have no numpy form: move their raw data, re-wrap on device.
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  return jax.tree.map(put, tree)
+
+
+def to_host(x) -> np.ndarray:
+  """A jax array -> numpy, also one whose shards live in several processes
+  (gathered: a collective, so every process must call it)."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

@@ -27,7 +27,7 @@ import os
 import re
 import sys
 
-from m6jax import compare, experiment, track
+from m6jax import compare, experiment, mesh, track
 from m6jax.files import write_json
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,9 @@ def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) 
     raise ValueError(f"--only {unknown}: not cells of this sweep; cells: {names}")
   sweep_dir = os.path.join(os.path.abspath(root), sweep["name"])
   os.makedirs(sweep_dir, exist_ok=True)
-  write_json(os.path.join(sweep_dir, "sweep.json"),
-             {k: sweep[k] for k in ("name", "base", "overrides", "cells", "file")})
+  if mesh.is_writer():
+    write_json(os.path.join(sweep_dir, "sweep.json"),
+               {k: sweep[k] for k in ("name", "base", "overrides", "cells", "file")})
   # Configs first: a bad override fails the sweep before hours of training.
   cfgs = {c["name"]: cell_config(sweep, c) for c in sweep["cells"]}
   store_dir = os.path.abspath(root)

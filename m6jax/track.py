@@ -207,7 +207,9 @@ class Tracker:
                overrides=None, description=None):
     sec = _section(cfg)
     self.cfg, self.workdir = cfg, os.path.abspath(workdir)
-    self.enabled = bool(sec.get("enabled", True))
+    from m6jax import mesh as mesh_lib  # jax: only runs that track import it
+    self.writer = mesh_lib.is_writer()   # other processes of a multi-host run log nothing
+    self.enabled = bool(sec.get("enabled", True)) and self.writer
     self.uri = uri or resolve_uri(cfg, workdir, store_dir)
     self.experiment = sec.get("experiment") or "m6jax"
     self.parent_run_id = parent_run_id
@@ -260,6 +262,8 @@ class Tracker:
 
   def log_epoch(self, record: dict):
     """on_epoch callback: a metrics.jsonl line, and per-seed / mean metrics at step=epoch."""
+    if not self.writer:
+      return
     try:
       with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
@@ -288,7 +292,7 @@ class Tracker:
     """Final metrics, training_curves.png, the dataset input and the run's files."""
     workdir = os.path.abspath(workdir or self.workdir)
     try:
-      if results.get("history"):
+      if results.get("history") and self.writer:
         curves.plot_training_curves(
             results["history"], os.path.join(workdir, "training_curves.png"),
             results.get("seeds"), self.run_name,

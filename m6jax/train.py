@@ -65,6 +65,8 @@ class Trainer:
     mcfg = cfg.get("mesh") or {}
     self.mesh = mesh_lib.make_mesh(self.num_replicas, mcfg.get("seed", 0), mcfg.get("data", 0))
     self.replicas = mesh_lib.replica_sharding(self.mesh)
+    # Metrics and predictions: on every device, so every process can read them.
+    self.outputs = mesh_lib.replicated_sharding(self.mesh)
     self.keys = mesh_lib.put_global(
         jax.vmap(jax.random.key)(jnp.asarray(cfg.seed + self.seed_offsets)), self.replicas)
     self._keep_best = jax.jit(jax.vmap(steps.keep_best), donate_argnums=(0,),
@@ -108,7 +110,8 @@ class Trainer:
       if restored is not None:
         states, extra = restored
         history, start = extra["history"], extra["epoch"] + 1
-        log.info("resumed from epoch %d (step %d)", extra["epoch"], int(states.step[0]))
+        log.info("resumed from epoch %d (step %d)", extra["epoch"],
+                 int(mesh_lib.to_host(states.step)[0]))
     bar = tqdm.trange(start, cfg.train.epochs, desc="train", disable=not progress,
                       leave=False, initial=start, total=cfg.train.epochs)
     for epoch in bar:
@@ -142,7 +145,8 @@ class Trainer:
         log.info("epoch %d loss %.4f val macro-F1 %.4f (per seed %s)", epoch, loss.mean(),
                  val_f1.mean(), np.round(val_f1, 4).tolist())
       if checkpoints is not None:
-        checkpoints.save_latest(int(states.step[0]), states, {"epoch": epoch, "history": history})
+        checkpoints.save_latest(int(mesh_lib.to_host(states.step)[0]), states,
+                                {"epoch": epoch, "history": history})
     if checkpoints is not None:
       checkpoints.wait()
     return states, history
@@ -212,9 +216,9 @@ class FrozenTrainer(Trainer):
     self._init = jax.jit(jax.vmap(self._init_one), out_shardings=self.replicas)
     self._epoch = jax.jit(
         self._replicate(epoch, in_axes=(0, None, 0, 0, None, None if plan is None else 0)),
-        donate_argnums=(0,), out_shardings=(self.replicas, self.replicas))
+        donate_argnums=(0,), out_shardings=(self.replicas, self.outputs))
     self._predict = jax.jit(jax.vmap(lambda p, f: predict(p, None, f), in_axes=(0, None)),
-                            out_shardings=self.replicas)
+                            out_shardings=self.outputs)
 
   def validate(self, states, val_labels) -> dict:
     """Per-replica validation scores; with folds, each replica on its own fold."""
@@ -335,10 +339,10 @@ class FinetuneTrainer(Trainer):
     self.train_batch_sharding = mesh_lib.batch_sharding(self.mesh, per_seed)
     self.eval_batch_sharding = mesh_lib.batch_sharding(self.mesh, False)
     self._step = jax.jit(self._replicated_step(per_seed), donate_argnums=(0,),
-                         out_shardings=(self.replicas, self.replicas))
+                         out_shardings=(self.replicas, self.outputs))
     predict = functools.partial(steps.predict_step, apply_fn=self.model.apply)
     self._predict = jax.jit(jax.vmap(predict, in_axes=(0, 0, None), spmd_axis_name="seed"),
-                            out_shardings=self.replicas)
+                            out_shardings=self.outputs)
 
   # --- model inputs -----------------------------------------------------------
   def inputs(self, batch: dict, split: str) -> dict:
@@ -403,25 +407,32 @@ class FinetuneTrainer(Trainer):
                             update_batch_stats=self.cfg.train.bn == "update")
 
   def _replicated_step(self, per_seed: bool):
-    """The K-replica step: `vmap` (default) or `lax.map` (train.replica_loop='map').
+    """The K-replica step: `vmap` or `lax.map` (train.replica_loop; 'auto' picks per backend).
 
     vmap over parameters turns each convolution into a grouped convolution,
     which GPUs run far below dense speed (benchmarks/bench_gpu.md); `lax.map`
-    keeps one program and one compile but runs the replicas one after another
-    with dense convolutions. 'map' needs the whole replica axis on each device.
+    keeps one program and one compile but runs replicas one after another with
+    dense convolutions. On a mesh, 'map' runs inside `shard_map` over 'seed'
+    only: each seed group maps over the K/S replicas it holds, while 'data'
+    stays automatic (the batch split over it, gradients and BatchNorm
+    statistics global as in the vmap program).
     """
-    if self.cfg.train.replica_loop == "vmap":
+    loop = mesh_lib.resolve_replica_loop(self.cfg.train.get("replica_loop", "auto"))
+    if loop == "vmap":
       return jax.vmap(self._train_step, in_axes=(0, 0 if per_seed else None, 0),
                       spmd_axis_name="seed")
-    if self.mesh.shape["seed"] != 1:
-      raise ValueError("train.replica_loop='map' runs replicas in sequence on each device: "
-                       "use a mesh with seed=1")
 
     def step(states, batch, keys):
       if per_seed:
         return jax.lax.map(lambda a: self._train_step(*a), (states, batch, keys))
       return jax.lax.map(lambda a: self._train_step(a[0], batch, a[1]), (states, keys))
-    return step
+
+    if self.mesh.shape["seed"] == 1:
+      return step
+    rep = jax.sharding.PartitionSpec("seed")
+    return jax.shard_map(step, mesh=self.mesh, axis_names=frozenset({"seed"}),
+                         in_specs=(rep, rep if per_seed else jax.sharding.PartitionSpec(), rep),
+                         out_specs=(rep, rep))
 
   def _shuffle_seed(self, k: int, epoch: int) -> int:
     base = self.cfg.seed + k if self.cfg.train.data_order == "per_seed" else self.cfg.seed

@@ -7,9 +7,11 @@ JSON: max |difference| to the 1x1 mesh, and the shardings seen.
 """
 
 import json
+import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from m6jax import train
@@ -27,9 +29,9 @@ def problem(mesh, seeds=8):
   return train.FrozenTrainer(cfg, 3, feats, labels), labels
 
 
-def finetune(mesh, catalogue, tfds):
+def finetune(mesh, catalogue, tfds, **overrides):
   cfg = tiny_config(catalogue, tfds, **{"train.mode": "finetune", "model.fusion": "image",
-                                         "seeds": 4, "train.epochs": 1})
+                                         "seeds": 4, "train.epochs": 1, **overrides})
   cfg.mesh.seed, cfg.mesh.data = mesh
   builder, _ = tfds_builder.prepare(cfg.data)
   tower = towers.image_tower("tiny", "none", cfg.data.image_size)
@@ -37,6 +39,20 @@ def finetune(mesh, catalogue, tfds):
   s = t.init_states()
   s, _ = t.run_epoch(s, 0)
   return t, s
+
+
+def grouped_conv(t, states) -> bool:
+  """Whether the trainer's step program has a grouped convolution (vmapped kernels)."""
+  lead = (t.cfg.seeds,) if t.cfg.train.data_order == "per_seed" else ()
+  b, n = t.batch_size, t.cfg.data.image_size
+
+  def sds(shape, dtype):
+    return jax.ShapeDtypeStruct(lead + shape, dtype, sharding=t.train_batch_sharding)
+
+  batch = {"image": sds((b, n, n, 3), jnp.uint8), "label": sds((b,), jnp.int32),
+           "mask": sds((b,), jnp.bool_)}
+  text = t._step.lower(states, batch, t.keys).as_text()
+  return any(int(g) > 1 for g in re.findall(r"feature_group_count = (\d+)", text))
 
 
 def main():
@@ -59,15 +75,35 @@ def main():
   if len(sys.argv) > 2:
     ref = None
     for mesh in ((1, 1), (2, 4), (4, 2)):
-      t, s = finetune(mesh, sys.argv[1], sys.argv[2])
+      t, s = finetune(mesh, sys.argv[1], sys.argv[2], **{"train.replica_loop": "vmap"})
       leaf = jax.tree.leaves(s.params)[0]
       p = jax.tree.map(np.asarray, s.params)
       ref = ref or p
       out["finetune"][f"{mesh[0]}x{mesh[1]}"] = {
           "state_spec": str(leaf.sharding.spec),
           "batch_spec": str(t.train_batch_sharding.spec),
+          "grouped_conv": grouped_conv(t, s),
           "max_diff_params": max(float(np.abs(a - b).max())
                                  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref)))}
+    # lax.map over the replicas each seed group holds (no grouped convolutions),
+    # BatchNorm statistics updated: per-seed and shared data order.
+    out["finetune_map"] = {}
+    for order, meshes in (("per_seed", ((1, 1), (4, 2), (2, 4), (8, 1))),
+                          ("shared", ((1, 1), (4, 2)))):
+      ref = None
+      for mesh in meshes:
+        t, s = finetune(mesh, sys.argv[1], sys.argv[2], **{
+            "seeds": 8, "train.replica_loop": "map", "train.bn": "update",
+            "train.data_order": order})
+        p = jax.tree.map(np.asarray, {"params": s.params, "stats": s.batch_stats})
+        ref = ref or p
+        leaf = jax.tree.leaves(s.params)[0]
+        out["finetune_map"][f"{order}:{mesh[0]}x{mesh[1]}"] = {
+            "state_spec": str(leaf.sharding.spec),
+            "state_devices": len(leaf.sharding.device_set),
+            "grouped_conv": grouped_conv(t, s),
+            "max_diff_params": max(float(np.abs(a - b).max())
+                                   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref)))}
   print("RESULT " + json.dumps(out))
 
 

@@ -30,7 +30,7 @@ def test_meshes_give_the_single_device_result(tiny_catalogue, tmp_path):
              + " --xla_force_host_platform_device_count=8")
   r = subprocess.run([sys.executable, "-m", "tests.mesh_check", tiny_catalogue,
                       str(tmp_path / "tfds")],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.split("RESULT ", 1)[1])
   assert res["devices"] == 8
@@ -46,4 +46,25 @@ def test_meshes_give_the_single_device_result(tiny_catalogue, tmp_path):
   for name, rec in res["finetune"].items():
     assert rec["state_spec"] == "P('seed',)"
     assert rec["batch_spec"] == "P('seed', 'data')"   # per-seed data order
+    assert rec["grouped_conv"]    # vmapped kernels: the check below can see them
     assert rec["max_diff_params"] <= 1e-5, (name, rec)
+  # replica_loop='map' on meshes with seed > 1: lax.map over each seed group's
+  # replicas, dense convolutions, the single-device result.
+  assert set(res["finetune_map"]) == {"per_seed:1x1", "per_seed:4x2", "per_seed:2x4",
+                                      "per_seed:8x1", "shared:1x1", "shared:4x2"}
+  for name, rec in res["finetune_map"].items():
+    seed, data = map(int, name.split(":")[1].split("x"))
+    assert rec["state_spec"] == "P('seed',)"
+    assert rec["state_devices"] == seed * data
+    assert not rec["grouped_conv"], name
+    assert rec["max_diff_params"] <= 1e-5, (name, rec)
+
+
+def test_replica_loop_auto_picks_per_backend():
+  assert mesh_lib.resolve_replica_loop("auto", "cpu") == "vmap"
+  assert mesh_lib.resolve_replica_loop("auto", "gpu") == "map"
+  assert mesh_lib.resolve_replica_loop("auto", "tpu") == "map"
+  assert mesh_lib.resolve_replica_loop("vmap", "gpu") == "vmap"
+  assert mesh_lib.resolve_replica_loop("map", "cpu") == "map"
+  with pytest.raises(ValueError, match="replica_loop"):
+    mesh_lib.resolve_replica_loop("loop", "cpu")

@@ -11,7 +11,10 @@ import io
 from typing import Iterator
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from m6jax.data import images
@@ -116,17 +119,56 @@ def dataset(source, image_size: int, *, shuffle_seed: int | None = None,
 
 
 def batches(source, batch_size: int, image_size: int, *, shuffle_seed: int | None = None,
-            augment_seed: int | None = None, drop_remainder: bool = False
-            ) -> Iterator[dict]:
+            augment_seed: int | None = None, drop_remainder: bool = False,
+            threads: int = 0, workers: int = 0, prefetch: int = 2) -> Iterator[dict]:
   """Yields batches: image uint8 (B, S, S, 3), label int32 (B,), mask bool (B,),
   text and uniq_id object arrays (B,). The last batch is padded (mask False)
   unless `drop_remainder`.
+
+  threads > 0: batches are made (read, decoded, augmented) by that many threads
+  (PIL releases the GIL while decoding and resizing), up to max(prefetch,
+  threads) batches ahead. workers > 0: batches are made in that many grain
+  worker processes (mp_prefetch; batch i by worker i % workers), `prefetch`
+  batches ahead each. Every setting yields the same batches in the same order
+  (augmentation draws depend on the example index, not on the reader).
   """
   ds = dataset(source, image_size, shuffle_seed=shuffle_seed, augment_seed=augment_seed)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder,
                 batch_fn=lambda ex: _collate(list(ex), batch_size))
-  for i in range(len(ds)):
-    yield ds[i]
+  if not threads and not workers:
+    for i in range(len(ds)):
+      yield ds[i]
+    return
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1),
+                                            prefetch_buffer_size=max(prefetch, threads, 1)))
+  if workers:
+    if not flags.FLAGS.is_parsed():   # grain's workers read absl flags: outside an absl
+      flags.FLAGS.mark_as_parsed()    # app (tests, notebooks) use their defaults
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=max(1, prefetch)))
+  yield from it
+
+
+def device_augment(images: jax.Array, key: jax.Array, size: int) -> jax.Array:
+  """Train-time crop and flip on the accelerator (jit it; the host only decodes).
+
+  images: uint8 (B, S', S', 3) with S' >= size, e.g. from `batches(...,
+  image_size=round(1.14 * size))` without augment_seed; key: one PRNG key for
+  the batch. Returns uint8 (B, size, size, 3): per image a random size x size
+  crop, horizontally flipped with probability 1/2. (The host path, square_image,
+  also draws a random scale; here the scale is fixed by S'.)
+  """
+  b, h, w, c = images.shape
+  ky, kx, kf = jax.random.split(key, 3)
+  top = jax.random.randint(ky, (b,), 0, h - size + 1)
+  left = jax.random.randint(kx, (b,), 0, w - size + 1)
+  flip = jax.random.bernoulli(kf, 0.5, (b,))
+
+  def one(img, t, l, f):
+    crop = jax.lax.dynamic_slice(img, (t, l, 0), (size, size, c))
+    return jnp.where(f, crop[:, ::-1], crop)
+
+  return jax.vmap(one)(images, top, left, flip)
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
