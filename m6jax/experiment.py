@@ -191,7 +191,7 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
         if mesh.is_writer():
           files.write_json(os.path.join(workdir, "results.json"), res)
       tracker.log_results(res, workdir)
-      if cfg.track.log_model and cfg.train.checkpoint and mesh.is_writer():
+      if cfg.track.log_model and cfg.train.checkpoint:   # all: orbax syncs processes
         # The served model: bundle + the checkpoint results.json scored (m6jax.serve).
         serve.log_to(tracker, workdir)
   mesh.barrier("run_end")   # the others wait for the writer, not jax's 5-min shutdown barrier
