@@ -23,6 +23,7 @@ def get_config(backbone: str = "efficientnet-lite0"):
   c.data.augment = True
   c.data.image_size = 224 if backbone != "tiny" else 32
   c.train.epochs = 6
+  c.train.checkpoint_every = 1           # epochs are minutes long here: save each one
   c.train.batch_size = 32
   c.train.learning_rate = 1e-3
   # The towers move: an MLP head on LayerNormed embeddings with dropout, as before the

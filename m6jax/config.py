@@ -47,7 +47,7 @@ MIN = {   # key -> smallest allowed value
     "data.image_size": 1, "data.store_size": 1, "data.max_text_length": 1,
     "data.label_depth": 1, "data.max_image_pixels": 1, "data.max_image_side": 1,
     "data.min_class_count": 0, "data.split_seed": 0,
-    "train.log_every": 1, "train.warmup_steps": 0, "model.hidden": 0,
+    "train.log_every": 1, "train.checkpoint_every": 1, "train.warmup_steps": 0, "model.hidden": 0,
     "model.text.tfidf_dim": 1, "explain.n_per_class": 1, "mesh.seed": 0, "mesh.data": 0,
 }
 UNIT = ("model.dropout", "model.modality_dropout", "train.label_smoothing")   # in [0, 1)

@@ -104,12 +104,12 @@ class Trainer:
     """
     cfg = self.cfg
     states = self.init_states()
-    history, start = [], 0
+    history, start, saved_epoch = [], 0, None
     if checkpoints is not None:
       restored = checkpoints.restore_latest(states)
       if restored is not None:
         states, extra = restored
-        history, start = extra["history"], extra["epoch"] + 1
+        history, start, saved_epoch = extra["history"], extra["epoch"] + 1, extra["epoch"]
         log.info("resumed from epoch %d (step %d)", extra["epoch"],
                  int(mesh_lib.to_host(states.step)[0]))
     bar = tqdm.trange(start, cfg.train.epochs, desc="train", disable=not progress,
@@ -119,12 +119,12 @@ class Trainer:
       states, stats = self.run_epoch(states, epoch)
       loss = np.asarray(stats["loss"], np.float64)
       if not np.all(np.isfinite(loss)):
-        # The bad state is not saved: the checkpoint stays the last good epoch.
+        # The bad state is not saved: the checkpoint stays the last saved good epoch.
         saved = "none saved"
         if checkpoints is not None:
           checkpoints.wait()
           if checkpoints.latest_step() is not None:
-            saved = f"last good state: {checkpoints.directory}, epoch {epoch - 1}"
+            saved = f"last good state: {checkpoints.directory}, epoch {saved_epoch}"
         raise NonFiniteLoss(f"non-finite loss at epoch {epoch}: per replica {loss.tolist()} "
                             f"({saved})")
       val = self.validate(states, val_labels)
@@ -144,9 +144,11 @@ class Trainer:
       if epoch % max(1, cfg.train.log_every) == 0 or epoch == cfg.train.epochs - 1:
         log.info("epoch %d loss %.4f val macro-F1 %.4f (per seed %s)", epoch, loss.mean(),
                  val_f1.mean(), np.round(val_f1, 4).tolist())
-      if checkpoints is not None:
+      every = max(1, cfg.train.get("checkpoint_every", 1))
+      if checkpoints is not None and ((epoch + 1) % every == 0 or epoch == cfg.train.epochs - 1):
         checkpoints.save_latest(int(mesh_lib.to_host(states.step)[0]), states,
                                 {"epoch": epoch, "history": history})
+        saved_epoch = epoch
     if checkpoints is not None:
       checkpoints.wait()
     return states, history

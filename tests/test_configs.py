@@ -34,7 +34,7 @@ def test_config_loads(name, arg):
     ("train.bn", "frozen", "train.bn='frozen' was renamed: use 'fixed' (allowed: fixed, update)"),
     ("train.bn", "none", "train.bn='none': must be one of fixed, update"),
     ("train.data_order", "random", "train.data_order='random': must be one of per_seed, shared"),
-    ("train.replica_loop", "scan", "train.replica_loop='scan': must be one of vmap, map"),
+    ("train.replica_loop", "scan", "train.replica_loop='scan': must be one of auto, vmap, map"),
     ("data.on_bad_row", "drop", "data.on_bad_row='drop': must be one of skip, fail"),
     ("explain.method", "cam", "explain.method='cam': must be one of gradcam, gradcam++"),
     ("model.dtype", "float64", "model.dtype='float64': must be one of float32, bfloat16"),
