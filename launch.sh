@@ -52,7 +52,8 @@ case "$cmd" in
   ui)
     # The store `run`/`sweep` write by default (workdirs under runs/).
     mkdir -p runs
-    exec "$PY" -m mlflow ui --backend-store-uri "sqlite:///$PWD/runs/mlflow.db" \
+    echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (runs view)"
+    MLFLOW_DISABLE_TELEMETRY=true exec "$PY" -m mlflow ui --backend-store-uri "sqlite:///$PWD/runs/mlflow.db" \
       --host 127.0.0.1 --port 5000 "$@" ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+  *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
