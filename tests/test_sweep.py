@@ -166,7 +166,8 @@ def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):
   from mlflow.tracking import MlflowClient
   from m6jax import experiment
   tmp, write = sweep_env
-  path = write("killed", cells=[{"model.fusion": "late"}], overrides={"train.epochs": 2})
+  path = write("killed", cells=[{"model.fusion": "late"}],
+               overrides={"train.epochs": 2, "train.checkpoint_every": 1})
   root = tmp / "runs_killed"
   real = experiment.train_and_evaluate
 
