@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from m6jax import embed, folds, train
+from m6jax import embed, finetune, folds, train
 from m6jax.data import pipeline, tfds_builder
 from m6jax.models import fusion, towers
 
@@ -84,6 +84,6 @@ def setup(cfg, workdir: str) -> Setup:
                    if "image" in mods else None)
     text_tower = (towers.text_tower(cfg.model.text.name, cfg.model.text.weights, dtype=dtype)
                   if "text" in mods and cfg.model.text.name != "tfidf" else None)
-    trainer = train.FinetuneTrainer(cfg, len(class_names), builder, image_tower, text_tower,
+    trainer = finetune.FinetuneTrainer(cfg, len(class_names), builder, image_tower, text_tower,
                                     feats.get("text"))
   return Setup(trainer, builder, report, class_names, cols, feats, text_features, cfg)

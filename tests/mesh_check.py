@@ -16,6 +16,7 @@ import numpy as np
 
 from m6jax import train
 from m6jax.data import tfds_builder
+from m6jax.finetune import FinetuneTrainer
 from m6jax.models import towers
 from tests.conftest import learnable_features, tiny_config
 
@@ -35,7 +36,7 @@ def finetune(mesh, catalogue, tfds, **overrides):
   cfg.mesh.seed, cfg.mesh.data = mesh
   builder, _ = tfds_builder.prepare(cfg.data)
   tower = towers.image_tower("tiny", "none", cfg.data.image_size)
-  t = train.FinetuneTrainer(cfg, 3, builder, image_tower=tower)
+  t = FinetuneTrainer(cfg, 3, builder, image_tower=tower)
   s = t.init_states()
   s, _ = t.run_epoch(s, 0)
   return t, s

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from m6jax import train
+from m6jax import finetune, train
 from m6jax.data import tfds_builder
 from m6jax.models import towers
 from tests.conftest import learnable_features, tiny_config
@@ -105,7 +105,7 @@ def test_finetune_frozen_group_does_not_move(tiny_catalogue, tmp_path):
                       "head": {"regex": "fusion/.*"}}
   builder, _ = tfds_builder.prepare(cfg.data)
   tower = towers.image_tower("tiny", "none", cfg.data.image_size)
-  trainer = train.FinetuneTrainer(cfg, 3, builder, image_tower=tower)
+  trainer = finetune.FinetuneTrainer(cfg, 3, builder, image_tower=tower)
   s0 = trainer.init_states()
   before = jax.tree.map(np.asarray, s0.params)
   s1, stats = trainer.run_epoch(s0, 0)
@@ -133,7 +133,7 @@ def test_finetune_replica_loop_map_equals_vmap(tiny_catalogue, tmp_path):
         "train.replica_loop": how})
     builder, _ = tfds_builder.prepare(cfg.data)
     tower = towers.image_tower("tiny", "none", cfg.data.image_size)
-    trainer = train.FinetuneTrainer(cfg, 3, builder, image_tower=tower)
+    trainer = finetune.FinetuneTrainer(cfg, 3, builder, image_tower=tower)
     states, _ = trainer.run_epoch(trainer.init_states(), 0)
     out[how] = jax.tree.map(np.asarray, states.params)
   for a, b in zip(jax.tree.leaves(out["vmap"]), jax.tree.leaves(out["map"])):
