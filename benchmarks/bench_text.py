@@ -1,14 +1,24 @@
-"""Text-tower throughput: Flax BertEncoder (jit, length buckets) vs torch BertModel.
+"""Text-tower throughput: Flax BertEncoder vs torch BertModel, all-MiniLM-L6-v2 on CPU.
 
-Embeds the whole bundled catalogue (name + ' ' + description) with
-all-MiniLM-L6-v2 and prints a markdown table of embeddings/s, with jit compile
-time reported apart from the steady-state runs. Flax BertEncoder
-(jit, fixed bucket shapes, the batches embed_texts builds) and torch
-BertModel (no_grad) run on exactly the same padded batches, interleaved batch
-by batch; with --torch-plain torch also runs on plain batches in catalogue
-order padded to their longest text. Tokenization is timed once, apart.
+Embeds the whole bundled catalogue (name + ' ' + description) four ways and
+prints a markdown table of embeddings/s:
 
-  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_text.py [--max-length 128]
+- Flax, packed rows: exactly the batches m6jax embeds with
+  (tokenize.packed_batches: several texts per row, one shape);
+- Flax, length buckets: batch_size texts per row-batch, padded to 32/64/128
+  (what m6jax did before packing);
+- torch BertModel on those same bucketed batches;
+- torch BertModel the sentence-transformers way: texts sorted by length,
+  each batch padded to its longest text (torch needs no fixed shapes).
+
+Each pass embeds all texts; passes of the four run in rotating order,
+--repeats times, and the median pass is reported, so load from other
+processes falls on all alike. jit compile time is reported apart.
+Tokenization is timed once, apart (shared by all). A roofline line gives
+the float32 matmul rate of each framework on this machine and the least
+time any exact float32 method needs for the dense layers of the real tokens.
+
+  HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_text.py
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import os
 import pathlib
 import platform
 import shlex
+import statistics
 import sys
 import time
 
@@ -45,55 +56,66 @@ def _texts(csv_path) -> list[str]:
     return [r["product_name"] + " " + r["description"] for r in csv.DictReader(f)]
 
 
-def _bucket_arrays(ids_list, batches, batch_size, pad_id):
-  """Same fixed-shape arrays embed_texts builds: (idx, ids, mask) per batch."""
+def _padded(ids_list, groups, pad_id):
+  """[(indices, padded length)] -> [(indices, ids (B, L), mask (B, L))]."""
   out = []
-  for idx, size in batches:
-    ids = np.full((batch_size, size), pad_id, np.int32)
-    mask = np.zeros((batch_size, size), np.int32)
-    for r, i in enumerate(idx):
-      ids[r, :len(ids_list[i])] = ids_list[i]
-      mask[r, :len(ids_list[i])] = 1
-    ids[len(idx):], mask[len(idx):] = ids[0], mask[0]
-    out.append((idx, ids, mask))
-  return out
-
-
-def _plain_arrays(ids_list, batch_size, pad_id):
-  """Catalogue order, each batch padded to its longest text."""
-  out = []
-  for s in range(0, len(ids_list), batch_size):
-    idx = np.arange(s, min(s + batch_size, len(ids_list)))
-    size = max(len(ids_list[i]) for i in idx)
+  for idx, size in groups:
     ids = np.full((len(idx), size), pad_id, np.int32)
     mask = np.zeros((len(idx), size), np.int32)
     for r, i in enumerate(idx):
       ids[r, :len(ids_list[i])] = ids_list[i]
       mask[r, :len(ids_list[i])] = 1
-    out.append((idx, ids, mask))
+    out.append((np.asarray(idx), ids, mask))
   return out
+
+
+def bucketed_batches(ids_list, batch_size, sizes, pad_id):
+  """Each text to the smallest bucket length that holds it, batch_size texts
+  per batch in length order; short batches are filled with copies of their
+  first row, so only len(sizes) shapes occur (jit compiles once per shape)."""
+  lengths = np.array([len(x) for x in ids_list])
+  which = np.minimum(np.searchsorted(sizes, lengths, side="left"), len(sizes) - 1)
+  groups = []
+  for b, size in enumerate(sizes):
+    idx = np.flatnonzero(which == b)
+    idx = idx[np.argsort(lengths[idx], kind="stable")]
+    groups += [(idx[s:s + batch_size], size) for s in range(0, len(idx), batch_size)]
+  out = []
+  for idx, ids, mask in _padded(ids_list, groups, pad_id):
+    fill = batch_size - len(idx)
+    out.append((idx, np.concatenate([ids, np.repeat(ids[:1], fill, 0)]),
+                np.concatenate([mask, np.repeat(mask[:1], fill, 0)])))
+  return out
+
+
+def sorted_batches(ids_list, batch_size, pad_id):
+  """sentence-transformers' encode(): longest texts first, each batch padded to its longest."""
+  lengths = np.array([len(x) for x in ids_list])
+  order = np.argsort(-lengths, kind="stable")
+  groups = [(order[s:s + batch_size], int(lengths[order[s]]))
+            for s in range(0, len(order), batch_size)]
+  return _padded(ids_list, groups, pad_id)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--max-length", type=int, default=128)
   p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--buckets", default="32,64,128,256",
-                 help="bucket lengths (capped at --max-length)")
-  p.add_argument("--repeats", type=int, default=1, help="timed passes (mean shown)")
+  p.add_argument("--segments-per-row", type=int, default=16)
+  p.add_argument("--buckets", default="32,64,128", help="bucket lengths for the bucketed runs")
+  p.add_argument("--repeats", type=int, default=3, help="timed passes per method (median shown)")
   p.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"],
                  help="torch attention implementation (parity tests use eager)")
-  p.add_argument("--torch-plain", action="store_true",
-                 help="also time torch on plain batches (catalogue order, pad to longest)")
   p.add_argument("--csv", default=str(ROOT / "data" / "flipkart" / "products.csv"))
   p.add_argument("--spec", default="pypi:all-minilm-l6-v2")
   p.add_argument("--limit", type=int, default=0, help="only the first N texts (0: all)")
   args = p.parse_args(argv)
 
   cmd = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT)] + sys.argv)
-  print(f"$ HF_HUB_OFFLINE=1 {cmd}\n")
+  print(f"$ HF_HUB_OFFLINE=1 PYTHONPATH=. {cmd}\n")
 
   import jax
+  import jax.numpy as jnp
   import torch
   from transformers import BertModel
 
@@ -113,36 +135,24 @@ def main(argv=None):
   t_tok = time.perf_counter() - t
   lengths = np.array([len(x) for x in ids_list])
   pad_id = tok.pad_token_id or 0
-  sizes = tokenize._bucket_sizes_for(L, [int(b) for b in args.buckets.split(",")])
-  batches = tokenize.length_buckets(lengths, bs, sizes)
-  bucketed = _bucket_arrays(ids_list, batches, bs, pad_id)
-  plain = _plain_arrays(ids_list, bs, pad_id)
-  real = int(lengths.sum())
-  fill_b = real / sum(ids.size for _, ids, _ in bucketed)
-  fill_p = real / sum(ids.size for _, ids, _ in plain)
-  shapes = sorted({ids.shape for _, ids, _ in bucketed})
+  sizes = sorted({min(int(b), L) for b in args.buckets.split(",")} | {L})
 
-  # --- Flax ---
+  packed = tokenize.packed_batches(ids_list, bs, args.segments_per_row, pad_id, row_length=L)
+  bucketed = bucketed_batches(ids_list, bs, sizes, pad_id)
+  by_length = sorted_batches(ids_list, bs, pad_id)
+  slots = {"packed": sum(b[1].size for b in packed), "bucketed": sum(b[1].size for b in bucketed),
+           "sorted": sum(b[1].size for b in by_length)}
+
   cfg, params = bert.load_pretrained(args.spec)
-  fn = bert.make_embed_fn(bert.BertEncoder(cfg), params)
-  t = time.perf_counter()
-  for shape in shapes:  # compile each bucket shape once (plus one execution)
-    jax.block_until_ready(fn(np.zeros(shape, np.int32), np.ones(shape, np.int32)))
-  t_compile = time.perf_counter() - t
-  one_batch = {}
-  for shape in shapes:  # a compiled execution per shape, to subtract
-    z = np.zeros(shape, np.int32)
-    t = time.perf_counter()
-    jax.block_until_ready(fn(z, np.ones(shape, np.int32)))
-    one_batch[shape] = time.perf_counter() - t
-  t_compile -= sum(one_batch.values())
+  model = bert.BertEncoder(cfg)
+  packed_fn = bert.make_embed_fn(model, params, args.segments_per_row)
+  padded_fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m)["embedding"])
 
-  # --- torch ---
   torch.set_num_threads(os.cpu_count() or 1)
   ref = BertModel.from_pretrained(str(folder), attn_implementation=args.torch_attn,
                                   add_pooling_layer=False).eval()
 
-  def torch_batch(ids, mask):
+  def torch_embed(ids, mask):
     with torch.no_grad():
       m = torch.from_numpy(mask).long()
       h = ref(input_ids=torch.from_numpy(ids).long(), attention_mask=m).last_hidden_state
@@ -151,61 +161,111 @@ def main(argv=None):
       return torch.nn.functional.normalize((h * mf).sum(1) / mf.sum(1).clamp(min=1e-9),
                                            dim=1).numpy()
 
-  torch_batch(*bucketed[0][1:])  # warm-up (allocator, thread pool)
+  def run_packed():
+    out, pending = np.zeros((n, cfg.hidden_size), np.float32), []
+    for index, *arrays in packed:
+      pending.append((index, packed_fn(*arrays)))
+    for index, emb in pending:
+      out[index[index >= 0]] = np.asarray(emb)[index >= 0]
+    return out
 
-  # Interleave the two frameworks batch by batch: on a shared machine the load
-  # from other jobs then falls on both alike, so the ratio stays meaningful.
-  t_flax = t_torch = 0.0
-  f_emb = np.zeros((n, cfg.hidden_size), np.float32)
-  tb_emb = np.zeros_like(f_emb)
-  for _ in range(args.repeats):
-    for idx, ids, mask in bucketed:
-      t0 = time.perf_counter()
-      out = np.asarray(fn(ids, mask))  # includes the device -> host copy
-      t1 = time.perf_counter()
-      ref_out = torch_batch(ids, mask)
-      t2 = time.perf_counter()
-      t_flax, t_torch = t_flax + t1 - t0, t_torch + t2 - t1
-      f_emb[idx], tb_emb[idx] = out[:len(idx)], ref_out[:len(idx)]
-  t_flax, t_torch = t_flax / args.repeats, t_torch / args.repeats
-  d_b = float(np.abs(f_emb - tb_emb).max())
-  if args.torch_plain:
+  def run_padded(embed, batches):
+    out = np.zeros((n, cfg.hidden_size), np.float32)
+    for idx, ids, mask in batches:
+      out[idx] = np.asarray(embed(ids, mask))[:len(idx)]
+    return out
+
+  methods = {
+      "flax_packed": run_packed,
+      "flax_bucketed": lambda: run_padded(lambda i, m: padded_fn(params, i, m), bucketed),
+      "torch_bucketed": lambda: run_padded(torch_embed, bucketed),
+      "torch_sorted": lambda: run_padded(torch_embed, by_length),
+  }
+  # Compile (Flax) and warm up (torch allocator, thread pools): one call per shape.
+  compile_s = {}
+  for name, batches in (("flax_packed", packed[:1]), ("flax_bucketed", bucketed)):
     t = time.perf_counter()
-    tp_emb = np.zeros_like(f_emb)
-    for _ in range(args.repeats):
-      for idx, ids, mask in plain:
-        tp_emb[idx] = torch_batch(ids, mask)
-    t_plain = (time.perf_counter() - t) / args.repeats
+    for shape in sorted({b[1].shape for b in batches}):
+      z = np.zeros(shape, np.int32)
+      if name == "flax_packed":
+        jax.block_until_ready(packed_fn(z, z + 1, z))
+      else:
+        jax.block_until_ready(padded_fn(params, z, z + 1))
+    compile_s[name] = time.perf_counter() - t
+  torch_embed(*bucketed[-1][1:])
+
+  times = {m: [] for m in methods}
+  outputs = {}
+  names = list(methods)
+  for rep in range(args.repeats):
+    for k in range(len(names)):
+      name = names[(rep + k) % len(names)]
+      t = time.perf_counter()
+      outputs[name] = methods[name]()
+      times[name].append(time.perf_counter() - t)
+  sec = {m: statistics.median(v) for m, v in times.items()}
+
+  # Roofline: float32 (4096, H) @ (H, I) matmul rate of each framework here.
+  H, I, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+  a = np.random.default_rng(0).standard_normal((4096, H), np.float32)
+  w = np.random.default_rng(1).standard_normal((H, I), np.float32)
+  mm = jax.jit(jnp.matmul)
+  ja, jw = jnp.asarray(a), jnp.asarray(w)
+  jax.block_until_ready(mm(ja, jw))
+  t = time.perf_counter()
+  for _ in range(20):
+    r = mm(ja, jw)
+  jax.block_until_ready(r)
+  xla_rate = 20 * 2 * 4096 * H * I / (time.perf_counter() - t)
+  ta, tw = torch.from_numpy(a), torch.from_numpy(w)
+  with torch.no_grad():
+    torch.mm(ta, tw)
+    t = time.perf_counter()
+    for _ in range(20):
+      torch.mm(ta, tw)
+  torch_rate = 20 * 2 * 4096 * H * I / (time.perf_counter() - t)
+  dense_per_token = 2 * layers * (4 * H * H + 2 * H * I)   # q, k, v, out; two FFN matmuls
+  real = int(lengths.sum())
+  floor = real * dense_per_token / xla_rate
 
   print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
   print(f"machine: {os.cpu_count()} CPU cores ({_cpu_name()}), {platform.platform()}")
   print(f"1-min load average: {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end "
-        f"(other processes on the machine slow both frameworks)")
+        f"(other processes on the machine slow every method)")
   print(f"versions: jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
         f"python {platform.python_version()}")
-  print(f"data: {n} texts (name + ' ' + description), max_length {L}, batch {bs}, "
-        f"{int((lengths >= L).sum())} texts truncated; tokenization {t_tok:.2f} s "
-        f"({n / t_tok:.0f} texts/s, shared by both)")
-  print(f"buckets: {sizes} -> {len(bucketed)} batches, shapes {shapes}; real-token fill "
-        f"{fill_b:.0%} bucketed vs {fill_p:.0%} plain (catalogue order, pad to longest)")
-  print(f"Flax jit compile: {t_compile:.2f} s for {len(shapes)} shapes "
-        f"(first call per shape minus one compiled execution; not in the rates below)")
-  print(f"timing: {args.repeats} pass(es), Flax and torch interleaved batch by batch; "
-        f"XLA and torch ({torch.get_num_threads()} threads) both use all cores\n")
-  rows = [("Flax BertEncoder, jit, bucketed (fixed shapes)", t_flax),
-          (f"torch BertModel ({args.torch_attn}), no_grad, same batches", t_torch)]
-  if args.torch_plain:
-    rows.append((f"torch BertModel ({args.torch_attn}), no_grad, plain batches "
-                 f"(not interleaved)", t_plain))
-  print("| run | s / pass | embeddings/s | throughput vs Flax |")
+  print(f"data: {n} texts (name + ' ' + description), max_length {L}, batch {bs} rows, "
+        f"{int((lengths >= L).sum())} texts truncated, {real} real tokens; tokenization "
+        f"{t_tok:.2f} s ({n / t_tok:.0f} texts/s, shared by all)")
+  print(f"batches: packed {len(packed)} x {packed[0][1].shape} (<= {args.segments_per_row} texts "
+        f"per row); bucketed {len(bucketed)} in shapes {sorted({b[1].shape for b in bucketed})}; "
+        f"sorted {len(by_length)}")
+  print("real-token fill: " + ", ".join(f"{k} {real / v:.0%}" for k, v in slots.items()))
+  print(f"Flax jit compile (first call per shape, not in the rates): packed "
+        f"{compile_s['flax_packed']:.1f} s for 1 shape, bucketed "
+        f"{compile_s['flax_bucketed']:.1f} s for {len({b[1].shape for b in bucketed})} shapes")
+  print(f"timing: median of {args.repeats} passes per method, methods rotated; XLA and torch "
+        f"({torch.get_num_threads()} threads) both use all cores")
+  print(f"roofline: float32 (4096, {H}) @ ({H}, {I}) matmul at {xla_rate / 1e9:.0f} GFLOP/s "
+        f"in XLA, {torch_rate / 1e9:.0f} in torch; the dense layers of the {real} real tokens "
+        f"({real * dense_per_token / 1e12:.2f} TFLOP) need >= {floor:.2f} s at XLA's rate\n")
+  print("| run | s / pass | embeddings/s | Flax packed vs this |")
   print("|---|---|---|---|")
-  for name, sec in rows:
-    print(f"| {name} | {sec:.2f} | {n / sec:.1f} | {t_flax / sec:.2f}x |")
-  print(f"\nFlax / torch throughput ratio: {t_torch / t_flax:.2f}x (same batches)"
-        + (f", {t_plain / t_flax:.2f}x vs torch plain batches" if args.torch_plain else ""))
-  print(f"max |Δ| of normalised embeddings, Flax vs torch (all {n} texts): {d_b:.1e}"
-        + (f" (plain batches: {float(np.abs(f_emb - tp_emb).max()):.1e})"
-           if args.torch_plain else ""))
+  rows = [("flax_packed", "Flax BertEncoder, packed rows (m6jax)"),
+          ("flax_bucketed", "Flax BertEncoder, length buckets"),
+          ("torch_bucketed", f"torch BertModel ({args.torch_attn}), same bucketed batches"),
+          ("torch_sorted", f"torch BertModel ({args.torch_attn}), sorted by length "
+                           f"(sentence-transformers)")]
+  for key, label in rows:
+    print(f"| {label} | {sec[key]:.2f} | {n / sec[key]:.1f} | "
+          f"{sec[key] / sec['flax_packed']:.2f}x |")
+  ref_emb = outputs["torch_sorted"]
+  print("\nmax |Δ| of normalised embeddings vs torch (sorted): " + ", ".join(
+      f"{k} {float(np.abs(v - ref_emb).max()):.1e}" for k, v in outputs.items()
+      if k != "torch_sorted"))
+  print("all passes (s): " + "; ".join(
+      f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in times.items()))
+
 
 if __name__ == "__main__":
   main()

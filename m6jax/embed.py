@@ -1,10 +1,10 @@
 """Frozen towers: embeddings of every split in one pass, through the feature cache.
 
 Each tower runs once over the rows of all splits together (one compile per
-tower and shape: one batch shape for images, one per length bucket for
-texts), and only over the products that the shared feature cache
-(m6jax.cache) does not already hold for this tower, weights and
-preprocessing. Results come back split by split, in stored order.
+tower: one batch shape for images, one packed-row shape for texts), and only
+over the products that the shared feature cache (m6jax.cache) does not
+already hold for this tower, weights and preprocessing. Results come back
+split by split, in stored order.
 """
 
 from __future__ import annotations
@@ -142,49 +142,65 @@ def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = ""):
 
   `texts` is {split: list[str]}. TF-IDF is fit on the 'train' texts only and
   never cached (it depends on the whole training split, and is fast). BERT
-  features are keyed by the sha1 of each text; the texts of all splits that
-  the cache misses are embedded in one length-bucketed pass. data_id is
-  unused (kept for callers; the cache is keyed by content).
+  features come from bert_features: the texts of all splits that the cache
+  misses are embedded in one packed pass. data_id is unused (kept for
+  callers; the cache is keyed by content).
   """
   del data_id
-  name, spec = cfg.model.text.name, cfg.model.text.weights
-  if name == "tfidf":
+  if cfg.model.text.name == "tfidf":
     from m6jax.models import tfidf
     feats = tfidf.TfidfFeatures(dim=cfg.model.text.tfidf_dim, seed=cfg.seed).fit(texts["train"])
     return {s: feats.transform(t).astype(np.float32) for s, t in texts.items()}, feats
-  store = _store(cache_dir, name, kind="text", weights=_weights_id(spec, name),
+  splits = list(texts)
+  every = [t for s in splits for t in texts[s]]
+  emb = bert_features(cfg, every, cache_dir)
+  bounds = np.cumsum([0] + [len(texts[s]) for s in splits])
+  return {s: emb[bounds[i]:bounds[i + 1]] for i, s in enumerate(splits)}, None
+
+
+def bert_features(cfg, texts, cache_dir=None, tower=None, store: bool = True) -> np.ndarray:
+  """BERT text features (N, D) float32 of `texts`, through the feature cache.
+
+  Keyed by the sha1 of each text (and the tower, weights and max_text_length),
+  so a text a run already embedded is read back exactly as that run used it;
+  the misses (each distinct text once) are embedded in one packed pass with
+  `tower` (a callable returning the TextTower; default: load the configured
+  one) and stored when `store` (inference passes store=False, so serving new
+  products does not grow the shared cache).
+  """
+  name, spec = cfg.model.text.name, cfg.model.text.weights
+  cache = _store(cache_dir, name, kind="text", weights=_weights_id(spec, name),
                  max_text_length=cfg.data.max_text_length, dtype="float32")
-  keys = {s: [cache_lib.content_key(t) for t in ts] for s, ts in texts.items()}
-  feats = store.get_many({k for ks in keys.values() for k in ks})
+  keys = [cache_lib.content_key(t) for t in texts]
+  feats = cache.get_many(set(keys))
   todo = {}
-  for s, ts in texts.items():
-    for k, t in zip(keys[s], ts):
-      if k not in feats:
-        todo.setdefault(k, t)  # identical texts are embedded once
-  n = sum(map(len, keys.values()))
-  log.info("%s text features: %d rows, %d from cache, %d distinct texts to embed (%s)",
-           name, n, sum(k in feats for ks in keys.values() for k in ks), len(todo), store.dir)
+  for k, t in zip(keys, texts):
+    if k not in feats:
+      todo.setdefault(k, t)  # identical texts are embedded once
+  log.info("%s text features: %d texts, %d from cache, %d distinct texts to embed (%s)",
+           name, len(keys), sum(k in feats for k in keys), len(todo), cache.dir)
   if todo:
-    tower = towers.text_tower(name, spec)
-    emb = embed_texts(cfg, tower, list(todo.values()))
-    new = dict(zip(todo, emb))
-    if mesh_lib.is_writer():   # the cache is safe to share; one process writes it
-      store.put_many(new)
+    loaded = tower() if tower is not None else towers.text_tower(name, spec)
+    new = dict(zip(todo, embed_texts(cfg, loaded, list(todo.values()))))
+    if store and mesh_lib.is_writer():   # the cache is safe to share; one process writes it
+      cache.put_many(new)
     feats.update(new)
-  return _assemble(keys, feats), None
+  if not keys:
+    return np.zeros((0, 0), np.float32)
+  return np.stack([feats[k] for k in keys]).astype(np.float32)
 
 
 def embed_texts(cfg, tower, texts) -> np.ndarray:
-  """Frozen BERT tower over a list of texts -> float32 (N, D), length-bucketed.
+  """Frozen BERT tower over a list of texts -> float32 (N, D).
 
-  One call compiles once per length bucket; texts are sorted by length within
-  buckets so padding stays small.
+  Several texts share each row of a batch (tokenize.packed_batches), so
+  padding stays small and one call compiles one shape.
   """
   from m6jax.data import tokenize
   from m6jax.models import bert
 
   # Parameters are an argument of the jitted function, not constants baked
-  # into every compiled bucket.
+  # into the compiled program.
   fn = bert.make_embed_fn(tower.module, tower.params["params"])
   bs = cfg.data.get("embed_batch_size") or cfg.data.batch_size
   return np.asarray(tokenize.embed_texts(fn, tower.tokenizer, list(texts), bs,

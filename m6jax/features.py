@@ -33,13 +33,6 @@ class Setup:
   text_features: Any    # the fitted TfidfFeatures, when the text tower is TF-IDF
   cfg: Any = None
 
-  def text_features_for(self, texts) -> np.ndarray:
-    """New texts -> (N, D) text features exactly as this run computed them."""
-    if self.text_features is not None:   # TF-IDF fit on the training split
-      return self.text_features.transform(texts).astype(np.float32)
-    tower = towers.text_tower(self.cfg.model.text.name, self.cfg.model.text.weights)
-    return embed.embed_texts(self.cfg, tower, texts)
-
   def dataset_id(self) -> str:
     """The built dataset's name and version: a hash of everything it was built from."""
     return "/".join(os.path.normpath(self.builder.data_dir).split(os.sep)[-2:])

@@ -239,33 +239,30 @@ def average_ranks(x) -> np.ndarray:
   """Ranks 1..P along the last axis, ties averaged (as scipy.stats.rankdata).
 
   x (..., P) float -> float64 (..., P). Compared as float32 (Grad-CAM maps
-  are float32). One sort of (value, position) pairs packed into uint64 keys
-  gives the order and the tie runs of every row at once.
+  are float32). One argsort of every row gives the order; a run of equal
+  sorted values (a tie) spans sorted positions first..last and gets the
+  rank (first + last) / 2 + 1, exact in float32 for P < 2**23.
   """
   x = np.asarray(x, np.float32)
   shape = x.shape
-  x = x.reshape(-1, shape[-1]) + np.float32(0.0)  # -0.0 -> +0.0: equal values, equal keys
+  x = x.reshape(-1, shape[-1]) + np.float32(0.0)  # -0.0 -> +0.0
   if np.isnan(x).any():
     raise ValueError("average_ranks: NaN in the maps")
   n, p = x.shape
-  bits = x.view(np.uint32)
-  # IEEE-754 floats as unsigned integers in the same order: flip negatives,
-  # set the sign bit of non-negatives.
-  key = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000)).astype(np.uint64)
-  packed = np.sort((key << np.uint64(32)) | np.arange(p, dtype=np.uint64), axis=-1)
-  order = (packed & np.uint64(0xFFFFFFFF)).astype(np.intp)
-  value = packed >> np.uint64(32)
-  starts_run = np.ones((n, p), bool)
-  starts_run[:, 1:] = value[:, 1:] != value[:, :-1]
-  flat = starts_run.ravel()
-  run = np.cumsum(flat) - 1                       # run index of each sorted element
-  first = np.flatnonzero(flat)                    # flat position where each run starts
-  end = np.append(first[1:], flat.size)           # ... and ends (exclusive)
-  mean_pos = (first + end + 1) / 2.0              # mean 1-based flat position of the run
-  rank = mean_pos[run].reshape(n, p) - (np.arange(n) * p)[:, None]
-  out = np.empty((n, p))
+  order = np.argsort(x, axis=-1, kind="stable")
+  value = np.take_along_axis(x, order, -1)
+  pos = np.arange(p, dtype=np.int32)
+  starts = np.ones((n, p), bool)
+  starts[:, 1:] = value[:, 1:] != value[:, :-1]
+  ends = np.ones((n, p), bool)
+  ends[:, :-1] = starts[:, 1:]
+  first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
+  # The last position of each run, found the same way on the reversed rows.
+  last = (p - 1) - np.maximum.accumulate(np.where(ends[:, ::-1], pos, 0), axis=-1)[:, ::-1]
+  rank = (first + last).astype(np.float32) * np.float32(0.5) + np.float32(1.0)
+  out = np.empty((n, p), np.float32)
   np.put_along_axis(out, order, rank, -1)
-  return out.reshape(shape)
+  return out.astype(np.float64).reshape(shape)
 
 
 def cam_stability(cams) -> dict:

@@ -127,7 +127,11 @@ class Inference:
     """Texts -> float32 (N, D) text features exactly as the run computed them."""
     if self.text_features is not None:   # TF-IDF fitted on the training split
       return self.text_features.transform(list(texts)).astype(np.float32)
-    return embed.embed_texts(self.cfg, self.text_tower, list(texts))
+    # Texts the run embedded come back from the shared feature cache exactly
+    # as training used them (the key covers tower, weights and max length);
+    # only the others are embedded, and not stored.
+    return embed.bert_features(self.cfg, list(texts), self.cfg.train.get("cache_dir") or None,
+                               tower=lambda: self.text_tower, store=False)
 
   def image_features_for(self, batches) -> np.ndarray:
     """Batches {'image': uint8 (B, S, S, 3), 'mask'} -> float32 (N, Di) (frozen tower)."""

@@ -33,7 +33,7 @@ def _tiny():
 @functools.cache
 def _jitted_apply(model):
   # One jitted function per model (cached), so tests share compilations.
-  return jax.jit(model.apply, static_argnames=("train",))
+  return jax.jit(model.apply, static_argnames=("train", "num_segments"))
 
 
 def _apply(model, params, *args, **kw):
@@ -88,6 +88,40 @@ def test_padding_invariance():
   m = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(long["token_states"])[:, :8][m],
                              np.asarray(short["token_states"])[m], atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_packed_rows_equal_texts_alone(pooling):
+  """Several texts in one row give each text's own embedding and token states:
+  no attention across texts, positions restarting per text."""
+  from m6jax.data import tokenize
+  cfg, _, params = _tiny()
+  model = bert.BertEncoder(cfg, pooling=pooling)
+  rng = np.random.default_rng(3)
+  lengths = [9, 3, 12, 5, 2, 7, 4]
+  texts = [rng.integers(1, cfg.vocab_size, n).astype(np.int32) for n in lengths]
+  batches = tokenize.packed_batches(texts, 2, 4, row_length=16)
+  assert sum((b[0] >= 0).sum() for b in batches) == len(texts)
+  assert max((b[0] >= 0).sum(1).max() for b in batches) >= 2   # rows really are shared
+  for index, ids, seg, pos in batches:
+    out = _apply(model, params, ids, seg, position_ids=pos, num_segments=4)
+    assert out["embedding"].shape == (ids.shape[0], 4, cfg.hidden_size)
+    for r, s in zip(*np.nonzero(index >= 0)):
+      t = texts[index[r, s]]
+      alone = _apply(model, params, t[None], np.ones((1, len(t)), np.int32))
+      np.testing.assert_allclose(out["embedding"][r, s], alone["embedding"][0], atol=1e-6)
+      np.testing.assert_allclose(out["mean_pooled"][r, s], alone["mean_pooled"][0], atol=1e-6)
+      np.testing.assert_allclose(np.asarray(out["token_states"])[r][seg[r] == s + 1],
+                                 alone["token_states"][0], atol=1e-5)
+    # Unused segments are zeros, not NaN.
+    assert np.all(np.asarray(out["embedding"])[index < 0] == 0)
+
+
+def test_packed_rows_need_positions():
+  cfg, model, params = _tiny()
+  ids, mask = _random_batch(cfg, 2, 8)
+  with pytest.raises(ValueError, match="position_ids"):
+    _apply(model, params, ids, mask, num_segments=2)
 
 
 def test_config_from_json(tmp_path):
@@ -214,13 +248,15 @@ def test_parity_with_torch_bert(minilm, pad_to):
 
 @pytest.mark.parity
 def test_parity_embed_texts(minilm):
-  """Bucketed, batch-padded embed_texts == torch on each text alone (order kept)."""
+  """Packed embed_texts == torch on each text alone (order kept)."""
   from m6jax.data import tokenize
   cfg, params, tok, ref = minilm
   texts = _product_texts()
-  fn = bert.make_embed_fn(bert.BertEncoder(cfg), params)
-  got = tokenize.embed_texts(fn, tok, texts, batch_size=4, max_length=128,
-                             bucket_sizes=(32, 128))
+  fn = bert.make_embed_fn(bert.BertEncoder(cfg), params, segments_per_row=4)
+  lengths = [len(x) for x in tok(texts, truncation=True, max_length=128)["input_ids"]]
+  rows = tokenize.pack_rows(lengths, 128, 4)
+  assert len(rows) < len(texts)   # some rows hold several texts
+  got = tokenize.embed_texts(fn, tok, texts, batch_size=2, max_length=128)
   want = []
   for t in texts:
     enc = tok([t], truncation=True, max_length=128, return_tensors="np")

@@ -1,4 +1,4 @@
-"""Offline tokenizer, length buckets and embed_texts ordering."""
+"""Offline tokenizer, packed rows and embed_texts ordering."""
 
 import os
 
@@ -41,43 +41,43 @@ def test_tokenize_truncates_and_pads(tok):
   assert enc["input_ids"].shape == (2, 8) and enc["attention_mask"].sum(1).tolist() == [3, 8]
 
 
-@pytest.mark.parametrize("batch_size", [1, 5, 64])
-def test_length_buckets_cover_once(batch_size):
+@pytest.mark.parametrize("row_length,per_row", [(16, 1), (16, 3), (40, 16), (128, 16)])
+def test_pack_rows_cover_once(row_length, per_row):
   rng = np.random.default_rng(0)
-  lengths = rng.integers(1, 400, 203)
-  sizes = (32, 64, 128, 256)
-  batches = tokenize.length_buckets(lengths, batch_size, sizes)
-  idx = np.concatenate([b for b, _ in batches])
-  assert sorted(idx.tolist()) == list(range(len(lengths)))
-  assert {s for _, s in batches} <= set(sizes)
-  for b, s in batches:
-    assert 1 <= len(b) <= batch_size
-    # Fits its bucket, or is truncated in the largest one.
-    assert np.all((lengths[b] <= s) | (s == max(sizes)))
-    # Smallest bucket that holds it: not wasting a bigger shape.
-    smaller = [x for x in sizes if x < s]
-    if smaller:
-      assert np.all(lengths[b] > max(smaller))
-  assert tokenize.length_buckets([], 4) == []
+  lengths = rng.integers(1, row_length + 1, 203)
+  rows = tokenize.pack_rows(lengths, row_length, per_row)
+  assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+  for r in rows:
+    assert 1 <= len(r) <= per_row and lengths[r].sum() <= row_length
+  if per_row == 1:
+    assert len(rows) == len(lengths)
+  else:
+    # Best-fit decreasing needs at most 11/9 OPT + 1 rows; the total is a lower bound on OPT.
+    assert len(rows) <= 11 / 9 * -(-lengths.sum() // row_length) + 1
+  assert tokenize.pack_rows([], 8, 2) == []
+  with pytest.raises(ValueError, match="1..8"):
+    tokenize.pack_rows([3, 9], 8, 2)
 
 
 def test_embed_texts_order_and_shapes(tok):
   traces = []
 
-  def fake_encoder(ids, mask):
+  def fake_encoder(ids, segment_ids, position_ids):
     traces.append(ids.shape)  # runs once per compiled shape
-    m = mask.astype(jnp.float32)
-    # (sum of ids, length): identifies each text.
-    return jnp.stack([(ids * mask).sum(1).astype(jnp.float32), m.sum(1)], axis=1)
+    member = segment_ids[:, None, :] == jnp.arange(1, 4)[None, :, None]   # (B, 3, L)
+    # (sum of ids, length, largest position + 1) of each packed text: identifies it.
+    return jnp.stack([jnp.sum(member * ids[:, None], -1), jnp.sum(member, -1),
+                      jnp.max(member * (position_ids[:, None] + 1), -1)],
+                     axis=-1).astype(jnp.float32)
+  fake_encoder.segments_per_row = 3
 
   texts = [("word " * n).strip() for n in (1, 40, 3, 100, 2, 7, 70, 5, 30, 200)]
   got = tokenize.embed_texts(fake_encoder, tok, texts, batch_size=3, max_length=128,
                              progress=False)
   enc = tokenize.tokenize(tok, texts, max_length=128)
-  want = np.stack([(enc["input_ids"] * enc["attention_mask"]).sum(1),
-                   enc["attention_mask"].sum(1)], axis=1)
+  n = enc["attention_mask"].sum(1)
+  want = np.stack([(enc["input_ids"] * enc["attention_mask"]).sum(1), n, n], axis=1)
   np.testing.assert_array_equal(got, want)
   assert got.dtype == np.float32
-  # Fixed shapes: every batch is padded to batch_size rows and a bucket length.
-  assert set(traces) <= {(3, 32), (3, 64), (3, 128)}
-  assert len(traces) == len(set(traces))
+  # One shape per call: batch_size rows of the longest text's length.
+  assert traces == [(3, 128)]

@@ -84,23 +84,27 @@ class BertEmbeddings(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, train: bool = False):
+  def __call__(self, input_ids, token_type_ids, train: bool = False, position_ids=None):
     c = self.config
     seq_len = input_ids.shape[-1]
-    if seq_len > c.max_position_embeddings:
-      raise ValueError(f"sequence length {seq_len} > max_position_embeddings "
-                       f"{c.max_position_embeddings}")
+    if position_ids is None:
+      if seq_len > c.max_position_embeddings:
+        raise ValueError(f"sequence length {seq_len} > max_position_embeddings "
+                         f"{c.max_position_embeddings}")
+      position_ids = jnp.arange(seq_len)[None, :]
     embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, name=name)
     x = embed(c.vocab_size, "word_embeddings")(input_ids)
-    x = x + embed(c.max_position_embeddings, "position_embeddings")(
-        jnp.arange(seq_len)[None, :])
+    x = x + embed(c.max_position_embeddings, "position_embeddings")(position_ids)
     x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
     return nn.Dropout(c.hidden_dropout_prob, deterministic=not train)(x)
 
 
 class BertLayer(nn.Module):
-  """One post-LN transformer block: (B, L, H), additive mask (B, 1, 1, L) -> (B, L, H)."""
+  """One post-LN transformer block: (B, L, H), additive mask bias -> (B, L, H).
+
+  bias is (B, 1, 1, L) for padded rows or (B, 1, L, L) for packed rows.
+  """
   config: BertConfig
   dtype: jnp.dtype = jnp.float32
 
@@ -115,16 +119,25 @@ class BertLayer(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name=name)
     drop = lambda rate: nn.Dropout(rate, deterministic=not train)
 
+    # Heads-major layouts, (B, heads, L, head_dim) and (B, heads, head_dim, L),
+    # make both attention products plain batched matmuls; the einsum with the
+    # heads axis in the middle ran ~6x slower on XLA:CPU (benchmarks/bench_text.md).
     split = lambda t: t.reshape(t.shape[:-1] + (heads, head_dim))
-    q = split(dense(c.hidden_size, "query")(x))
-    k = split(dense(c.hidden_size, "key")(x))
-    v = split(dense(c.hidden_size, "value")(x))
+    q = split(dense(c.hidden_size, "query")(x)).transpose(0, 2, 1, 3)
+    k = split(dense(c.hidden_size, "key")(x)).transpose(0, 2, 3, 1)
+    v = split(dense(c.hidden_size, "value")(x)).transpose(0, 2, 1, 3)
     # Scores and softmax in float32 so a bfloat16 dtype does not lose the mask.
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    scores = scores / np.sqrt(head_dim).astype(np.float32) + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    probs = drop(c.attention_probs_dropout_prob)(probs)
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape[:-1] + (c.hidden_size,))
+    scores = jnp.matmul(q, k).astype(jnp.float32)
+    scores = scores * np.float32(1 / np.sqrt(head_dim)) + bias
+    # softmax(s) @ v with the division moved after the product: it then
+    # divides (L, head_dim) values per head instead of (L, L) probabilities.
+    # Dropout on the unnormalised weights is the same as on the probabilities
+    # (the row sum is taken before dropout).
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    weights = drop(c.attention_probs_dropout_prob)(weights.astype(self.dtype))
+    ctx = jnp.matmul(weights, v) / total.astype(self.dtype)
+    ctx = ctx.transpose(0, 2, 1, 3).reshape(x.shape[:-1] + (c.hidden_size,))
     attn = drop(c.hidden_dropout_prob)(dense(c.hidden_size, "attention_output")(ctx))
     x = norm("attention_LayerNorm")(x + attn)
 
@@ -141,9 +154,33 @@ def masked_mean(states, attention_mask):
   return total / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
 
 
+def segment_mean(states, segment_ids, num_segments: int):
+  """(B, L, H), segment ids (B, L) in 1..num_segments (0: padding) -> (B, S, H)
+  mean of each segment's positions; an empty segment gives zeros."""
+  member = (segment_ids[:, None, :] ==
+            jnp.arange(1, num_segments + 1)[None, :, None]).astype(jnp.float32)
+  total = jnp.einsum("bsl,blh->bsh", member, states.astype(jnp.float32))
+  return total / jnp.maximum(jnp.sum(member, axis=-1, keepdims=True), 1e-9)
+
+
 def l2_normalize(x, eps: float = 1e-12):
   """Row-wise x / max(||x||, eps), as torch.nn.functional.normalize."""
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def attention_bias(attention_mask, packed: bool):
+  """Additive attention mask: 0 where attended, the most negative finite float
+  elsewhere (as HF does; a finite value keeps all-padding rows free of NaN).
+
+  (B, L) 0/1 mask -> (B, 1, 1, L); packed segment ids -> (B, 1, L, L), each
+  position attending only to positions of its own segment.
+  """
+  if packed:
+    keep = ((attention_mask[:, :, None] == attention_mask[:, None, :])
+            & (attention_mask[:, None, :] > 0))[:, None]
+  else:
+    keep = attention_mask[:, None, None, :] > 0
+  return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
 class BertEncoder(nn.Module):
@@ -154,6 +191,13 @@ class BertEncoder(nn.Module):
   'embedding': (B, H)}. pooling is 'mean' (masked mean, sentence-transformers)
   or 'cls'; 'embedding' is the pooled vector, L2-normalised when normalize.
   Dropout only when train=True (rng 'dropout').
+
+  Packed rows (num_segments > 0): several texts share a row, so short texts
+  do not pay for padding. attention_mask then holds segment ids, 1..
+  num_segments for the texts of a row and 0 for padding; each text attends
+  only to itself; position_ids (B, L) restart at 0 at each text's first
+  token; 'mean_pooled' and 'embedding' are per text, (B, num_segments, H).
+  The math per text is that of the text alone in its own row.
   """
   config: BertConfig
   pooling: str = "mean"
@@ -161,22 +205,29 @@ class BertEncoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, train: bool = False):
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, train: bool = False,
+               position_ids=None, num_segments: int = 0):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
+    if num_segments and position_ids is None:
+      raise ValueError("packed rows (num_segments > 0) need position_ids")
     x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
-        input_ids, token_type_ids, train)
-    # Additive mask: 0 where attended, most negative finite float where padded
-    # (as HF does); a finite value keeps all-padding rows free of NaN.
-    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
-                     jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        input_ids, token_type_ids, train, position_ids)
+    bias = attention_bias(attention_mask, packed=bool(num_segments))
     for i in range(self.config.num_hidden_layers):
       x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, bias, train)
-    mean = masked_mean(x, attention_mask)
+    if num_segments:
+      mean = segment_mean(x, attention_mask, num_segments)
+      # A text's first token ([CLS]) is where its positions restart at 0.
+      first = jnp.where(position_ids == 0, attention_mask, 0)
+      cls = lambda: segment_mean(x, first, num_segments)
+    else:
+      mean = masked_mean(x, attention_mask)
+      cls = lambda: x[:, 0].astype(jnp.float32)
     if self.pooling == "mean":
       pooled = mean
     elif self.pooling == "cls":
-      pooled = x[:, 0].astype(jnp.float32)
+      pooled = cls()
     else:
       raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
     return {"token_states": x, "mean_pooled": mean,
@@ -275,18 +326,22 @@ def load_pretrained(spec: str = DEFAULT_SPEC) -> tuple[BertConfig, dict]:
   return load_bert(spec)
 
 
-def make_embed_fn(model: BertEncoder, params: dict):
-  """-> fn(input_ids (B, L), attention_mask (B, L)) -> (B, H) float32 'embedding'.
+def make_embed_fn(model: BertEncoder, params: dict, segments_per_row: int = 16):
+  """-> fn(input_ids, segment_ids, position_ids, all (B, L) int32) ->
+  (B, segments_per_row, H) float32 'embedding' of each packed text
+  (BertEncoder with num_segments=segments_per_row; empty segments give zeros).
 
   Jitted with params as an argument (not closed over), so they are not baked
-  into each compiled shape as constants. `fn.lower` exists, so embed_texts
-  does not wrap it again.
+  into each compiled shape as constants. fn.segments_per_row tells
+  m6jax.data.tokenize.embed_texts how many texts a row may hold.
   """
   @jax.jit
-  def embed(p, input_ids, attention_mask):
-    out = model.apply({"params": p}, input_ids, attention_mask)
+  def embed(p, input_ids, segment_ids, position_ids):
+    out = model.apply({"params": p}, input_ids, segment_ids, position_ids=position_ids,
+                      num_segments=segments_per_row)
     return out["embedding"].astype(jnp.float32)
 
   fn = functools.partial(embed, params)
-  fn.lower = functools.partial(embed.lower, params)
+  fn.lower = functools.partial(embed.lower, params)  # so embed_texts does not jit it again
+  fn.segments_per_row = segments_per_row
   return fn
