@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.cache_dir = ""                     # frozen-tower features by product content; "" = the
                                        # shared cache ($M6JAX_FEATURE_CACHE or
                                        # ~/.cache/m6jax/features; python -m m6jax.cache list)
+  t.xla_cache_dir = ""                 # compiled XLA programs kept across runs, so another
+                                       # experiment skips compiling; "" = ~/.cache/m6jax/xla
+                                       # ($M6JAX_CACHE/xla), "none" = off
   t.checkpoint = True                  # orbax: resume + each replica's best parameters
   t.checkpoint_every = 10              # epochs between saves (and the last epoch); a stopped
                                        # run resumes from the last save, bit-identically

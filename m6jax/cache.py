@@ -70,7 +70,7 @@ class FeatureCache:
     return self.dir / key[:2] / f"{key}.npy"
 
   def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
-    """{key: float32 (D,)} for the keys present and readable; the rest are misses."""
+    """{key: array} for the keys present and readable; the rest are misses."""
     out = {}
     for key in keys:
       path = self._path(key)
@@ -86,8 +86,9 @@ class FeatureCache:
         pass
     return out
 
-  def put_many(self, items: dict[str, np.ndarray]) -> None:
-    """Stores {key: (D,) array} as float32; safe when other runs write the same keys."""
+  def put_many(self, items: dict[str, np.ndarray], dtype=np.float32) -> None:
+    """Stores {key: array} as `dtype` (None: as given); safe when other runs write
+    the same keys."""
     if not items:
       return
     self.dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ class FeatureCache:
       files.write_text(meta, json.dumps(self.spec, indent=2, sort_keys=True, default=str))
     for key, value in items.items():
       path = self._path(key)
-      value = np.ascontiguousarray(value, dtype=np.float32)
+      value = np.ascontiguousarray(value, dtype=dtype)
       for attempt in (0, 1):
         try:
           path.parent.mkdir(parents=True, exist_ok=True)

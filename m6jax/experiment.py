@@ -17,6 +17,7 @@ import numpy as np
 
 from m6jax import (
   bundle,
+  cache,
   checkpoint,
   explain,
   feasibility,
@@ -26,6 +27,7 @@ from m6jax import (
   results,
   serve,
   track,
+  weights,
 )
 from m6jax import config as config_lib
 from m6jax import workdir as workdir_lib
@@ -125,7 +127,8 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
       extra["feasibility"] = feasibility.feasibility_study(
           {m: np.concatenate([f[s] for s in features.SPLITS]) for m, f in run.feats.items()},
           np.concatenate([labels[s] for s in features.SPLITS]),
-          run.class_names, workdir, seed=cfg.seed)
+          run.class_names, workdir, seed=cfg.seed,
+          cache_dir=cfg.train.get("cache_dir") or cache.default_root())
   with timer("evaluate"):
     extra["timings"] = timer.total()
     out = results.write_outputs(workdir, scores, run.class_names, run.cols["test"]["uniq_id"],
@@ -167,6 +170,20 @@ def _explain(cfg, workdir: str, results_dict: dict) -> None:
   log.info("Grad-CAM: replica stability %.3f, gallery %s", out["stability"], out["gallery"])
 
 
+def use_xla_cache(cfg) -> None:
+  """Keeps compiled XLA programs in cfg.train.xla_cache_dir across runs (unless
+  this process already chose a cache): another experiment on the same catalogue
+  (another head, a sweep cell) then loads its train, predict and Grad-CAM
+  programs instead of compiling them. XLA keys each entry by the program, the
+  jax version and the device, so an entry is only used where it applies."""
+  path = cfg.train.get("xla_cache_dir", "")
+  if path == "none" or jax.config.jax_compilation_cache_dir is not None:
+    return
+  jax.config.update("jax_compilation_cache_dir", path or str(weights.cache_dir() / "xla"))
+  # Every program: the small ones add up (the default job compiles ~30).
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
   """Trains and evaluates `cfg` into `workdir`, adds Grad-CAM (cfg.explain) and
   logs everything to MLflow (cfg.track). Returns the results dict.
@@ -175,6 +192,7 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
   (a fresh run, also in a new MLflow run).
   """
   config_lib.validate(cfg)
+  use_xla_cache(cfg)
   t0 = time.time()
   with _locked(workdir):
     if mesh.is_writer():

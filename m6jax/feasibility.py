@@ -7,6 +7,9 @@ the Adjusted Rand Index (0 = chance, 1 = perfect), plus a 2-D projection plot.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import json
 import logging
 import os
 import time
@@ -15,17 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
-from sklearn.manifold import TSNE
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from threadpoolctl import threadpool_limits
 
+from m6jax import cache as cache_lib
 from m6jax import files
 
 log = logging.getLogger(__name__)
 
 FUSED = "fused"
+# Part of the cache key: bump when the study's maths or defaults change.
+STUDY_VERSION = 1
 
 
 def _as_2d(embeddings):
@@ -59,6 +61,8 @@ def kmeans_ari(embeddings, labels, num_classes, seed=0, n_init=10,
     # Encoders' embedding norms carry little semantic signal (and vary with
     # e.g. text length); cosine geometry is what the classifier head sees.
     x = l2_normalize(x)
+  from sklearn.cluster import KMeans
+  from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
   km = KMeans(n_clusters=num_classes, n_init=n_init, random_state=seed)
   with threadpool_limits(limits=num_threads):
     pred = km.fit_predict(x)
@@ -93,6 +97,7 @@ def project_2d(embeddings, method="tsne", seed=0, max_iter=500, num_threads=1):
   x = _as_2d(embeddings)
   n = x.shape[0]
   if method == "pca":
+    from sklearn.decomposition import PCA
     with threadpool_limits(limits=num_threads):
       return PCA(n_components=2, random_state=seed).fit_transform(x)
   if method != "tsne":
@@ -100,6 +105,7 @@ def project_2d(embeddings, method="tsne", seed=0, max_iter=500, num_threads=1):
   # sklearn requires perplexity < N; (N-1)/3 keeps ~3 perplexities of
   # neighbours available for small N.
   perplexity = max(1.0, min(30.0, (n - 1) / 3.0))
+  from sklearn.manifold import TSNE
   tsne = TSNE(n_components=2, init="pca", perplexity=perplexity,
               random_state=seed, max_iter=max_iter)
   with threadpool_limits(limits=num_threads):
@@ -190,8 +196,40 @@ def _study_one(x, labels, num_classes, seed, method, num_threads):
   return scores, points, {"kmeans": t1 - t0, "projection": time.perf_counter() - t1}
 
 
+def _study_key(sets, labels, class_names, seed, method) -> str:
+  """sha1 of everything a study's numbers depend on (the arrays' bytes included)."""
+  h = hashlib.sha1(json.dumps({"version": STUDY_VERSION, "seed": seed, "method": method,
+                               "classes": list(class_names),
+                               "sets": {k: list(x.shape) for k, x in sets.items()}},
+                              sort_keys=True).encode())
+  for x in [*sets.values(), np.asarray(labels, np.int64)]:
+    h.update(np.ascontiguousarray(x).tobytes())
+  return h.hexdigest()
+
+
+def _study_cache(cache_dir) -> cache_lib.FeatureCache:
+  return cache_lib.FeatureCache(cache_dir, "feasibility", {"kind": "study",
+                                                           "version": STUDY_VERSION})
+
+
+def _cached_study(store, key, names):
+  """(results, projections) of a stored study, or None."""
+  want = [f"{key}.results"] + [f"{key}.{n}" for n in names]
+  got = store.get_many(want)
+  if len(got) < len(want):
+    return None
+  results = json.loads(got[want[0]].tobytes().decode("utf-8"))
+  return results, {n: got[f"{key}.{n}"] for n in names}
+
+
+def _store_study(store, key, results, projections):
+  blob = np.frombuffer(json.dumps(results).encode("utf-8"), np.uint8)
+  store.put_many({f"{key}.results": blob} | {f"{key}.{n}": p for n, p in projections.items()},
+                 dtype=None)
+
+
 def feasibility_study(embs, labels, class_names, out_dir, seed=0,
-                      method="tsne", num_threads=1, workers=3):
+                      method="tsne", num_threads=1, workers=3, cache_dir=None):
   """KMeans ARI + 2-D projections for each {name: (N, D)} set (+ 'fused').
 
   Writes out_dir/feasibility.png and out_dir/feasibility.json and returns
@@ -206,6 +244,11 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
   each set's work is unchanged, so results do not depend on it). With
   num_threads None the sets run one at a time: sklearn's own thread limits
   inside KMeans would then race between threads.
+  cache_dir: a feature cache root (m6jax.cache) where studies are kept by a
+  hash of the embeddings, labels, classes, seed and method: another
+  experiment on the same features (another head, a sweep cell) reads the
+  scores and projections back instead of recomputing them (timings then
+  say 'cached': 1.0). None: always computed.
   """
   t0 = time.perf_counter()
   if not embs:
@@ -222,17 +265,33 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
       raise ValueError(f"{name}: {x.shape[0]} rows but {labels.shape[0]} "
                        "labels")
 
-  # One thread limit for the whole pool: the per-call limits inside then
-  # set and restore the same value, whatever the threads' interleaving.
-  with threadpool_limits(limits=num_threads), \
-       ThreadPoolExecutor(max_workers=1 if num_threads is None else
-                          max(1, min(workers, len(sets)))) as pool:
-    futures = {name: pool.submit(_study_one, x, labels, num_classes, seed, method,
-                                 num_threads) for name, x in sets.items()}
-    done = {name: f.result() for name, f in futures.items()}
-  results = {name: d[0] for name, d in done.items()}
-  projections = {name: d[1] for name, d in done.items()}
-  timings = {phase: sum(d[2][phase] for d in done.values()) for phase in ("kmeans", "projection")}
+  store = key = hit = None
+  if cache_dir is not None:
+    store, key = _study_cache(cache_dir), _study_key(sets, labels, class_names, seed, method)
+    hit = _cached_study(store, key, list(sets))
+  if hit is not None:
+    results, projections = hit
+    timings = {"kmeans": 0.0, "projection": 0.0, "cached": 1.0}
+  else:
+    # sklearn (1.6 s to import) only when a study is computed; imported here,
+    # before the worker threads need it.
+    for module in ("sklearn.cluster", "sklearn.decomposition", "sklearn.manifold",
+                   "sklearn.metrics"):
+      importlib.import_module(module)
+    # One thread limit for the whole pool: the per-call limits inside then
+    # set and restore the same value, whatever the threads' interleaving.
+    with threadpool_limits(limits=num_threads), \
+         ThreadPoolExecutor(max_workers=1 if num_threads is None else
+                            max(1, min(workers, len(sets)))) as pool:
+      futures = {name: pool.submit(_study_one, x, labels, num_classes, seed, method,
+                                   num_threads) for name, x in sets.items()}
+      done = {name: f.result() for name, f in futures.items()}
+    results = {name: d[0] for name, d in done.items()}
+    projections = {name: d[1] for name, d in done.items()}
+    timings = {phase: sum(d[2][phase] for d in done.values())
+               for phase in ("kmeans", "projection")}
+    if store is not None:
+      _store_study(store, key, results, projections)
 
   t_plot = time.perf_counter()
   os.makedirs(out_dir, exist_ok=True)
@@ -247,6 +306,6 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
   for name, r in results.items():
     lines.append(f"{name:<10} {sets[name].shape[1]:>6} {r['ari']:>7.3f} "
                  f"{r['nmi']:>7.3f}  {r['cluster_sizes']}")
-  log.info("feasibility (KMeans k=%d, N=%d, %.1f s):\n%s", num_classes,
-           labels.shape[0], timings["total"], "\n".join(lines))
+  log.info("feasibility (KMeans k=%d, N=%d, %.1f s%s):\n%s", num_classes,
+           labels.shape[0], timings["total"], ", from cache" if hit else "", "\n".join(lines))
   return {**results, "plot": png, "timings": timings}

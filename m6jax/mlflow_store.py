@@ -137,6 +137,15 @@ class Store:
       self.client.log_batch(run_id, metrics=ms[i:i + BATCH], params=ps[i:i + BATCH],
                             tags=ts[i:i + BATCH])
 
+  def log_steps(self, run_id, events) -> None:
+    """Metrics events {'metrics', 'step', 'timestamp'} of several steps, in as
+    few log_batch calls as MLflow allows."""
+    from mlflow.entities import Metric
+    ms = [Metric(k, float(v), int(ev.get("timestamp") or time.time() * 1000), int(ev["step"]))
+          for ev in events for k, v in ev["metrics"].items()]
+    for i in range(0, len(ms), BATCH):
+      self.client.log_batch(run_id, metrics=ms[i:i + BATCH])
+
   def steps(self, run_id, key) -> set:
     return {m.step for m in self.client.get_metric_history(run_id, key)}
 

@@ -33,8 +33,8 @@ LOCK = ".lock"
 FINGERPRINT = os.path.join("checkpoints", "fingerprint.json")
 # Keys that do not change what is trained (prefixes of dotted config keys).
 COSMETIC = ("name", "track", "explain", "feasibility", "mesh", "train.log_every",
-            "train.cache_dir", "train.checkpoint", "data.manual_dir", "data.tfds_dir",
-            "data.csv", "data.images")
+            "train.cache_dir", "train.xla_cache_dir", "train.checkpoint", "data.manual_dir",
+            "data.tfds_dir", "data.csv", "data.images")
 # Outputs a fresh start removes (`--restart`): the checkpoint and what describes it.
 RUN_STATE = ("checkpoints", "bundle", "results.json", "metrics.jsonl", "tracking.json",
              "tracking_buffer.jsonl")

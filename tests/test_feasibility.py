@@ -141,3 +141,30 @@ def test_deterministic_whatever_the_workers(tmp_path):
   x = embs["text"]
   np.testing.assert_allclose(fz.project_2d(x, seed=3), fz.project_2d(x, seed=3),
                              rtol=1e-6, atol=1e-6)
+
+
+def test_study_read_back_from_the_cache(tmp_path, monkeypatch):
+  from m6jax import cache
+  embs, y = _study_inputs()
+  root = tmp_path / "cache"
+  a = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "a", method="pca", cache_dir=root)
+  assert "cached" not in a["timings"]
+  [info] = cache.summary(root)          # listed (and cleared) like the feature caches
+  assert info["tower"] == "feasibility"
+  computed = []
+  monkeypatch.setattr(fz, "_study_one", lambda *a, **k: computed.append(1))
+  b = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "b", method="pca", cache_dir=root)
+  assert computed == [] and b["timings"]["cached"] == 1.0
+  # The same scores, and the same picture from the stored projections.
+  with open(a.pop("plot"), "rb") as fa, open(b.pop("plot"), "rb") as fb:
+    assert fa.read() == fb.read()
+  a.pop("timings"), b.pop("timings")
+  assert a == b
+  # Other labels, another seed: another study, computed.
+  monkeypatch.undo()
+  c = fz.feasibility_study(embs, y[::-1].copy(), CLASS_NAMES, tmp_path / "c", method="pca",
+                           cache_dir=root)
+  d = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "d", method="pca", seed=1,
+                           cache_dir=root)
+  assert "cached" not in c["timings"] and "cached" not in d["timings"]
+  assert cache.clear(root, tower="feasibility")["files"] == 3 * 4   # results + 3 projections

@@ -249,7 +249,35 @@ def test_unreachable_server_buffers_then_replays(tiny_catalogue, tfds_dir, tmp_p
   assert not os.path.exists(os.path.join(wd, track.BUFFER))   # replayed: not pushed twice
 
 
-def test_store_lost_mid_run_loses_nothing(tmp_path, caplog):
+def test_epoch_metrics_wait_and_go_in_one_write(tmp_path, monkeypatch):
+  cfg = ml_collections.ConfigDict({"name": "fake", "seed": 0, "seeds": 2})
+  wd = str(tmp_path / "runs" / "r")
+  t = track.Tracker(cfg, wd).start()
+  calls = []
+  real = t._store.client.log_batch
+  monkeypatch.setattr(t._store.client, "log_batch",
+                      lambda *a, **k: calls.append(len(k.get("metrics") or [])) or real(*a, **k))
+  for e in range(5):
+    t.log_epoch(dict(RECORD, epoch=e))
+  c = _client(t.uri)
+  assert calls == [] and _steps(c, t.run_id, "train/loss") == []   # waiting
+  with open(os.path.join(wd, "metrics.jsonl")) as f:                 # ... but on disk
+    assert len(f.readlines()) == 5
+  t.log_metrics({"test/accuracy": 0.5})          # another event sends them first
+  assert len(calls) == 2 and calls[0] == 5 * len(track.epoch_metrics(RECORD, [0, 1]))
+  assert _steps(c, t.run_id, "train/loss") == [0, 1, 2, 3, 4]
+  monkeypatch.setattr(track, "FLUSH_SECONDS", 0.0)   # the time limit sends them too
+  t.log_epoch(dict(RECORD, epoch=5))
+  assert _steps(c, t.run_id, "train/loss") == [0, 1, 2, 3, 4, 5]
+  t.log_epoch(dict(RECORD, epoch=6))
+  monkeypatch.setattr(track, "FLUSH_SECONDS", 1e9)
+  t.log_epoch(dict(RECORD, epoch=7))
+  t.end("FINISHED")                              # ... and so does the end of the run
+  assert _steps(c, t.run_id, "train/loss") == list(range(8))
+
+
+def test_store_lost_mid_run_loses_nothing(tmp_path, caplog, monkeypatch):
+  monkeypatch.setattr(track, "FLUSH_SECONDS", 0.0)   # every epoch goes to the store at once
   cfg = ml_collections.ConfigDict({"name": "fake", "seed": 0, "seeds": 2})
   wd = str(tmp_path / "runs" / "r")
   t = track.Tracker(cfg, wd).start()
