@@ -86,6 +86,10 @@ class FeatureCache:
         pass
     return out
 
+  def missing(self, keys: Iterable[str]) -> list[str]:
+    """The keys that have no entry (by file presence; nothing is read)."""
+    return [k for k in keys if not self._path(k).is_file()]
+
   def put_many(self, items: dict[str, np.ndarray], dtype=np.float32) -> None:
     """Stores {key: array} as `dtype` (None: as given); safe when other runs write
     the same keys."""

@@ -139,14 +139,14 @@ def embed_image_batches(tower, batches) -> np.ndarray:
   return np.concatenate(chunks).astype(np.float32)
 
 
-def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = ""):
+def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = "", tower=None):
   """({split: float32 (N, D)}, fitted TfidfFeatures or None) from the text tower.
 
   `texts` is {split: list[str]}. TF-IDF is fit on the 'train' texts only and
   never cached (it depends on the whole training split, and is fast). BERT
   features come from bert_features: the texts of all splits that the cache
-  misses are embedded in one packed pass. data_id is unused (kept for
-  callers; the cache is keyed by content).
+  misses are embedded in one packed pass (tower: as for bert_features).
+  data_id is unused (kept for callers; the cache is keyed by content).
   """
   del data_id
   if cfg.model.text.name == "tfidf":
@@ -155,9 +155,21 @@ def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = ""):
     return {s: feats.transform(t).astype(np.float32) for s, t in texts.items()}, feats
   splits = list(texts)
   every = [t for s in splits for t in texts[s]]
-  emb = bert_features(cfg, every, cache_dir)
+  emb = bert_features(cfg, every, cache_dir, tower=tower)
   bounds = np.cumsum([0] + [len(texts[s]) for s in splits])
   return {s: emb[bounds[i]:bounds[i + 1]] for i, s in enumerate(splits)}, None
+
+
+def _text_cache(cfg, cache_dir) -> cache_lib.FeatureCache:
+  name, spec = cfg.model.text.name, cfg.model.text.weights
+  return _store(cache_dir, name, kind="text", weights=_weights_id(spec, name),
+                max_text_length=cfg.data.max_text_length, dtype="float32")
+
+
+def text_cache_misses(cfg, texts, cache_dir=None) -> int:
+  """How many distinct `texts` the feature cache lacks (nothing is read)."""
+  cache = _text_cache(cfg, cache_dir)
+  return len(cache.missing({cache_lib.content_key(t) for t in texts}))
 
 
 def bert_features(cfg, texts, cache_dir=None, tower=None, store: bool = True) -> np.ndarray:
@@ -171,8 +183,7 @@ def bert_features(cfg, texts, cache_dir=None, tower=None, store: bool = True) ->
   products does not grow the shared cache).
   """
   name, spec = cfg.model.text.name, cfg.model.text.weights
-  cache = _store(cache_dir, name, kind="text", weights=_weights_id(spec, name),
-                 max_text_length=cfg.data.max_text_length, dtype="float32")
+  cache = _text_cache(cfg, cache_dir)
   keys = [cache_lib.content_key(t) for t in texts]
   feats = cache.get_many(set(keys))
   todo = {}

@@ -103,29 +103,29 @@ def _rows(cfg, run, mods, csv, images):
 def _cam_model(cfg, run, params, stats, mods, split, text):
   """-> (make_logits_fn, replica params, shared, perturbations or None, inputs_of(batch, start)).
 
-  Frozen runs: the image tower (shared by all replicas) feeds each replica's
-  head, with the product's text embedding held fixed. Finetune runs: each
-  replica's whole Classifier.
+  Frozen runs: the image tower's feature map (one program for every head,
+  gradcam.feature_map_fn) feeds each replica's head, with the product's text
+  embedding held fixed; perturbations are then made from the first batch's
+  feature map. Finetune runs: each replica's whole Classifier.
   """
   bs, size = cfg.data.batch_size, cfg.data.image_size
   if cfg.train.mode == "frozen":
     tower = towers.image_tower(cfg.model.image.name, cfg.model.image.weights, size,
                                seed=cfg.seed)
     head_apply = _frozen_head(run.trainer.head, mods)
-    make = lambda p, tv: gradcam.image_logits_fn(  # noqa: E731
-        tower, functools.partial(head_apply, p), tv)
-    x0 = tower.preprocess(jnp.zeros((bs, size, size, 3), jnp.float32))
-    pert = gradcam.zero_perturbations(tower.module, tower.variables, x0, train=False)
+    feature_map = gradcam.feature_map_fn(tower)
+    make = lambda p, _: gradcam.pooled_logits_fn(  # noqa: E731
+        tower, functools.partial(head_apply, p))
 
     def inputs_of(b, start):
-      out = {"image": b["image"]}
+      out = {"image": b["image"], "feature_map": feature_map(tower.variables, b["image"])}
       if text is not None:
         t = np.zeros((bs, text.shape[1]), np.float32)
         n = int(b["mask"].sum())
         t[:n] = text[start:start + n]
         out["text_embedding"] = t
       return out
-    return make, params, tower.variables, pert, inputs_of
+    return make, params, None, None, inputs_of
   model = run.trainer.model
   make = lambda v, _: gradcam.classifier_logits_fn(model, v)  # noqa: E731
   return (make, {"params": params, "batch_stats": stats}, None, None,
@@ -170,7 +170,9 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
   def dispatch(b, start):
     nonlocal pert
     inp = inputs_of(b, start)
-    if pert is None:  # finetune: the Classifier's perturbations, for this batch shape
+    if pert is None and "feature_map" in inp:   # frozen: zeros like the feature map
+      pert = jnp.zeros(inp["feature_map"].shape, inp["feature_map"].dtype)
+    elif pert is None:  # finetune: the Classifier's perturbations, for this batch shape
       first = jax.tree.map(lambda a: a[0], replica_params)
       pert = gradcam.zero_perturbations(run.trainer.model, first,
                                         jax.tree.map(jnp.asarray, inp), train=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -56,11 +57,20 @@ def setup(cfg, workdir: str) -> Setup:
   cache = cfg.train.get("cache_dir") or None  # None: the shared feature cache (m6jax.cache)
   mods = fusion.modalities(cfg.model.fusion)
   feats, text_features = {}, None
-  if cfg.train.mode == "frozen" and "image" in mods:
-    feats["image"] = embed.image_embeddings(cfg, builder, SPLITS, cache, seed=cfg.seed)
-  if text_features_needed(cfg):
-    feats["text"], text_features = embed.text_embeddings(
-        cfg, {s: cols[s]["text"] for s in SPLITS}, cache, data_id=builder.data_dir)
+  texts = {s: cols[s]["text"] for s in SPLITS}
+  with ThreadPoolExecutor(1) as loader:
+    text_tower = None
+    if (text_features_needed(cfg) and cfg.model.text.name != "tfidf" and
+        embed.text_cache_misses(cfg, [t for s in SPLITS for t in texts[s]], cache)):
+      # Loading the BERT tower (transformers, tokenizer, weights: ~3 s of
+      # single-threaded Python) overlaps the image embedding.
+      text_tower = loader.submit(towers.text_tower, cfg.model.text.name,
+                                 cfg.model.text.weights).result
+    if cfg.train.mode == "frozen" and "image" in mods:
+      feats["image"] = embed.image_embeddings(cfg, builder, SPLITS, cache, seed=cfg.seed)
+    if text_features_needed(cfg):
+      feats["text"], text_features = embed.text_embeddings(
+          cfg, texts, cache, data_id=builder.data_dir, tower=text_tower)
   if cfg.train.mode == "frozen":
     plan = None
     if cfg.train.get("folds", 0) >= 2:

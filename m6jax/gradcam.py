@@ -163,6 +163,37 @@ def image_logits_fn(tower, head_apply: Callable, variables=None) -> Callable:
   return logits_fn
 
 
+def feature_map_fn(tower) -> Callable:
+  """jit(variables, images (B, H, W, 3) 0..255) -> (B, h, w, c) final feature map.
+
+  The frozen tower's part of a Grad-CAM, split from the head's part
+  (pooled_logits_fn): this program depends only on the tower and the batch
+  shape, so every experiment on the same tower loads it from XLA's
+  persistent cache instead of compiling it.
+  """
+  @jax.jit
+  def fmap(variables, images):
+    x = tower.preprocess(images.astype(jnp.float32))
+    return tower.module.apply(variables, x, train=False)["feature_map"]
+  return fmap
+
+
+def pooled_logits_fn(tower, head_apply: Callable) -> Callable:
+  """logits_fn for a frozen tower's precomputed feature map (feature_map_fn).
+
+  inputs is a dict with 'feature_map' (B, h, w, c) and 'image' (for the map
+  size), plus whatever head_apply(image_embedding, inputs) reads. The
+  perturbation is an array added to the feature map, the point where the
+  tower's own 'feature_map' perturbation sits, and tower.pool gives the
+  embedding exactly as the tower does: the gradient is the one
+  image_logits_fn gives, without running the tower again.
+  """
+  def logits_fn(perturbation, inputs):
+    fmap = inputs["feature_map"] + perturbation
+    return head_apply(tower.pool(fmap), inputs), fmap
+  return logits_fn
+
+
 def classifier_logits_fn(model, variables) -> Callable:
   """logits_fn for a finetune-mode fusion.Classifier; inputs is its batch dict."""
   def logits_fn(perturbations, batch):

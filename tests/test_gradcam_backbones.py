@@ -33,3 +33,13 @@ def test_grad_cam_on_backbone(name):
   t = np.asarray(out["targets"])
   want = np.asarray(w)[:, t].T[:, None, None, :] / (h * wd)
   np.testing.assert_allclose(grads, np.broadcast_to(want, grads.shape), rtol=1e-4, atol=1e-7)
+  # Split form (m6jax.explain, frozen runs): the tower's feature map first, then the
+  # head on tower.pool of it; pool is the backbone's own embedding, so both agree
+  # (to float rounding: the feature map comes from a program of its own).
+  feats = tower.module.apply(tower.variables, x_pre, train=False)
+  np.testing.assert_array_equal(tower.pool(feats["feature_map"]), feats["embedding"])
+  fm = gradcam.feature_map_fn(tower)(tower.variables, x)
+  split = gradcam.grad_cam(gradcam.pooled_logits_fn(tower, lambda emb, _: emb @ w),
+                           jnp.zeros_like(fm), {"image": x, "feature_map": fm}, details=True)
+  for key in ("cams", "grads", "fmap", "logits"):
+    np.testing.assert_allclose(split[key], out[key], rtol=1e-5, atol=1e-5, err_msg=key)

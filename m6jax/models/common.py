@@ -18,6 +18,11 @@ def make_divisible(v: float, divisor: int = 8) -> int:
   return new
 
 
+def global_average(feature_map):
+  """(B, h, w, c) -> (B, c) float32 mean over h, w: every backbone's 'embedding'."""
+  return jnp.mean(feature_map.astype(jnp.float32), axis=(1, 2))
+
+
 def pooled_outputs(module: nn.Module, x, num_classes: int) -> dict:
   """Final map ``x`` -> {'feature_map', 'embedding' (f32 global average),
   'logits' (f32, if num_classes > 0)}.
@@ -27,7 +32,7 @@ def pooled_outputs(module: nn.Module, x, num_classes: int) -> dict:
   the same as when written inline (checkpoints and optimizer regexes use them).
   """
   fmap = module.perturb("feature_map", x)
-  emb = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+  emb = global_average(fmap)
   out = {"feature_map": fmap, "embedding": emb}
   if num_classes > 0:
     out["logits"] = nn.Dense(num_classes, dtype=jnp.float32, name="classifier")(emb)

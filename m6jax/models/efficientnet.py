@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m6jax.models import conv
+from m6jax.models import common, conv
 from m6jax.models.common import make_divisible
 
 FEATURE_DIM = 1280
@@ -272,7 +272,7 @@ class EfficientNet(nn.Module):
         self.sow("intermediates", f"stage{sp.stage}", x)
     x = ConvBN(head_features(self.variant), 1, act=act, name="head", **kw)(x, train)
     fmap = self.perturb("feature_map", x)
-    emb = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+    emb = common.global_average(fmap)
     out = {"feature_map": fmap, "embedding": emb}
     if self.num_classes > 0:
       h = nn.Dropout(cfg.dropout)(emb, deterministic=not train)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from m6jax.models import common
+
 FEATURE_DIM = 32
 
 
@@ -32,4 +34,4 @@ class TinyCNN(nn.Module):
                        name=f"bn{i}")(x)
       x = nn.relu(x)
     fmap = self.perturb("feature_map", x)
-    return {"feature_map": fmap, "embedding": jnp.mean(fmap, axis=(1, 2))}
+    return {"feature_map": fmap, "embedding": common.global_average(fmap)}

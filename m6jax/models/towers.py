@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from m6jax import weights as weights_lib
-from m6jax.models import efficientnet, efficientnet_convert, mobilenet, resnet, tiny, vgg
+from m6jax.models import (common, efficientnet, efficientnet_convert, mobilenet, resnet, tiny,
+                          vgg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,12 @@ class ImageTower:
   preprocess: Callable        # float RGB 0..255 (B, H, W, 3) -> model input
   variables: dict             # {'params': ..., 'batch_stats': ...}
   feature_dim: int
+
+  @staticmethod
+  def pool(feature_map):
+    """(B, h, w, c) final feature map -> (B, c) 'embedding', as every backbone
+    computes it from its 'feature_map' output (global average, float32)."""
+    return common.global_average(feature_map)
 
 
 def image_tower(name: str, spec: str, image_size: int, dtype=jnp.float32,

@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from m6jax.models import common
 from m6jax.models.keras_h5 import (assign_keras, expected_shapes, head_classes,
                                    read_keras_h5)
 
@@ -59,7 +60,7 @@ class VGG16(nn.Module):
         out[f"block{b}"] = x
     fmap = self.perturb("feature_map", x)
     out["feature_map"] = fmap
-    out["embedding"] = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+    out["embedding"] = common.global_average(fmap)
     if self.num_classes > 0:
       h = fmap.reshape(fmap.shape[0], -1)  # NHWC flatten, same order as Keras
       h = nn.relu(nn.Dense(4096, dtype=self.dtype, name="fc1")(h))
