@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
@@ -116,15 +115,15 @@ def image_embeddings(cfg, builder, splits, cache_dir=None, seed: int = 0) -> dic
 def embed_image_batches(tower, batches) -> np.ndarray:
   """Frozen image tower over batches {'image': uint8 (B, S, S, 3), 'mask'} -> (N, D).
 
-  One jitted program per call (one compile per batch shape); a batch is
-  dispatched before the previous result is copied back, so building the
-  next batch overlaps with compute.
+  The tower's feature-map program (ImageTower.feature_map, the one Grad-CAM
+  runs too) pooled by a second small one, so a run compiles the tower once;
+  a batch is dispatched before the previous result is copied back, so
+  building the next batch overlaps with compute.
   """
+  pool = jax.jit(tower.pool)
 
-  @jax.jit
   def embed(variables, images):
-    x = tower.preprocess(images.astype(jnp.float32))
-    return tower.module.apply(variables, x, train=False)["embedding"]
+    return pool(tower.feature_map(variables, images))
 
   chunks, pending = [], None
   for b in batches:

@@ -104,7 +104,7 @@ def _cam_model(cfg, run, params, stats, mods, split, text):
   """-> (make_logits_fn, replica params, shared, perturbations or None, inputs_of(batch, start)).
 
   Frozen runs: the image tower's feature map (one program for every head,
-  gradcam.feature_map_fn) feeds each replica's head, with the product's text
+  ImageTower.feature_map) feeds each replica's head, with the product's text
   embedding held fixed; perturbations are then made from the first batch's
   feature map. Finetune runs: each replica's whole Classifier.
   """
@@ -113,7 +113,7 @@ def _cam_model(cfg, run, params, stats, mods, split, text):
     tower = towers.image_tower(cfg.model.image.name, cfg.model.image.weights, size,
                                seed=cfg.seed)
     head_apply = _frozen_head(run.trainer.head, mods)
-    feature_map = gradcam.feature_map_fn(tower)
+    feature_map = tower.feature_map
     make = lambda p, _: gradcam.pooled_logits_fn(  # noqa: E731
         tower, functools.partial(head_apply, p))
 

@@ -163,23 +163,8 @@ def image_logits_fn(tower, head_apply: Callable, variables=None) -> Callable:
   return logits_fn
 
 
-def feature_map_fn(tower) -> Callable:
-  """jit(variables, images (B, H, W, 3) 0..255) -> (B, h, w, c) final feature map.
-
-  The frozen tower's part of a Grad-CAM, split from the head's part
-  (pooled_logits_fn): this program depends only on the tower and the batch
-  shape, so every experiment on the same tower loads it from XLA's
-  persistent cache instead of compiling it.
-  """
-  @jax.jit
-  def fmap(variables, images):
-    x = tower.preprocess(images.astype(jnp.float32))
-    return tower.module.apply(variables, x, train=False)["feature_map"]
-  return fmap
-
-
 def pooled_logits_fn(tower, head_apply: Callable) -> Callable:
-  """logits_fn for a frozen tower's precomputed feature map (feature_map_fn).
+  """logits_fn for a frozen tower's precomputed feature map (ImageTower.feature_map).
 
   inputs is a dict with 'feature_map' (B, h, w, c) and 'image' (for the map
   size), plus whatever head_apply(image_embedding, inputs) reads. The

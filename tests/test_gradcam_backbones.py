@@ -38,7 +38,7 @@ def test_grad_cam_on_backbone(name):
   # (to float rounding: the feature map comes from a program of its own).
   feats = tower.module.apply(tower.variables, x_pre, train=False)
   np.testing.assert_array_equal(tower.pool(feats["feature_map"]), feats["embedding"])
-  fm = gradcam.feature_map_fn(tower)(tower.variables, x)
+  fm = tower.feature_map(tower.variables, x)
   split = gradcam.grad_cam(gradcam.pooled_logits_fn(tower, lambda emb, _: emb @ w),
                            jnp.zeros_like(fm), {"image": x, "feature_map": fm}, details=True)
   for key in ("cams", "grads", "fmap", "logits"):

@@ -80,6 +80,23 @@ class ImageTower:
     computes it from its 'feature_map' output (global average, float32)."""
     return common.global_average(feature_map)
 
+  @functools.cached_property
+  def feature_map(self) -> Callable:
+    """jit(variables, images (B, H, W, 3) 0..255) -> (B, h, w, c) final feature map.
+
+    The one program of a frozen tower: m6jax.embed pools it (pool: the same
+    float32 embedding the module gives, bit for bit) and Grad-CAM takes the
+    head's gradient at it (gradcam.pooled_logits_fn). Built once per tower, so
+    repeated calls (serving) reuse it; it depends only on the tower and the
+    batch shape, so later experiments on the same tower load it from XLA's
+    persistent cache instead of compiling it.
+    """
+    @jax.jit
+    def feature_map(variables, images):
+      x = self.preprocess(images.astype(jnp.float32))
+      return self.module.apply(variables, x, train=False)["feature_map"]
+    return feature_map
+
 
 def image_tower(name: str, spec: str, image_size: int, dtype=jnp.float32,
                 seed: int = 0, conv_impl: str = "auto") -> ImageTower:
