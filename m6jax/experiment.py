@@ -214,9 +214,7 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
         workdir_lib.clear(workdir)
       elif cfg.train.checkpoint:   # refuse before a tracking run is opened
         workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
-    # The MLflow run opens in the background while the data and features are built.
-    with track.Tracker(cfg, workdir, **(dict(start_in_background=True) | tracker_kwargs)
-                       ) as tracker:
+    with track.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
       res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch)
       if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
         t = time.time()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 
 from m6jax import curves, mlflow_store
@@ -206,7 +205,7 @@ class Tracker:
 
   def __init__(self, cfg, workdir, parent_run_id=None, run_name=None, *, uri=None,
                store_dir=None, tags=None, resume="unfinished", parent_workdir=None,
-               overrides=None, description=None, start_in_background=False):
+               overrides=None, description=None):
     sec = _section(cfg)
     self.cfg, self.workdir = cfg, os.path.abspath(workdir)
     from m6jax import mesh as mesh_lib  # jax: only runs that track import it
@@ -223,10 +222,8 @@ class Tracker:
     self.resume = resume
     seed0, k = int(_get(cfg, ("seed",)) or 0), int(_get(cfg, ("seeds",)) or 1)
     self.seeds = [seed0 + i for i in range(k)]
-    self._run_id = self.status = self._store = None
+    self.run_id = self.status = self._store = None
     self.degraded = False
-    self.start_in_background = start_in_background
-    self._starting = None        # the thread opening the run (start_in_background)
     self._journal = []
     self._logged_steps = set()   # epochs a continued run already has
     self._pending = []           # epoch metrics not yet sent (see _queue)
@@ -235,23 +232,6 @@ class Tracker:
   @property
   def buffer_path(self):
     return os.path.join(self.workdir, BUFFER)
-
-  @property
-  def run_id(self):
-    """The MLflow run's id (None: tracking off or the store unavailable)."""
-    self._wait_started()
-    return self._run_id
-
-  @run_id.setter
-  def run_id(self, value):
-    self._run_id = value
-
-  def _wait_started(self):
-    """Waits for a run opening in the background (start_in_background)."""
-    starting = self._starting
-    if starting is not None and starting is not threading.current_thread():
-      starting.join()
-      self._starting = None
 
   def __enter__(self):
     return self.start()
@@ -263,22 +243,9 @@ class Tracker:
 
   # --- the writer interface ----------------------------------------------------
   def start(self):
-    """Opens (or continues) the MLflow run. With start_in_background the run
-    is opened by a thread while the caller goes on (importing MLflow and
-    opening its store take 1-3 s, which then overlap with building the
-    dataset and features); every later call waits for it first."""
     os.makedirs(self.workdir, exist_ok=True)
     if not self.enabled:
       return self
-    if self.start_in_background:
-      self._starting = threading.Thread(target=self._open_run, name="m6jax-tracking-start",
-                                        daemon=True)
-      self._starting.start()
-    else:
-      self._open_run()
-    return self
-
-  def _open_run(self):
     try:
       from mlflow.tracking.context.registry import resolve_tags  # git, user, source
       prev = read_json(os.path.join(self.workdir, STATE)) or {}
@@ -294,12 +261,12 @@ class Tracker:
                   "parent_workdir": self.parent_workdir, "tags": tags, "params": params})
     except Exception as e:  # noqa: BLE001 - tracking must never stop training
       log.warning("tracking: could not start: %s", e)
+    return self
 
   def log_epoch(self, record: dict):
     """on_epoch callback: a metrics.jsonl line, and per-seed / mean metrics at step=epoch."""
     if not self.writer:
       return
-    self._wait_started()   # a continued run says which epochs it already has
     try:
       with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
@@ -357,7 +324,6 @@ class Tracker:
     logged only while the store answers.
     """
     if self.enabled:
-      self._wait_started()
       self._flush()
     if not self.enabled or self.degraded or self.run_id is None:
       log.warning("tracking: model %r not logged (tracking off or store unavailable)", name)
@@ -380,7 +346,6 @@ class Tracker:
 
   def summary(self) -> str:
     """One line: where the results, the MLflow run and its UI are."""
-    self._wait_started()
     line = f"[m6jax] {self.status or 'RUNNING'}: results in {self.workdir}"
     if not self.enabled:
       return line + "; tracking off (metrics.jsonl only)"
@@ -413,7 +378,6 @@ class Tracker:
 
   def _emit(self, ev):
     """Sends one event (dict), or a list of metrics events as one write."""
-    self._wait_started()
     if isinstance(ev, dict):
       self._flush()   # what waits goes first, so the store sees events in order
     events = ev if isinstance(ev, list) else [ev]

@@ -363,20 +363,3 @@ def test_continued_run_does_not_log_an_epoch_twice(tmp_path):
     t2.log_epoch(dict(RECORD, epoch=2))
   assert t2.run_id == t1.run_id
   assert _steps(_client(t1.uri), t1.run_id, "train/loss") == [0, 1, 2]
-
-
-def test_run_opened_in_the_background(tmp_path):
-  """start_in_background: the caller goes on while the run opens; every later call
-  waits for it, so nothing is lost or out of order."""
-  cfg = ml_collections.ConfigDict({"name": "fake", "seed": 0, "seeds": 2})
-  wd = str(tmp_path / "runs" / "r")
-  with track.Tracker(cfg, wd, start_in_background=True) as t:
-    assert t._starting is not None                  # opening in its own thread
-    for e in range(3):
-      t.log_epoch(dict(RECORD, epoch=e))
-    t.log_metrics({"test/accuracy": 0.5})
-  assert t._starting is None and t.run_id is not None
-  c = _client(t.uri)
-  assert _steps(c, t.run_id, "train/loss") == [0, 1, 2]
-  run = c.get_run(t.run_id)
-  assert run.info.status == "FINISHED" and run.data.metrics["test/accuracy"] == 0.5
