@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -38,11 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class _Timer:
-  """Wall time per phase: `with timer('train'): ...` -> timer.timings['train'].
-
-  Phases may overlap: the feasibility study runs in a background thread
-  beside 'train' and 'evaluate'.
-  """
+  """Wall time per phase: `with timer('train'): ...` -> timer.timings['train']."""
 
   def __init__(self):
     self.t0 = time.time()
@@ -94,55 +89,46 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
     log.warning("%d bad rows skipped; see %s", len(run.report.bad),
                 os.path.join(workdir, "data_report.txt"))
   labels = {s: c["label"] for s, c in run.cols.items()}
-  with ThreadPoolExecutor(1) as background:
-    study = None
-    if cfg.get("feasibility") and run.feats and mesh.is_writer():
-      # The study needs only the embeddings, so it runs beside training: the
-      # small jitted epochs and sklearn's single-threaded KMeans / t-SNE each
-      # leave a core idle much of the time.
-      def feasibility_study():
-        with timer("feasibility"):
-          return feasibility.feasibility_study(
-              {m: np.concatenate([f[s] for s in features.SPLITS]) for m, f in run.feats.items()},
-              np.concatenate([labels[s] for s in features.SPLITS]),
-              run.class_names, workdir, seed=cfg.seed,
-              cache_dir=cfg.train.get("cache_dir") or cache.default_root())
-      study = background.submit(feasibility_study)
-    with timer("train"), checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint) as ckpt:
-      states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch)
-    bundle.save(workdir, run, states)   # what predict/explain/serve need besides the checkpoint
+  with timer("train"), checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint) as ckpt:
+    states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch)
+  bundle.save(workdir, run, states)   # what predict/explain/serve need besides the checkpoint
 
-    mods = fusion.modalities(cfg.model.fusion)
-    with timer("evaluate"):
-      # Each replica's best-validation parameters: the ones the checkpoint holds.
-      probs, weights = run.trainer.predict(states.best_params, states.best_batch_stats, "test",
-                                           with_weights=True)
-      # One model per seed (with folds: that seed's fold ensemble), scored per seed.
-      probs = run.trainer.seed_models(probs)
-      scores = results.score(labels["test"], probs, run.class_names)
-      extra = {
-          "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
-          "seeds": [cfg.seed + k for k in range(cfg.seeds)],
-          "replicas": run.trainer.num_replicas,
-          "modality_weights_mean": dict(zip(mods,
-                                            np.asarray(weights).mean(axis=(0, 1)).tolist())),
-          "validation": best_validation(history, cfg.train.get("select_by", "macro_f1")),
-          "best_val_macro_f1": best_validation(history).get("macro_f1", []),
-          "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
-          "history": history,
-          "devices": [str(d) for d in jax.devices()],
-      }
-      if getattr(run.trainer, "plan", None) is not None:
-        extra["cross_validation"] = run.trainer.out_of_fold_scores(states.best_params)
-        log.info("cross-validation (%d folds x %d seeds, out-of-fold): %s", cfg.train.folds,
-                 cfg.seeds, {k: round(v, 4) for k, v in extra["cross_validation"].items()
-                             if isinstance(v, float)})
-      if cfg.train.mode == "frozen" and len(mods) > 1:
-        extra["modality_importance"] = run.trainer.modality_importance(states.best_params)
-        log.info("modality importance (test, ensemble accuracy): %s",
-                 {k: round(v, 4) for k, v in extra["modality_importance"].items()})
-    if study is not None:
-      extra["feasibility"] = study.result()
+  mods = fusion.modalities(cfg.model.fusion)
+  with timer("evaluate"):
+    # Each replica's best-validation parameters: the ones the checkpoint holds.
+    probs, weights = run.trainer.predict(states.best_params, states.best_batch_stats, "test",
+                                         with_weights=True)
+    # One model per seed (with folds: that seed's fold ensemble), scored per seed.
+    probs = run.trainer.seed_models(probs)
+    scores = results.score(labels["test"], probs, run.class_names)
+    extra = {
+        "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
+        "seeds": [cfg.seed + k for k in range(cfg.seeds)],
+        "replicas": run.trainer.num_replicas,
+        "modality_weights_mean": dict(zip(mods,
+                                          np.asarray(weights).mean(axis=(0, 1)).tolist())),
+        "validation": best_validation(history, cfg.train.get("select_by", "macro_f1")),
+        "best_val_macro_f1": best_validation(history).get("macro_f1", []),
+        "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
+        "history": history,
+        "devices": [str(d) for d in jax.devices()],
+    }
+    if getattr(run.trainer, "plan", None) is not None:
+      extra["cross_validation"] = run.trainer.out_of_fold_scores(states.best_params)
+      log.info("cross-validation (%d folds x %d seeds, out-of-fold): %s", cfg.train.folds,
+               cfg.seeds, {k: round(v, 4) for k, v in extra["cross_validation"].items()
+                           if isinstance(v, float)})
+    if cfg.train.mode == "frozen" and len(mods) > 1:
+      extra["modality_importance"] = run.trainer.modality_importance(states.best_params)
+      log.info("modality importance (test, ensemble accuracy): %s",
+               {k: round(v, 4) for k, v in extra["modality_importance"].items()})
+  if cfg.get("feasibility") and run.feats and mesh.is_writer():
+    with timer("feasibility"):
+      extra["feasibility"] = feasibility.feasibility_study(
+          {m: np.concatenate([f[s] for s in features.SPLITS]) for m, f in run.feats.items()},
+          np.concatenate([labels[s] for s in features.SPLITS]),
+          run.class_names, workdir, seed=cfg.seed,
+          cache_dir=cfg.train.get("cache_dir") or cache.default_root())
   with timer("evaluate"):
     extra["timings"] = timer.total()
     out = results.write_outputs(workdir, scores, run.class_names, run.cols["test"]["uniq_id"],
