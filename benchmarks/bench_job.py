@@ -77,8 +77,8 @@ def main(argv=None):
   print(f"machine: {os.cpu_count()} CPU cores, {platform.platform()}; 1-min load average "
         f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at end")
   print(f"runs: main `{args.main}`, second `{args.second}`; {args.repeats} repeat(s), each "
-        f"from empty caches; median shown (seconds; results.json phases overlap: the "
-        f"feasibility study runs beside training)\n")
+        f"from empty caches; median shown (seconds; wall = the whole process, total = "
+        f"results.json's run time without imports, the final MLflow logging and exit)\n")
   cols = ["wall"] + list(PHASES)
   print("| run | " + " | ".join(cols) + " | test accuracy (ensemble) |")
   print("|---|" + "---|" * (len(cols) + 1))
