@@ -56,6 +56,12 @@ def grouped_conv(t, states) -> bool:
   return any(int(g) > 1 for g in re.findall(r"feature_group_count = (\d+)", text))
 
 
+def max_leaf_diff(tree, ref) -> float:
+  """Largest |a - b| over the leaves of two trees of the same structure."""
+  return max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)))
+
+
 def main():
   out = {"devices": jax.device_count(), "frozen": {}, "finetune": {}}
   ref = None
@@ -69,9 +75,7 @@ def main():
     if ref is None:
       ref = (probs, jax.tree.map(np.asarray, states.params))
     rec["max_diff_probs"] = float(np.abs(probs - ref[0]).max())
-    rec["max_diff_params"] = max(float(np.abs(np.asarray(a) - b).max())
-                                 for a, b in zip(jax.tree.leaves(states.params),
-                                                 jax.tree.leaves(ref[1])))
+    rec["max_diff_params"] = max_leaf_diff(states.params, ref[1])
     out["frozen"][f"{mesh[0]}x{mesh[1]}"] = rec
   if len(sys.argv) > 2:
     ref = None
@@ -84,8 +88,7 @@ def main():
           "state_spec": str(leaf.sharding.spec),
           "batch_spec": str(t.train_batch_sharding.spec),
           "grouped_conv": grouped_conv(t, s),
-          "max_diff_params": max(float(np.abs(a - b).max())
-                                 for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref)))}
+          "max_diff_params": max_leaf_diff(p, ref)}
     # lax.map over the replicas each seed group holds (no grouped convolutions),
     # BatchNorm statistics updated: per-seed and shared data order.
     out["finetune_map"] = {}
@@ -103,8 +106,7 @@ def main():
             "state_spec": str(leaf.sharding.spec),
             "state_devices": len(leaf.sharding.device_set),
             "grouped_conv": grouped_conv(t, s),
-            "max_diff_params": max(float(np.abs(a - b).max())
-                                   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref)))}
+            "max_diff_params": max_leaf_diff(p, ref)}
   print("RESULT " + json.dumps(out))
 
 
