@@ -46,9 +46,13 @@ def epoch_key(key, epoch, salt: int):
 
 
 def new_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
-  """A fresh state: step 0, best_* = the initial parameters, best_f1 = -1."""
+  """A fresh state: step 0, best_* = the initial parameters, best_f1 = -inf.
+
+  -inf, not -1: with select_by=log_loss the score is -log_loss, which stays below
+  -1 for a weak model; any finite first score must replace the initial parameters.
+  """
   return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
-                    params, batch_stats, jnp.full((), -1.0, jnp.float32))
+                    params, batch_stats, jnp.full((), -jnp.inf, jnp.float32))
 
 
 def keep_best(state: TrainState, f1) -> TrainState:
