@@ -45,10 +45,10 @@ case "$cmd" in
     "$PY" -m m6jax.main --config "$config" --workdir "$workdir" "$@" ;;
   sweep)
     file=$1; shift
-    "$PY" -m m6jax.sweep --sweep "$file" "$@" ;;
+    "$PY" -m m6jax.track.sweep --sweep "$file" "$@" ;;
   compare)
     root=$1; shift
-    "$PY" -m m6jax.compare --root "$root" "$@" ;;
+    "$PY" -m m6jax.track.compare --root "$root" "$@" ;;
   ui)
     # The store `run`/`sweep` write by default (workdirs under runs/).
     mkdir -p runs

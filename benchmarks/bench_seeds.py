@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 def heads(k: int, epochs: int):
   from configs.default import get_config
-  from m6jax import train
+  from m6jax.train import trainer as trainer_lib
   rng = np.random.default_rng(0)
   n = {"train": 588, "validation": 126, "test": 126}
   labels = {s: rng.integers(0, 7, m).astype(np.int32) for s, m in n.items()}
@@ -35,7 +35,7 @@ def heads(k: int, epochs: int):
   def fit(seeds, seed):
     cfg = get_config()
     cfg.seeds, cfg.seed, cfg.train.epochs = seeds, seed, epochs
-    t = train.FrozenTrainer(cfg, 7, feats, labels)
+    t = trainer_lib.FrozenTrainer(cfg, 7, feats, labels)
     states, _ = t.fit(labels["validation"], progress=False)
     jax.block_until_ready(states)
 

@@ -119,7 +119,7 @@ def main(argv=None):
   import torch
   from transformers import BertModel
 
-  from m6jax import weights
+  from m6jax.models.weights import sources as weights_lib
   from m6jax.data import tokenize
   from m6jax.models import bert
 
@@ -128,7 +128,7 @@ def main(argv=None):
   if args.limit:
     texts = texts[:args.limit]
   n, bs, L = len(texts), args.batch_size, args.max_length
-  folder = weights.resolve(args.spec)
+  folder = weights_lib.resolve(args.spec)
   tok = tokenize.load_tokenizer(folder)
   t = time.perf_counter()
   ids_list = tok(texts, truncation=True, max_length=L, padding=False)["input_ids"]

@@ -84,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.groups = ml_collections.ConfigDict()
   t.cache_dir = ""                     # frozen-tower features by product content; "" = the
                                        # shared cache ($M6JAX_FEATURE_CACHE or
-                                       # ~/.cache/m6jax/features; python -m m6jax.cache list)
+                                       # ~/.cache/m6jax/features;
+                                       # python -m m6jax.features.cache list)
   t.xla_cache_dir = ""                 # compiled XLA programs kept across runs, so another
                                        # experiment skips compiling; "" = ~/.cache/m6jax/xla
                                        # ($M6JAX_CACHE/xla), "none" = off
@@ -106,7 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
       enabled=True,                      # False: no MLflow (metrics.jsonl is still written)
       uri="",                            # '' = $MLFLOW_TRACKING_URI, else sqlite:///<workdir/..>/mlflow.db
       experiment="m6jax",
-      log_model=True))                   # the trained model as an MLflow pyfunc (m6jax.serve)
+      # the trained model as an MLflow pyfunc (m6jax.inference.serve)
+      log_model=True))
 
   c.feasibility = True                 # KMeans ARI + t-SNE of the frozen embeddings
   # K = `seeds` replicas of the run, trained as one vmapped program; replica k

@@ -1,7 +1,7 @@
 """Text only, image only and fused heads, new modality-balanced recipe next to the old one.
 
   ./launch.sh sweep experiments/ablation.py          -> runs/ablation/<cell>/
-  .venv/bin/python -m m6jax.compare --root runs/ablation --out experiments/ablation
+  .venv/bin/python -m m6jax.track.compare --root runs/ablation --out experiments/ablation
 
 Every cell: frozen towers, 5 seeds as one vmapped program, each seed's epoch
 picked on validation; the `_folds5` cells add 5-fold cross-validation over

@@ -17,7 +17,7 @@ import codecs
 import re
 
 from configs import base
-from m6jax import gradcam
+from m6jax.explain import gradcam
 from m6jax.models import fusion, towers
 
 

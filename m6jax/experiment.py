@@ -1,6 +1,6 @@
 """One experiment, end to end: features -> train -> evaluate -> feasibility -> explain -> track.
 
-The entry points (m6jax.main, m6jax.sweep) call `run`; it is the one place
+The entry points (m6jax.main, m6jax.track.sweep) call `run`; it is the one place
 that strings the steps together, so a sweep cell and a main job produce the
 same outputs. results.json records each phase's wall time under `timings`.
 """
@@ -15,23 +15,17 @@ import time
 import jax
 import numpy as np
 
-from m6jax import (
-  bundle,
-  cache,
-  checkpoint,
-  explain,
-  feasibility,
-  features,
-  files,
-  mesh,
-  results,
-  serve,
-  track,
-  weights,
-)
 from m6jax import config as config_lib
+from m6jax import files, mesh
 from m6jax import workdir as workdir_lib
+from m6jax.evaluate import feasibility, results
+from m6jax.explain import run as explain_lib
+from m6jax.features import cache, prepare
+from m6jax.inference import bundle, serve
 from m6jax.models import fusion
+from m6jax.models.weights import sources as weights_lib
+from m6jax.track import tracker as tracker_lib
+from m6jax.train import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +74,7 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
   if mesh.is_writer():
     files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
   with timer("setup"):
-    run = features.setup(cfg, workdir)
+    run = prepare.setup(cfg, workdir)
     if mesh.is_writer():
       run.report.write(workdir)
   if guard:
@@ -125,8 +119,8 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
   if cfg.get("feasibility") and run.feats and mesh.is_writer():
     with timer("feasibility"):
       extra["feasibility"] = feasibility.feasibility_study(
-          {m: np.concatenate([f[s] for s in features.SPLITS]) for m, f in run.feats.items()},
-          np.concatenate([labels[s] for s in features.SPLITS]),
+          {m: np.concatenate([f[s] for s in prepare.SPLITS]) for m, f in run.feats.items()},
+          np.concatenate([labels[s] for s in prepare.SPLITS]),
           run.class_names, workdir, seed=cfg.seed,
           cache_dir=cfg.train.get("cache_dir") or cache.default_root())
   with timer("evaluate"):
@@ -163,7 +157,7 @@ def best_validation(history: list, select_by: str = "macro_f1") -> dict:
 def _explain(cfg, workdir: str, results_dict: dict) -> None:
   """Grad-CAM gallery and stability of the finished run into results_dict['gradcam']."""
   ex = cfg.explain
-  out = explain.explain_run(workdir, n_per_class=ex.n_per_class, method=ex.method)
+  out = explain_lib.explain_run(workdir, n_per_class=ex.n_per_class, method=ex.method)
   results_dict["gradcam"] = {"method": ex.method, "stability": out["stability"],
                              "gallery": os.path.relpath(out["gallery"], workdir),
                              "timings": out["timings"]}
@@ -179,7 +173,7 @@ def use_xla_cache(cfg) -> None:
   path = cfg.train.get("xla_cache_dir", "")
   if path == "none" or jax.config.jax_compilation_cache_dir is not None:
     return
-  jax.config.update("jax_compilation_cache_dir", path or str(weights.cache_dir() / "xla"))
+  jax.config.update("jax_compilation_cache_dir", path or str(weights_lib.cache_dir() / "xla"))
   # Every program: the small ones add up (the default job compiles ~30).
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
@@ -200,7 +194,7 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
         workdir_lib.clear(workdir)
       elif cfg.train.checkpoint:   # refuse before a tracking run is opened
         workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
-    with track.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
+    with tracker_lib.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
       res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch)
       if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
         t = time.time()
@@ -210,7 +204,7 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
           files.write_json(os.path.join(workdir, "results.json"), res)
       tracker.log_results(res, workdir)
       if cfg.track.log_model and cfg.train.checkpoint:   # all: orbax syncs processes
-        # The served model: bundle + the checkpoint results.json scored (m6jax.serve).
+        # The served model: bundle + the checkpoint results.json scored (m6jax.inference.serve).
         serve.log_to(tracker, workdir)
   mesh.barrier("run_end")   # the others wait for the writer, not jax's 5-min shutdown barrier
   return res

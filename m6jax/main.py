@@ -1,7 +1,7 @@
 """Run one experiment: python -m m6jax.main --config configs/default.py --workdir runs/default
 
 Any config field can be overridden: --config.train.epochs=5 --config.seeds=3
-The run is tracked in MLflow (m6jax.track; store: runs/mlflow.db for runs/<name>),
+The run is tracked in MLflow (m6jax.track.tracker; store: runs/mlflow.db for runs/<name>),
 or not with --config.track.enabled=False.
 
 Rerunning into a workdir resumes its checkpoint when the config, dataset and

@@ -8,7 +8,7 @@ says so). Re-entrant within one process.
 Fingerprint: `<workdir>/checkpoints/fingerprint.json`, beside the checkpoint it
 describes: the config minus cosmetic keys (COSMETIC: naming, tracking,
 explanations, logging, where files live), the built dataset's id (a hash of the
-catalogue and every data setting, m6jax.features.Setup.dataset_id) and the code
+catalogue and every data setting, m6jax.features.prepare.Setup.dataset_id) and the code
 version. A workdir whose checkpoint was trained with another fingerprint is not
 resumed: `check` raises WorkdirMismatch naming the keys that differ.
 """

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m6jax.models.keras_h5 import read_keras_h5, write_keras_h5_legacy
+from m6jax.models.weights.keras_h5 import read_keras_h5, write_keras_h5_legacy
 
 
 def seeded_keras():

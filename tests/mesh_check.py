@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m6jax import train
 from m6jax.data import tfds_builder
-from m6jax.finetune import FinetuneTrainer
 from m6jax.models import towers
+from m6jax.train import trainer as trainer_lib
+from m6jax.train.finetune import FinetuneTrainer
 from tests.conftest import learnable_features, tiny_config
 
 
@@ -27,7 +27,7 @@ def problem(mesh, seeds=8):
   cfg.seeds, cfg.train.epochs, cfg.train.batch_size = seeds, 3, 16
   cfg.model.hidden = 8
   cfg.mesh.seed, cfg.mesh.data = mesh
-  return train.FrozenTrainer(cfg, 3, feats, labels), labels
+  return trainer_lib.FrozenTrainer(cfg, 3, feats, labels), labels
 
 
 def finetune(mesh, catalogue, tfds, **overrides):

@@ -4,7 +4,9 @@ import numpy as np
 from cleanlab import filter as cl_filter
 from cleanlab import rank as cl_rank
 
-from m6jax import audit_labels, folds, train
+from m6jax.evaluate import audit_labels
+from m6jax.train import folds
+from m6jax.train import trainer as trainer_lib
 from tests.conftest import tiny_config
 
 
@@ -27,7 +29,7 @@ def _oof_with_flips(n=100, classes=4, flips=10, seed=0):
   cfg.seeds, cfg.train.epochs, cfg.train.batch_size = 2, 15, 16
   cfg.train.learning_rate, cfg.train.warmup_steps, cfg.train.select_by = 3e-2, 0, "log_loss"
   cfg.model.fusion, cfg.model.hidden = "early", 0
-  trainer = train.FrozenTrainer(cfg, classes, feats, labels, plan=plan)
+  trainer = trainer_lib.FrozenTrainer(cfg, classes, feats, labels, plan=plan)
   states, _ = trainer.fit(None, progress=False)
   oof = folds.out_of_fold(trainer.predict(states.best_params, None, "pool"), plan)
   return noisy, oof, set(flipped.tolist())

@@ -197,11 +197,11 @@ def _product_texts():
 
 @pytest.fixture(scope="module")
 def minilm():
-  from m6jax import weights
   from m6jax.data import tokenize
+  from m6jax.models.weights import sources as weights_lib
   torch = pytest.importorskip("torch")
   from transformers import BertModel
-  folder = weights.resolve(SPEC)
+  folder = weights_lib.resolve(SPEC)
   cfg, params = bert.load_pretrained(SPEC)
   tok = tokenize.load_tokenizer(folder)
   ref = BertModel.from_pretrained(str(folder), attn_implementation="eager",

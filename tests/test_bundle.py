@@ -1,4 +1,5 @@
-"""The inference bundle (m6jax.bundle) and the logged MLflow model (m6jax.serve)."""
+"""The inference bundle (m6jax.inference.bundle) and the logged MLflow model
+(m6jax.inference.serve)."""
 
 import csv
 import json
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from m6jax import bundle, predict, restore
+from m6jax.inference import bundle, predict, restore
 from m6jax.models import tfidf
 from tests.conftest import tiny_config
 from tests.trained import trained_run
@@ -121,7 +122,8 @@ def test_logged_mlflow_model_predicts_as_the_predict_cli(tmp_path_factory, tmp_p
   import mlflow
   from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-  from m6jax import serve, track
+  from m6jax.inference import serve
+  from m6jax.track import tracker as tracker_lib
   run = trained_run(tmp_path_factory, "early")
   wd = run["workdir"]
   # A scoped tracking URI: a global one would leak into the other tests' stores.
@@ -131,7 +133,8 @@ def test_logged_mlflow_model_predicts_as_the_predict_cli(tmp_path_factory, tmp_p
       info = serve.log_model(wd)
     model = mlflow.pyfunc.load_model(info.model_uri)
   # The same model logged through the tracker's seam (its own run and store).
-  with track.Tracker(ml_collections.ConfigDict({"name": "m"}), str(tmp_path / "t" / "m")) as t:
+  cfg = ml_collections.ConfigDict({"name": "m"})
+  with tracker_lib.Tracker(cfg, str(tmp_path / "t" / "m")) as t:
     uri = serve.log_to(t, wd)
   with _use_tracking_uri(t.uri):
     tracked = mlflow.pyfunc.load_model(uri)

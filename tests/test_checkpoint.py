@@ -1,4 +1,4 @@
-"""m6jax.checkpoint: round trips, retention, atomicity, unreadable steps, disabled mode."""
+"""m6jax.train.checkpoint: round trips, retention, atomicity, unreadable steps, disabled mode."""
 
 import os
 import signal
@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from m6jax.checkpoint import CheckpointError, Checkpoints
+from m6jax.train.checkpoint import CheckpointError, Checkpoints
 
 K = 3  # seed replicas
 
@@ -176,7 +176,7 @@ CHILD = textwrap.dedent("""
     import os, signal
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from m6jax.checkpoint import Checkpoints
+    from m6jax.train.checkpoint import Checkpoints
     ck = Checkpoints({workdir!r})
     ck.save_latest(1, {{"w": jnp.ones((64, 64))}}, {{"epoch": 1}})
     ck.wait()

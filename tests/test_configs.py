@@ -9,8 +9,8 @@ import pytest
 
 from configs import base, smoke
 from m6jax import config as config_lib
-from m6jax import optim
 from m6jax.models import efficientnet, fusion, mobilenet, resnet, tiny, towers, vgg
+from m6jax.train import optim
 
 CONFIGS = [("default", None), ("smoke", None), ("text_only", None), ("text_only", "tfidf"),
            ("fusion", "early"), ("fusion", "late"), ("fusion", "gated"),

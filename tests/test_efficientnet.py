@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m6jax import torch_pickle
 from m6jax.models import efficientnet as E
 from m6jax.models import efficientnet_convert as C
+from m6jax.models.weights import torch_pickle
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "flipkart", "images")
 
@@ -310,7 +310,7 @@ def test_load_keras_errors(keras_b0, tmp_path):
         src.copy(src[name], dst, name)
   with pytest.raises(ValueError, match="lists 'block3b_dwconv', the file has no group"):
     C.load_keras(bad)
-  from m6jax.models import keras_h5
+  from m6jax.models.weights import keras_h5
   layers = keras_h5.read_keras_h5(legacy)
   del layers["block3b_dwconv"]
   keras_h5.write_keras_h5_legacy(tmp_path / "missing.h5", layers)

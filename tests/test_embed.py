@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import make_catalogue, tiny_config
 
-from m6jax import cache as cache_lib
-from m6jax import embed, features
 from m6jax.data import pipeline, tfds_builder, tokenize
+from m6jax.features import cache as cache_lib
+from m6jax.features import embed, prepare
 from m6jax.models import bert, towers
 
 SPLITS = ("train", "validation", "test")
@@ -147,10 +147,10 @@ def test_second_workdir_hits_cache(catalogue, tfds_dir, tmp_path, monkeypatch, c
   monkeypatch.setenv(cache_lib.ENV, str(tmp_path / "shared"))
   cfg = _cfg(catalogue, tfds_dir)
   cfg.model.fusion = "image"
-  first = features.setup(cfg, str(tmp_path / "run1"))
+  first = prepare.setup(cfg, str(tmp_path / "run1"))
   assert counts["image_tower"] == 1 and counts["image_rows"] > 0
   rows = counts["image_rows"]
-  second = features.setup(cfg, str(tmp_path / "run2"))
+  second = prepare.setup(cfg, str(tmp_path / "run2"))
   assert counts["image_tower"] == 1 and counts["image_rows"] == rows
   for s in SPLITS:
     np.testing.assert_array_equal(first.feats["image"][s], second.feats["image"][s])
@@ -158,7 +158,7 @@ def test_second_workdir_hits_cache(catalogue, tfds_dir, tmp_path, monkeypatch, c
   assert not os.path.exists(tmp_path / "run1" / "cache")
   # train.cache_dir still overrides the shared default.
   cfg.train.cache_dir = str(tmp_path / "own")
-  features.setup(cfg, str(tmp_path / "run3"))
+  prepare.setup(cfg, str(tmp_path / "run3"))
   assert counts["image_tower"] == 2 and counts["image_rows"] == 2 * rows
   assert [r["entries"] for r in cache_lib.summary(tmp_path / "own")] == [rows]
 
@@ -252,7 +252,7 @@ def test_threads_share_one_cache(catalogue, tfds_dir, tiny_bert, tmp_path):
 
 _WRITER = """
 import sys, numpy as np
-from m6jax import cache
+from m6jax.features import cache
 store = cache.FeatureCache(sys.argv[1], "t", {"v": 1})
 keys = [cache.content_key(str(i)) for i in range(200)]
 for r in range(5):
@@ -305,7 +305,7 @@ def test_cli_lists_and_clears(tmp_path, capsys):
   cache_lib.main(["clear", "--dir", str(root), "--tower", "tiny"])
   assert [r["tower"] for r in cache_lib.summary(root)] == ["minilm"]
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  done = subprocess.run([sys.executable, "-m", "m6jax.cache", "clear", "--dir", str(root)],
+  done = subprocess.run([sys.executable, "-m", "m6jax.features.cache", "clear", "--dir", str(root)],
                         env=env, capture_output=True, text=True, check=True)
   assert "removed 1 file(s)" in done.stdout
   assert cache_lib.summary(root) == []

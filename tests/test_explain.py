@@ -1,4 +1,5 @@
-"""Grad-CAM (m6jax.gradcam, m6jax.gallery, m6jax.explain): against PyTorch autograd,
+"""Grad-CAM (m6jax.explain.gradcam, m6jax.explain.gallery, m6jax.explain.run):
+against PyTorch autograd,
 finite differences, batching / replica consistency, rank correlation against scipy,
 pictures, and a trained run end to end (library call and CLI)."""
 
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m6jax import explain, gradcam
-from m6jax import gallery as gallery_lib
+from m6jax.explain import gallery as gallery_lib
+from m6jax.explain import gradcam
+from m6jax.explain import run as explain_lib
 from m6jax.models import fusion
 from tests.conftest import new_products_csv, tiny_config
 
@@ -440,7 +442,7 @@ def _check_outputs(out_dir, res, replicas):
 def test_explain_run_end_to_end(tiny_catalogue, tmp_path_factory, frozen_run, mode, caplog):
   cfg, wd = frozen_run if mode == "frozen" else _train(tiny_catalogue, tmp_path_factory, mode)
   with jax.log_compiles(), caplog.at_level("WARNING"):
-    res = explain.explain_run(wd, n_per_class=2,
+    res = explain_lib.explain_run(wd, n_per_class=2,
                               method="gradcam++" if mode == "finetune" else "gradcam")
   # One compiled program for every batch (the last one is padded), all replicas.
   assert res["n"] > cfg.data.batch_size
@@ -477,7 +479,7 @@ def test_explain_new_products_and_cli(tiny_catalogue, frozen_run, tmp_path):
   path = str(tmp_path / "new.csv")
   src = new_products_csv(tiny_catalogue, want, path)
   images = os.path.join(tiny_catalogue, "images")
-  res = explain.explain_run(wd, n_per_class=2, csv=path, images=images)
+  res = explain_lib.explain_run(wd, n_per_class=2, csv=path, images=images)
   assert res["accuracy"] is None and res["n"] == len(src)
   for uid, p in zip(res["uniq_id"], res["probs"]):
     np.testing.assert_allclose(p, want[uid], atol=1e-5)
@@ -486,7 +488,7 @@ def test_explain_new_products_and_cli(tiny_catalogue, frozen_run, tmp_path):
   assert os.path.dirname(out_dir) == os.path.join(wd, "explain")
   _check_outputs(out_dir, res, cfg.seeds)
 
-  r = subprocess.run([sys.executable, "-m", "m6jax.explain", "--workdir", wd,
+  r = subprocess.run([sys.executable, "-m", "m6jax.explain.run", "--workdir", wd,
                       "--method", "hirescam", "--n_per_class", "1"],
                      capture_output=True, text=True, timeout=300,
                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -505,13 +507,13 @@ def test_explain_new_products_and_cli(tiny_catalogue, frozen_run, tmp_path):
 
 def test_output_dir_never_overwrites_unless_told(tmp_path):
   wd = str(tmp_path)
-  a, b = explain.output_dir(wd), explain.output_dir(wd)
+  a, b = explain_lib.output_dir(wd), explain_lib.output_dir(wd)
   assert a != b and os.path.dirname(a) == os.path.join(wd, "explain")
   assert os.path.isdir(a) and not os.listdir(a)
   taken = tmp_path / "gradcam"
   taken.mkdir()
   (taken / "gallery.png").write_bytes(b"x")
   with pytest.raises(ValueError, match="gallery.png"):
-    explain.output_dir(wd, str(taken))
-  assert explain.output_dir(wd, str(taken), overwrite=True) == str(taken)
-  assert explain.output_dir(wd, str(tmp_path / "fresh")) == str(tmp_path / "fresh")
+    explain_lib.output_dir(wd, str(taken))
+  assert explain_lib.output_dir(wd, str(taken), overwrite=True) == str(taken)
+  assert explain_lib.output_dir(wd, str(tmp_path / "fresh")) == str(tmp_path / "fresh")

@@ -1,4 +1,4 @@
-"""Tests for m6jax.feasibility (KMeans ARI study + projection plots)."""
+"""Tests for m6jax.evaluate.feasibility (KMeans ARI study + projection plots)."""
 
 import json
 
@@ -8,7 +8,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from threadpoolctl import threadpool_limits
 
-from m6jax import feasibility as fz
+from m6jax.evaluate import feasibility as fz
 
 N_CLASSES = 3
 N = 90
@@ -144,7 +144,7 @@ def test_deterministic_whatever_the_workers(tmp_path):
 
 
 def test_study_read_back_from_the_cache(tmp_path, monkeypatch):
-  from m6jax import cache
+  from m6jax.features import cache
   embs, y = _study_inputs()
   root = tmp_path / "cache"
   a = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "a", method="pca", cache_dir=root)

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from m6jax import folds, train
+from m6jax.train import folds
+from m6jax.train import trainer as trainer_lib
 from tests.conftest import learnable_features, tiny_config
 
 
@@ -57,7 +58,7 @@ def _cv_trainer(plan, seed=0, epochs=4):
   cfg.train.epochs, cfg.train.batch_size = epochs, 8
   cfg.train.learning_rate, cfg.train.warmup_steps = 3e-2, 0
   cfg.model.fusion, cfg.model.hidden = "early", 8
-  return train.FrozenTrainer(cfg, c, feats, labels, plan=plan), labels
+  return trainer_lib.FrozenTrainer(cfg, c, feats, labels, plan=plan), labels
 
 
 def _plan():

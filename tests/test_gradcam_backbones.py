@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m6jax import gradcam
+from m6jax.explain import gradcam
 from m6jax.models import towers
 
 
@@ -33,7 +33,7 @@ def test_grad_cam_on_backbone(name):
   t = np.asarray(out["targets"])
   want = np.asarray(w)[:, t].T[:, None, None, :] / (h * wd)
   np.testing.assert_allclose(grads, np.broadcast_to(want, grads.shape), rtol=1e-4, atol=1e-7)
-  # Split form (m6jax.explain, frozen runs): the tower's feature map first, then the
+  # Split form (m6jax.explain.run, frozen runs): the tower's feature map first, then the
   # head on tower.pool of it; pool is the backbone's own embedding, so both agree
   # (to float rounding: the feature map comes from a program of its own).
   feats = tower.module.apply(tower.variables, x_pre, train=False)

@@ -1,4 +1,4 @@
-"""Parity of m6jax.metrics against sklearn.metrics / numpy / scipy."""
+"""Parity of m6jax.evaluate.metrics against sklearn.metrics / numpy / scipy."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from m6jax import metrics as M
+from m6jax.evaluate import metrics as M
 
 C = 7
 N = 60

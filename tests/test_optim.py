@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from m6jax import optim
+from m6jax.train import optim
 
 
 def _params():

@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from m6jax import embed, features, predict, restore
 from m6jax.data import tfds_builder
+from m6jax.features import embed, prepare
+from m6jax.inference import predict, restore
 from tests.conftest import REPO
 from tests.trained import trained_run
 
@@ -51,7 +52,7 @@ def test_predict_reproduces_the_runs_test_predictions_without_its_data(early, tm
   def refuse(*a, **k):
     raise AssertionError("prediction must not rebuild the dataset or re-embed it")
 
-  for mod, fn in ((tfds_builder, "prepare"), (features, "setup"),
+  for mod, fn in ((tfds_builder, "prepare"), (prepare, "setup"),
                   (embed, "image_embeddings"), (embed, "text_embeddings")):
     monkeypatch.setattr(mod, fn, refuse)
   before = _snapshot(wd)
@@ -144,7 +145,8 @@ def test_every_row_is_in_the_output_with_its_note(early, tmp_path):
 def test_predict_cli_fail_policy(early, tmp_path):
   path = str(tmp_path / "new.csv")
   _hostile_csv(early, path)
-  r = subprocess.run([sys.executable, "-m", "m6jax.predict", "--workdir", early["workdir"],
+  r = subprocess.run([sys.executable, "-m", "m6jax.inference.predict",
+                      "--workdir", early["workdir"],
                       "--csv", path, "--images", early["new_images"],
                       "--out", str(tmp_path / "cli.csv"), "--on_bad_row=fail"],
                      capture_output=True, text=True, timeout=300, cwd=REPO)

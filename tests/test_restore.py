@@ -1,4 +1,4 @@
-"""m6jax.restore: a finished run serves exactly the parameters results.json scored,
+"""m6jax.inference.restore: a finished run serves exactly the parameters results.json scored,
 rebuilt from its bundle and checkpoint."""
 
 import csv
@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from m6jax import bundle, experiment, files, restore, results
+from m6jax import experiment, files
+from m6jax.evaluate import results
+from m6jax.inference import bundle, restore
 from tests.conftest import REPO, tiny_config
 
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from m6jax import experiment, train
+from m6jax import experiment
+from m6jax.train import trainer as trainer_lib
 from tests.conftest import REPO, tiny_config
 
 
@@ -59,6 +60,6 @@ def test_nonfinite_loss_stops_with_clear_error(tiny_catalogue, tmp_path):
   cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"), **{
       "train.learning_rate": 1e38, "train.warmup_steps": 0, "train.epochs": 6,
       "model.fusion": "image"})
-  with pytest.raises(train.NonFiniteLoss, match="non-finite loss at epoch"):
+  with pytest.raises(trainer_lib.NonFiniteLoss, match="non-finite loss at epoch"):
     experiment.train_and_evaluate(cfg, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "results.json")

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from m6jax import compare, sweep, track
+from m6jax.track import compare, sweep, tracker as tracker_lib
 from tests.conftest import MAX_PIXELS, REPO
 
 
@@ -103,7 +103,7 @@ def test_rerun_finishes_only_missing_cells(tiny_sweep):
 def test_cells_are_nested_runs_of_one_parent(tiny_sweep):
   from mlflow.tracking import MlflowClient
   root = tiny_sweep["root"]
-  c = MlflowClient(track.default_uri(str(root)))   # the sweep's store: <root>/mlflow.db
+  c = MlflowClient(tracker_lib.default_uri(str(root)))   # the sweep's store: <root>/mlflow.db
   exp = c.get_experiment_by_name("m6jax")
   runs = c.search_runs([exp.experiment_id])
   parents = [r for r in runs if r.data.tags.get("m6jax.role") == "sweep"]
@@ -122,7 +122,7 @@ def test_cells_are_nested_runs_of_one_parent(tiny_sweep):
 def test_sweep_parent_has_comparison_best_cell_and_metrics(tiny_sweep):
   from mlflow.tracking import MlflowClient
   root = tiny_sweep["root"]
-  c = MlflowClient(track.default_uri(str(root)))
+  c = MlflowClient(tracker_lib.default_uri(str(root)))
   runs = c.search_runs([c.get_experiment_by_name("m6jax").experiment_id])
   [parent] = [r for r in runs if r.data.tags.get("m6jax.role") == "sweep"]
   best = parent.data.tags["m6jax.best_cell"]
@@ -183,12 +183,13 @@ def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):
   monkeypatch.setattr(experiment, "train_and_evaluate", real)
   cell = root / "killed" / "fusion=late"
   assert not (cell / "results.json").exists() and (cell / "checkpoints" / "latest").is_dir()
-  run_id = json.loads((cell / track.STATE).read_text())["run_id"]
-  c = MlflowClient(track.default_uri(str(root)))
+  run_id = json.loads((cell / tracker_lib.STATE).read_text())["run_id"]
+  c = MlflowClient(tracker_lib.default_uri(str(root)))
   assert c.get_run(run_id).info.status == "KILLED"
 
   assert sweep.run_sweep(path, str(root)) == {"fusion=late": "done"}
-  assert json.loads((cell / track.STATE).read_text())["run_id"] == run_id   # same run, continued
+  # same run, continued
+  assert json.loads((cell / tracker_lib.STATE).read_text())["run_id"] == run_id
   assert sorted(m.step for m in c.get_metric_history(run_id, "train/loss/seed_0")) == [0, 1]
   assert c.get_run(run_id).info.status == "FINISHED"
   epochs = [json.loads(x)["epoch"] for x in (cell / "metrics.jsonl").read_text().splitlines()]

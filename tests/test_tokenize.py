@@ -20,8 +20,8 @@ def tok():
 
 def test_tokenizer_loads_offline(tok):
   assert os.environ["HF_HUB_OFFLINE"] == "1"
-  from m6jax import weights
-  again = tokenize.load_tokenizer(weights.resolve(SPEC))  # folder path works too
+  from m6jax.models.weights import sources as weights_lib
+  again = tokenize.load_tokenizer(weights_lib.resolve(SPEC))  # folder path works too
   enc = tokenize.tokenize(tok, ["Hello World"], max_length=8)
   # [CLS] hello world [SEP] (uncased vocabulary), then padding.
   assert enc["input_ids"][0, :4].tolist() == [101, 7592, 2088, 102]

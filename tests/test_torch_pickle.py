@@ -1,4 +1,4 @@
-"""m6jax.torch_pickle: torch-free, code-free reading of .pth files."""
+"""m6jax.models.weights.torch_pickle: torch-free, code-free reading of .pth files."""
 
 import io
 import os
@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from m6jax import torch_pickle
+from m6jax.models.weights import torch_pickle
 
 
 def _lite0_path():

@@ -10,7 +10,10 @@ import time
 import ml_collections
 import pytest
 
-from m6jax import curves, experiment, mlflow_store, track
+from m6jax import experiment
+from m6jax.evaluate import curves
+from m6jax.track import mlflow_store
+from m6jax.track import tracker as tracker_lib
 from tests.conftest import REPO, tiny_config
 
 HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
@@ -51,18 +54,18 @@ def _train(cfg, wd, tracker):
 
 
 def test_import_does_not_load_mlflow():
-  code = "import sys, m6jax.track; assert 'mlflow' not in sys.modules, 'mlflow imported'"
+  code = "import sys, m6jax.track.tracker; assert 'mlflow' not in sys.modules, 'mlflow imported'"
   subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
 def test_tracked_run_reads_back_from_sqlite(tiny_catalogue, tfds_dir, tmp_path):
   cfg = tiny_config(tiny_catalogue, tfds_dir, **{"train.epochs": 2})
   wd = str(tmp_path / "runs" / "a")
-  with track.Tracker(cfg, wd, overrides={"train.epochs": 2}) as t:
+  with tracker_lib.Tracker(cfg, wd, overrides={"train.epochs": 2}) as t:
     res = _train(cfg, wd, t)
   assert not t.degraded and t.run_id
   # default store: sqlite in the workdir's parent
-  uri = track.default_uri(str(tmp_path / "runs"))
+  uri = tracker_lib.default_uri(str(tmp_path / "runs"))
   assert (tmp_path / "runs" / "mlflow.db").is_file()
   c = _client(uri)
   run = c.get_run(t.run_id)
@@ -110,7 +113,7 @@ def _fake_results(k=2):
            "val_macro_f1": [0.5 + 0.1 * e * (i % 2) for i in range(k)],
            "val_accuracy": [0.6 + 0.01 * e] * k, "seconds": 0.1} for e in range(3)]
   per = {"accuracy": [0.3, 0.9][:k] + [0.6] * (k - 2), "macro_f1": [0.2, 0.8][:k] + [0.5] * (k - 2)}
-  from m6jax import metrics
+  from m6jax.evaluate import metrics
   summary = {n: metrics.seed_stats(v) for n, v in per.items()}
   return {"seeds": list(range(k)), "history": hist, "devices": ["TFRT_CPU_0"],
           "best_val_macro_f1": [max(h["val_macro_f1"][i] for h in hist) for i in range(k)],
@@ -126,7 +129,7 @@ def _fake_results(k=2):
 
 
 def test_final_metrics_follow_the_naming_scheme():
-  m = track.final_metrics(_fake_results())
+  m = tracker_lib.final_metrics(_fake_results())
   assert m["test/accuracy"] == pytest.approx(0.6) and m["test/accuracy/seed_1"] == 0.9
   # Two seeds far apart: the t interval would leave [0, 1]; it is clipped.
   assert (m["test/accuracy/ci95_low"], m["test/accuracy/ci95_high"]) == (0.0, 1.0)
@@ -141,7 +144,7 @@ def test_final_metrics_follow_the_naming_scheme():
   assert not any("micro_f1" in k or "cluster" in k or "rows" in k for k in m)
   assert set(k.split("/")[0] for k in m) == {"test", "val", "feasibility", "gradcam",
                                               "importance", "time"}
-  one = track.final_metrics(dict(_fake_results(), test={"summary": {
+  one = tracker_lib.final_metrics(dict(_fake_results(), test={"summary": {
       "accuracy": {"mean": 0.5, "std": 0.0, "ci95_low": None, "ci95_high": None, "n": 1}}}))
   assert "test/accuracy/ci95_low" not in one   # one seed: no interval, not a fake one
 
@@ -150,7 +153,7 @@ def test_results_analysis_curves_and_dataset_in_store(tmp_path, capsys):
   wd = tmp_path / "runs" / "fake"
   cfg = ml_collections.ConfigDict({"name": "fake", "seed": 0, "seeds": 2})
   res = _fake_results()
-  with track.Tracker(cfg, str(wd)) as t:
+  with tracker_lib.Tracker(cfg, str(wd)) as t:
     for rec in res["history"]:
       t.log_epoch(rec)
     t.log_results(res)
@@ -180,13 +183,13 @@ def test_training_curves_png(tmp_path):
 
 
 def test_run_name_and_description():
-  assert track.make_run_name("runs/x") == "x"
-  name = track.make_run_name("runs/x/", {"seeds": 3, "model.fusion": "gated",
+  assert tracker_lib.make_run_name("runs/x") == "x"
+  name = tracker_lib.make_run_name("runs/x/", {"seeds": 3, "model.fusion": "gated",
                                           "model.image.name": "resnet50",
                                           "data.manual_dir": "/long/path/to/shop"})
   assert name == "x seeds=3 fusion=gated image.name=resnet50 manual_dir=shop"
   from configs import default
-  d = track.describe(default.get_config(), "runs/x", {"seeds": 3})
+  d = tracker_lib.describe(default.get_config(), "runs/x", {"seeds": 3})
   assert "early fusion" in d and "`seeds=3`" in d and "runs/x" in d
 
 
@@ -198,7 +201,8 @@ def test_log_pyfunc_seam(tmp_path):
     def predict(self, context, model_input, params=None):
       return model_input["x"] * 2
 
-  with track.Tracker(ml_collections.ConfigDict({"name": "m"}), str(tmp_path / "runs" / "m")) as t:
+  cfg = ml_collections.ConfigDict({"name": "m"})
+  with tracker_lib.Tracker(cfg, str(tmp_path / "runs" / "m")) as t:
     uri = t.log_pyfunc(Double(), pip_requirements=[])
   assert uri.startswith("models:/")
   from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -212,7 +216,7 @@ def test_log_pyfunc_seam(tmp_path):
   model = _client(t.uri).get_logged_model(out.model_id)
   assert model.experiment_id == run.info.experiment_id
   assert str(tmp_path / "runs" / "mlartifacts") in model.artifact_location
-  off = track.Tracker(ml_collections.ConfigDict({"track": {"enabled": False}}), str(tmp_path))
+  off = tracker_lib.Tracker(ml_collections.ConfigDict({"track": {"enabled": False}}), str(tmp_path))
   assert off.log_pyfunc(Double()) is None
 
 
@@ -220,22 +224,22 @@ def test_unreachable_server_buffers_then_replays(tiny_catalogue, tfds_dir, tmp_p
                                                  http_env):
   cfg = tiny_config(tiny_catalogue, tfds_dir)
   wd = str(tmp_path / "run")
-  t = track.Tracker(cfg, wd, uri="http://127.0.0.1:9")   # closed port on loopback
+  t = tracker_lib.Tracker(cfg, wd, uri="http://127.0.0.1:9")   # closed port on loopback
   t0 = time.time()
-  with caplog.at_level("WARNING", logger="m6jax.track"), t:
+  with caplog.at_level("WARNING", logger="m6jax.track.tracker"), t:
     assert time.time() - t0 < 20, "an unreachable store must fail fast"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
     res = _train(cfg, wd, t)
   assert t.degraded and os.path.isfile(os.path.join(wd, "results.json"))
   warned = [r for r in caplog.records if "tracking unavailable" in r.getMessage()]
   assert len(warned) == 1 and "tracking_buffer.jsonl" in warned[0].getMessage()
-  events = [json.loads(x) for x in open(os.path.join(wd, track.BUFFER))]
+  events = [json.loads(x) for x in open(os.path.join(wd, tracker_lib.BUFFER))]
   assert events[0]["event"] == "start" and events[-1] == {"event": "end", "status": "FINISHED"}
   finals = [e["metrics"] for e in events if e["event"] == "metrics"
             and "test/accuracy" in e["metrics"]]
   assert finals[0]["test/accuracy"] == res["test"]["summary"]["accuracy"]["mean"]
 
-  uri = track.default_uri(str(tmp_path / "store"))
+  uri = tracker_lib.default_uri(str(tmp_path / "store"))
   [(_, run_id)] = mlflow_store.replay(wd, uri=uri)
   c = _client(uri)
   run = c.get_run(run_id)
@@ -246,13 +250,13 @@ def test_unreachable_server_buffers_then_replays(tiny_catalogue, tfds_dir, tmp_p
   assert _steps(c, run_id, "train/loss/seed_1") == [0]
   assert len(run.inputs.dataset_inputs) == 1
   assert "results.json" in {a.path for a in c.list_artifacts(run_id)}
-  assert not os.path.exists(os.path.join(wd, track.BUFFER))   # replayed: not pushed twice
+  assert not os.path.exists(os.path.join(wd, tracker_lib.BUFFER))   # replayed: not pushed twice
 
 
 def test_epoch_metrics_wait_and_go_in_one_write(tmp_path, monkeypatch):
   cfg = ml_collections.ConfigDict({"name": "fake", "seed": 0, "seeds": 2})
   wd = str(tmp_path / "runs" / "r")
-  t = track.Tracker(cfg, wd).start()
+  t = tracker_lib.Tracker(cfg, wd).start()
   calls = []
   real = t._store.client.log_batch
   monkeypatch.setattr(t._store.client, "log_batch",
@@ -264,30 +268,30 @@ def test_epoch_metrics_wait_and_go_in_one_write(tmp_path, monkeypatch):
   with open(os.path.join(wd, "metrics.jsonl")) as f:                 # ... but on disk
     assert len(f.readlines()) == 5
   t.log_metrics({"test/accuracy": 0.5})          # another event sends them first
-  assert len(calls) == 2 and calls[0] == 5 * len(track.epoch_metrics(RECORD, [0, 1]))
+  assert len(calls) == 2 and calls[0] == 5 * len(tracker_lib.epoch_metrics(RECORD, [0, 1]))
   assert _steps(c, t.run_id, "train/loss") == [0, 1, 2, 3, 4]
-  monkeypatch.setattr(track, "FLUSH_SECONDS", 0.0)   # the time limit sends them too
+  monkeypatch.setattr(tracker_lib, "FLUSH_SECONDS", 0.0)   # the time limit sends them too
   t.log_epoch(dict(RECORD, epoch=5))
   assert _steps(c, t.run_id, "train/loss") == [0, 1, 2, 3, 4, 5]
   t.log_epoch(dict(RECORD, epoch=6))
-  monkeypatch.setattr(track, "FLUSH_SECONDS", 1e9)
+  monkeypatch.setattr(tracker_lib, "FLUSH_SECONDS", 1e9)
   t.log_epoch(dict(RECORD, epoch=7))
   t.end("FINISHED")                              # ... and so does the end of the run
   assert _steps(c, t.run_id, "train/loss") == list(range(8))
 
 
 def test_store_lost_mid_run_loses_nothing(tmp_path, caplog, monkeypatch):
-  monkeypatch.setattr(track, "FLUSH_SECONDS", 0.0)   # every epoch goes to the store at once
+  monkeypatch.setattr(tracker_lib, "FLUSH_SECONDS", 0.0)   # every epoch goes to the store at once
   cfg = ml_collections.ConfigDict({"name": "fake", "seed": 0, "seeds": 2})
   wd = str(tmp_path / "runs" / "r")
-  t = track.Tracker(cfg, wd).start()
+  t = tracker_lib.Tracker(cfg, wd).start()
   t.log_epoch(dict(RECORD, epoch=0))
 
   def down(*a, **k):
     raise ConnectionError("server went away")
   t._store.client.log_batch = down
   t._store.client.set_terminated = down
-  with caplog.at_level("WARNING", logger="m6jax.track"):
+  with caplog.at_level("WARNING", logger="m6jax.track.tracker"):
     t.log_epoch(dict(RECORD, epoch=1))
     t.log_epoch(dict(RECORD, epoch=2))
     t.end("FINISHED")
@@ -308,19 +312,19 @@ def test_status_and_resume_of_unfinished_runs(tmp_path):
   cfg = ml_collections.ConfigDict({"name": "fake", "seed": 0})
   wd = str(tmp_path / "runs" / "r")
   with pytest.raises(ValueError):
-    with track.Tracker(cfg, wd) as t1:
+    with tracker_lib.Tracker(cfg, wd) as t1:
       raise ValueError("boom")
   c = _client(t1.uri)
   assert c.get_run(t1.run_id).info.status == "FAILED"
   with pytest.raises(KeyboardInterrupt):
-    with track.Tracker(cfg, wd) as t2:
+    with tracker_lib.Tracker(cfg, wd) as t2:
       raise KeyboardInterrupt
   assert t2.run_id == t1.run_id   # an unfinished run is continued, not duplicated
   assert c.get_run(t1.run_id).info.status == "KILLED"
-  with track.Tracker(cfg, wd) as t3:
+  with tracker_lib.Tracker(cfg, wd) as t3:
     pass
   assert t3.run_id == t1.run_id and c.get_run(t1.run_id).info.status == "FINISHED"
-  with track.Tracker(cfg, wd) as t4:
+  with tracker_lib.Tracker(cfg, wd) as t4:
     pass
   assert t4.run_id != t1.run_id   # a finished run is not reopened
 
@@ -328,24 +332,24 @@ def test_status_and_resume_of_unfinished_runs(tmp_path):
 def test_disabled_is_a_noop_but_keeps_metrics_jsonl(tmp_path):
   cfg = ml_collections.ConfigDict({"name": "off", "track": {"enabled": False}})
   wd = tmp_path / "runs" / "r"
-  with track.Tracker(cfg, str(wd)) as t:
+  with tracker_lib.Tracker(cfg, str(wd)) as t:
     t.log_epoch(dict(RECORD, epoch=0))
     t.log_results({"test": {}}, str(wd))
   assert t.run_id is None and not (tmp_path / "runs" / "mlflow.db").exists()
-  assert not (wd / track.BUFFER).exists() and not (wd / track.STATE).exists()
+  assert not (wd / tracker_lib.BUFFER).exists() and not (wd / tracker_lib.STATE).exists()
   assert len((wd / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_uri_precedence_and_long_params(tmp_path, monkeypatch):
   cfg = ml_collections.ConfigDict({"track": {"uri": ""}, "note": "x" * 10000})
   monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-  assert track.resolve_uri(cfg, str(tmp_path / "runs" / "a")) == \
+  assert tracker_lib.resolve_uri(cfg, str(tmp_path / "runs" / "a")) == \
       f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
   monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
-  assert track.resolve_uri(cfg, "w") == "http://example:5000"
+  assert tracker_lib.resolve_uri(cfg, "w") == "http://example:5000"
   cfg.track.uri = "sqlite:////x/y.db"
-  assert track.resolve_uri(cfg, "w") == "sqlite:////x/y.db"
-  flat = track.flatten(cfg)
+  assert tracker_lib.resolve_uri(cfg, "w") == "sqlite:////x/y.db"
+  flat = tracker_lib.flatten(cfg)
   assert len(mlflow_store.param_str(flat["note"])) <= mlflow_store.MAX_PARAM_LEN
 
 
@@ -354,11 +358,11 @@ def test_continued_run_does_not_log_an_epoch_twice(tmp_path):
   cfg = ml_collections.ConfigDict({"name": "fake", "seed": 0})
   wd = str(tmp_path / "runs" / "r")
   with pytest.raises(KeyboardInterrupt):
-    with track.Tracker(cfg, wd) as t1:
+    with tracker_lib.Tracker(cfg, wd) as t1:
       t1.log_epoch(dict(RECORD, epoch=0))
       t1.log_epoch(dict(RECORD, epoch=1))
       raise KeyboardInterrupt
-  with track.Tracker(cfg, wd) as t2:
+  with tracker_lib.Tracker(cfg, wd) as t2:
     t2.log_epoch(dict(RECORD, epoch=1))
     t2.log_epoch(dict(RECORD, epoch=2))
   assert t2.run_id == t1.run_id

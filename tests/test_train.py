@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from m6jax import finetune, train
 from m6jax.data import tfds_builder
 from m6jax.models import towers
+from m6jax.train import finetune
+from m6jax.train import trainer as trainer_lib
 from tests.conftest import learnable_features, tiny_config
 
 
@@ -19,7 +20,7 @@ def _frozen_problem(seeds, seed=0, epochs=3, order="per_seed", fusion="early", *
   cfg.train.data_order = order
   cfg.model.fusion = fusion
   cfg.model.hidden = 8
-  return train.FrozenTrainer(cfg, c, feats, labels), labels
+  return trainer_lib.FrozenTrainer(cfg, c, feats, labels), labels
 
 
 def _fit(seeds, seed=0, **kw):

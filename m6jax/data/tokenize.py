@@ -15,10 +15,10 @@ def load_tokenizer(folder_or_spec: str | os.PathLike):
   set for this process unless already set (huggingface_hub reads it when first
   imported).
   """
-  from m6jax import weights
+  from m6jax.models.weights import sources as weights_lib
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   from transformers import AutoTokenizer
-  folder = weights.resolve(str(folder_or_spec))
+  folder = weights_lib.resolve(str(folder_or_spec))
   if folder.is_file():
     folder = folder.parent
   return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

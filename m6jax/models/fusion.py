@@ -179,7 +179,7 @@ class Classifier(nn.Module):
   frozen mode) or raw inputs ('image' uint8 (B, S, S, 3) and 'input_ids' /
   'attention_mask' (B, L), finetune mode). Returns the head's dict plus the
   embeddings used, and 'image_feature_map' (B, h, w, c) when the image tower
-  ran (Grad-CAM, m6jax.explain).
+  ran (Grad-CAM, m6jax.explain.run).
   """
   fusion: FusionHead
   image: nn.Module | None = None

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from m6jax.models import conv
 from m6jax.models.common import make_divisible, pooled_outputs
-from m6jax.models.keras_h5 import load_backbone
+from m6jax.models.weights.keras_h5 import load_backbone
 
 FEATURE_DIM = 1280
 # (expansion, filters, repeats, first stride) per stage, as in Keras/the paper.

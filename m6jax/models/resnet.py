@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from m6jax.models.common import pooled_outputs
-from m6jax.models.keras_h5 import load_backbone
+from m6jax.models.weights.keras_h5 import load_backbone
 from m6jax.models.vgg import preprocess_caffe
 
 FEATURE_DIM = 2048

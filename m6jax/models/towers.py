@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m6jax import weights as weights_lib
+from m6jax.models.weights import sources as weights_lib
 from m6jax.models import (common, efficientnet, efficientnet_convert, mobilenet, resnet, tiny,
                           vgg)
 
@@ -84,7 +84,7 @@ class ImageTower:
   def feature_map(self) -> Callable:
     """jit(variables, images (B, H, W, 3) 0..255) -> (B, h, w, c) final feature map.
 
-    The one program of a frozen tower: m6jax.embed pools it (pool: the same
+    The one program of a frozen tower: m6jax.features.embed pools it (pool: the same
     float32 embedding the module gives, bit for bit) and Grad-CAM takes the
     head's gradient at it (gradcam.pooled_logits_fn). Built once per tower, so
     repeated calls (serving) reuse it; it depends only on the tower and the

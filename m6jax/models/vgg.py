@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from m6jax.models import common
-from m6jax.models.keras_h5 import (assign_keras, expected_shapes, head_classes,
+from m6jax.models.weights.keras_h5 import (assign_keras, expected_shapes, head_classes,
                                    read_keras_h5)
 
 FEATURE_DIM = 512

@@ -1,7 +1,7 @@
 """Fine-tuning: towers + head trained end to end, K replicas at once.
 
 The image batches come from the grain pipeline; the epoch loop, validation,
-selection and checkpointing are m6jax.train.Trainer's.
+selection and checkpointing are m6jax.train.trainer.Trainer's.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 import tqdm
 
 from m6jax import mesh as mesh_lib
-from m6jax import optim, steps
 from m6jax.data import pipeline, tokenize
 from m6jax.models import fusion
-from m6jax.train import Trainer, head_module
+from m6jax.train import optim, steps
+from m6jax.train.trainer import Trainer, head_module
 
 log = logging.getLogger(__name__)
 

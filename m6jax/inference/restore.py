@@ -2,7 +2,7 @@
 
   cfg, run, params, batch_stats = restore.restore(workdir)
 
-reads `<workdir>/bundle` (m6jax.bundle) and the newest readable step of
+reads `<workdir>/bundle` (m6jax.inference.bundle) and the newest readable step of
 `<workdir>/checkpoints`: it never builds the dataset, re-embeds the catalogue
 or reads the training CSV, so a run keeps predicting the same way when its
 catalogue changes or moves. The weight files of the towers inference loads are
@@ -12,7 +12,7 @@ checkpoint and checked against the bundle: each replica's best-validation
 parameters (`TrainState.best_*`), the ones results.json scored.
 
 `run` is an :class:`Inference`: the model and feature extractors of the run
-(m6jax.predict, m6jax.explain and m6jax.serve use it). The run's own splits
+(m6jax.inference.predict, m6jax.explain.run and m6jax.inference.serve use it). The run's own splits
 (`builder`, `cols`, `predict(params, stats, split)`) are read from the built
 dataset the bundle names, and only when asked for.
 """
@@ -29,10 +29,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from m6jax import bundle as bundle_lib
-from m6jax import checkpoint, embed, steps, train
 from m6jax.data import pipeline
+from m6jax.features import embed
+from m6jax.inference import bundle as bundle_lib
 from m6jax.models import fusion, towers
+from m6jax.train import checkpoint, steps
+from m6jax.train import trainer as trainer_lib
 
 WHICH = ("best", "latest")
 SPLITS = ("train", "validation", "test")
@@ -81,13 +83,13 @@ class Inference:
     self.feature_dims = {m: t["feature_dim"] for m, t in bundle.meta["towers"].items()}
     self.text_features = bundle.text_features()       # fitted TF-IDF, or None
     self.text_lookup = {} if self.text_features is not None else None  # {split: {id: feature}}
-    self.head = train.head_module(cfg, len(self.class_names))
+    self.head = trainer_lib.head_module(cfg, len(self.class_names))
     self.model = None
     if self.mode == "frozen":
       predict = functools.partial(steps.predict_step, apply_fn=self.head.apply)
       self._predict = jax.jit(jax.vmap(lambda p, f: predict(p, None, f), in_axes=(0, None)))
     else:
-      dtype = train.compute_dtype(cfg)
+      dtype = trainer_lib.compute_dtype(cfg)
       image = None
       if "image" in self.mods:
         # The module only: its parameters (and BatchNorm statistics) are in the checkpoint.
@@ -104,7 +106,7 @@ class Inference:
 
   @property
   def trainer(self) -> "Inference":
-    """Itself: the prediction side of m6jax.train's trainer interface."""
+    """Itself: the prediction side of m6jax.train.trainer's trainer interface."""
     return self
 
   # --- towers (built on first use) ---------------------------------------------
@@ -118,8 +120,8 @@ class Inference:
   def text_tower(self) -> towers.TextTower:
     """The BERT text tower with its (verified) weights and tokenizer."""
     c = self.cfg.model.text
-    # Frozen embeddings were computed in float32 (m6jax.embed); finetune uses model.dtype.
-    dtype = train.compute_dtype(self.cfg) if self.mode == "finetune" else jnp.float32
+    # Frozen embeddings were computed in float32 (m6jax.features.embed); finetune uses model.dtype.
+    dtype = trainer_lib.compute_dtype(self.cfg) if self.mode == "finetune" else jnp.float32
     return towers.text_tower(c.name, c.weights, dtype=dtype)
 
   # --- features -------------------------------------------------------------------

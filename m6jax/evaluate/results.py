@@ -17,7 +17,7 @@ import numpy as np
 
 from m6jax import files
 from m6jax import mesh as mesh_lib
-from m6jax import metrics as metrics_lib
+from m6jax.evaluate import metrics as metrics_lib
 
 SCALARS = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision",
            "macro_recall")

@@ -70,7 +70,7 @@ def check_file(path, file_hash: str | None, size: int | None = None) -> str | No
 def describe(url: str, dest, file_hash: str | None, size: int | None = None,
              name: str = "NAME") -> str:
   """The lines every error about a missing or bad file ends with (name: what
-  ``python -m m6jax.weights fetch`` calls it)."""
+  ``python -m m6jax.models.weights.sources fetch`` calls it)."""
   want = f"{hash_algorithm(file_hash)} {file_hash}" if file_hash else "(none published)"
   lines = [f"  file:          {pathlib.Path(dest).name}",
            f"  URL:           {url}",
@@ -78,7 +78,8 @@ def describe(url: str, dest, file_hash: str | None, size: int | None = None,
   if size is not None:
     lines.append(f"  expected size: {size} bytes")
   lines += [f"  manual copy:   download the URL on any machine and put the file at {dest}",
-            f"  or prefetch:   python -m m6jax.weights fetch {name} on a machine with internet,"
+            f"  or prefetch:   python -m m6jax.models.weights.sources fetch {name}"
+            " on a machine with internet,"
             f" then copy its cache folder to {pathlib.Path(dest).parent} ($M6JAX_CACHE)"]
   return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Train state, loss and the pure per-replica steps that the trainers bind.
 
-Every function here works on ONE replica (no leading K axis): m6jax.train
+Every function here works on ONE replica (no leading K axis): m6jax.train.trainer
 binds the static parts with `functools.partial`, then `jax.vmap`s over the
 replica axis and `jax.jit`s, as flax/examples/imagenet binds its
 `train_step`. Adding another replica axis (e.g. cross-validation folds) is one

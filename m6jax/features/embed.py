@@ -2,7 +2,7 @@
 
 Each tower runs once over the rows of all splits together (one compile per
 tower: one batch shape for images, one packed-row shape for texts), and only
-over the products that the shared feature cache (m6jax.cache) does not
+over the products that the shared feature cache (m6jax.features.cache) does not
 already hold for this tower, weights and preprocessing. Results come back
 split by split, in stored order.
 """
@@ -16,11 +16,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from m6jax import cache as cache_lib
 from m6jax import mesh as mesh_lib
-from m6jax import weights as weights_lib
 from m6jax.data import pipeline
+from m6jax.features import cache as cache_lib
 from m6jax.models import towers
+from m6jax.models.weights import sources as weights_lib
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,3 @@ def embed_texts(cfg, tower, texts) -> np.ndarray:
   return np.asarray(tokenize.embed_texts(fn, tower.tokenizer, list(texts), bs,
                                          cfg.data.max_text_length), np.float32)
 
-
-if __name__ == "__main__":
-  # `python -m m6jax.embed cache list|clear ...` is `python -m m6jax.cache list|clear ...`.
-  import sys
-  args = sys.argv[1:]
-  if not args or args[0] != "cache":
-    raise SystemExit("usage: python -m m6jax.embed cache list|clear [options]")
-  raise SystemExit(cache_lib.main(args[1:]))

@@ -1,6 +1,6 @@
 """The MLflow side of tracking: one store's client calls, buffer replay, reading runs.
 
-m6jax.track decides what is logged; this module is the only one that talks to
+m6jax.track.tracker decides what is logged; this module is the only one that talks to
 MLflow, and it imports mlflow inside functions only (importing it is cheap).
 """
 
@@ -282,7 +282,7 @@ def child_runs(uri: str, parent_run_id: str) -> list:
 
 def main(argv=None):
   import argparse
-  p = argparse.ArgumentParser(prog="python -m m6jax.track",
+  p = argparse.ArgumentParser(prog="python -m m6jax.track.tracker",
                               description="push buffered tracking events into a store")
   sub = p.add_subparsers(dest="cmd", required=True)
   r = sub.add_parser("replay", help="replay WORKDIR's tracking_buffer.jsonl (and its cells')")

@@ -1,7 +1,7 @@
 """Sweeps: one `train_and_evaluate` (all seeds, one vmapped program) per cell,
 tracked as nested MLflow runs under one parent run, resumable.
 
-  python -m m6jax.sweep --sweep experiments/ablation.py [--root runs] [--only CELL]
+  python -m m6jax.track.sweep --sweep experiments/ablation.py [--root runs] [--only CELL]
 
 A sweep file defines `get_sweep()` returning a dict:
   name       outputs go to <root>/<name>/<cell>/
@@ -27,11 +27,13 @@ import os
 import re
 import sys
 
-from m6jax import compare, experiment, mesh, track
+from m6jax import experiment, mesh
 from m6jax.files import write_json
+from m6jax.track import compare
+from m6jax.track import tracker as tracker_lib
 
 log = logging.getLogger(__name__)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPECIAL = ("name", "base")   # cell keys that are not config overrides
 
 
@@ -97,7 +99,7 @@ def expand(sweep: dict) -> list:
     raw += [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
   if not raw:
     raise ValueError("sweep has no cells (give 'cells' or 'grid')")
-  short = track.short_keys(k for c in raw for k in c if k not in SPECIAL)
+  short = tracker_lib.short_keys(k for c in raw for k in c if k not in SPECIAL)
   cells, seen = [], set()
   for c in raw:
     overrides = {k: v for k, v in c.items() if k not in SPECIAL}
@@ -153,16 +155,16 @@ def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) 
   # Configs first: a bad override fails the sweep before hours of training.
   cfgs = {c["name"]: cell_config(sweep, c) for c in sweep["cells"]}
   store_dir = os.path.abspath(root)
-  parent_cfg = {"name": sweep["name"], "track": track._section(cfgs[names[0]]),
+  parent_cfg = {"name": sweep["name"], "track": tracker_lib._section(cfgs[names[0]]),
                 "sweep": {"file": sweep["file"], "base": sweep["base"],
                           "overrides": sweep["overrides"], "cells": names}}
   about = (f"Sweep **{sweep['name']}** ({sweep['file']}): {len(names)} cells over "
            f"`{sweep['base']}`; the comparison table, plot and best cell are this run's "
            f"artifacts, the best cell's scores its metrics.")
   status = {}
-  with track.Tracker(parent_cfg, sweep_dir, run_name=sweep["name"], uri=uri,
+  with tracker_lib.Tracker(parent_cfg, sweep_dir, run_name=sweep["name"], uri=uri,
                      store_dir=store_dir, resume="always", description=about,
-                     tags={"m6jax.role": "sweep", "m6jax.sweep": sweep["name"]}) as parent:
+                     tags={"m6jax.role": "sweep", "m6jax.track.sweep": sweep["name"]}) as parent:
     for cell in sweep["cells"]:
       name, cfg = cell["name"], cfgs[cell["name"]]
       if only and name not in only:
@@ -173,7 +175,7 @@ def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) 
         status[name] = "skipped"
         continue
       log.info("cell %s: training (%s %s)", name, cell["base"], cell["overrides"])
-      tags = {"m6jax.role": "cell", "m6jax.sweep": sweep["name"], "m6jax.cell": name,
+      tags = {"m6jax.role": "cell", "m6jax.track.sweep": sweep["name"], "m6jax.cell": name,
               "m6jax.base": cell["base"], "m6jax.overrides": cell["overrides"]}
       try:
         experiment.run(cfg, workdir, parent_run_id=parent.run_id, run_name=name, uri=uri,
@@ -209,7 +211,8 @@ def log_comparison(parent, sweep_dir: str, uri: str | None = None, metric: str =
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m m6jax.sweep", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m m6jax.track.sweep",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--sweep", required=True, help="sweep file (experiments/*.py)")
   p.add_argument("--root", default="runs", help="outputs: <root>/<sweep name>/<cell>")
   p.add_argument("--only", action="append", default=[], metavar="CELL",

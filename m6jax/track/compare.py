@@ -1,6 +1,7 @@
 """Compare a sweep's cells: markdown table, bar plot, and the best cell.
 
-  python -m m6jax.compare --root runs/ablation [--metric macro_f1] [--out experiments/ablation]
+  python -m m6jax.track.compare --root runs/ablation [--metric macro_f1] \
+      [--out experiments/ablation]
 
 Scores come from the MLflow store (the runs nested under the sweep's parent
 run, found through <root>/tracking.json); cells the store does not have (tracking
@@ -19,14 +20,14 @@ import json
 import logging
 import os
 
-from m6jax import metrics as metrics_lib
-from m6jax import track
+from m6jax.evaluate import metrics as metrics_lib
 from m6jax.files import write_json
-from m6jax.mlflow_store import STATE, child_runs, read_json
+from m6jax.track import tracker as tracker_lib
+from m6jax.track.mlflow_store import STATE, child_runs, read_json
 
 log = logging.getLogger(__name__)
 LABEL = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
-STATS = ("mean",) + track.STATS
+STATS = ("mean",) + tracker_lib.STATS
 
 
 def _row_from_results(cell, res, overrides, source="results.json") -> dict:
@@ -35,13 +36,13 @@ def _row_from_results(cell, res, overrides, source="results.json") -> dict:
          "n": t["summary"]["accuracy"]["n"], "ensemble": dict(t.get("ensemble", {}))}
   for k, st in t["summary"].items():
     row["test"][k] = {s: st[s] for s in STATS if st.get(s) is not None}
-  for k, vals in track.best_val(res).items():
+  for k, vals in tracker_lib.best_val(res).items():
     row["val"][k] = metrics_lib.seed_stats(vals)["mean"]
   return row
 
 
 def _row_from_run(cell, run, overrides) -> dict | None:
-  """A child run's metrics (named as in m6jax.track) -> a row; None without test scores."""
+  """A child run's metrics (named as in m6jax.track.tracker) -> a row; None without test scores."""
   m = run["metrics"]
   if "test/accuracy" not in m:
     return None
@@ -51,8 +52,8 @@ def _row_from_run(cell, run, overrides) -> dict | None:
     parts = key.split("/")
     if parts[0] == "test" and len(parts) == 3 and parts[1] == "ensemble":
       row["ensemble"][parts[2]] = v
-    elif parts[0] == "test" and parts[1] in track.TEST_METRICS and (
-        len(parts) == 2 or parts[2] in track.STATS):
+    elif parts[0] == "test" and parts[1] in tracker_lib.TEST_METRICS and (
+        len(parts) == 2 or parts[2] in tracker_lib.STATS):
       row["test"].setdefault(parts[1], {})[parts[2] if len(parts) == 3 else "mean"] = v
     elif parts[0] == "val" and len(parts) == 2 and parts[1].startswith("best_"):
       row["val"][parts[1].removeprefix("best_")] = v
@@ -63,8 +64,9 @@ def row_metrics(row) -> dict:
   """A row -> metrics named as a run's own (test/<m>[/<stat>], test/ensemble/<m>,
   val/best_<m>), for the sweep's parent run."""
   out = {f"test/{k}" + ("" if s == "mean" else f"/{s}"): v
-         for k, st in row["test"].items() if k in track.TEST_METRICS for s, v in st.items()}
-  out |= {f"test/ensemble/{k}": v for k, v in row["ensemble"].items() if k in track.TEST_METRICS}
+         for k, st in row["test"].items() if k in tracker_lib.TEST_METRICS for s, v in st.items()}
+  out |= {f"test/ensemble/{k}": v for k, v in row["ensemble"].items()
+          if k in tracker_lib.TEST_METRICS}
   return out | {f"val/best_{k}": v for k, v in row["val"].items()}
 
 
@@ -223,7 +225,8 @@ def compare(root: str, metric: str = "macro_f1", out: str | None = None,
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m m6jax.compare", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m m6jax.track.compare",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--root", required=True, help="the sweep folder, e.g. runs/ablation")
   p.add_argument("--metric", default="macro_f1", help="macro_f1 | accuracy | any test metric")
   p.add_argument("--out", default=None, help="output path prefix (default <root>/comparison)")

@@ -14,7 +14,7 @@ the summed target scores gives every example's own gradient.
 
 `replica_cams` does the same for all K seed replicas and a whole batch in one
 jitted call; `cam_stability` scores how much the replicas' maps agree.
-The run driver and CLI are in m6jax.explain, the pictures in m6jax.gallery.
+The run driver and CLI are in m6jax.explain.run, the pictures in m6jax.explain.gallery.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Explain a finished run: Grad-CAM gallery and replica stability.
 
-  python -m m6jax.explain --workdir runs/default [--csv new.csv --images new/] \\
+  python -m m6jax.explain.run --workdir runs/default [--csv new.csv --images new/] \\
       [--method gradcam|gradcam++|hirescam] [--n_per_class 3] [--out DIR [--overwrite]]
 
 The CLI never overwrites a run's outputs: it writes gallery.png and
@@ -9,7 +9,7 @@ stability.json into --out, by default a new folder
 them unless --overwrite; it never touches results.json. The training run
 itself (m6jax.experiment) writes `<workdir>/gradcam/`.
 
-The maths is in m6jax.gradcam, the pictures in m6jax.gallery.
+The maths is in m6jax.explain.gradcam, the pictures in m6jax.explain.gallery.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m6jax import files, gradcam
-from m6jax import gallery as gallery_lib
+from m6jax import files
 from m6jax import mesh as mesh_lib
 from m6jax.data import catalogue, pipeline
+from m6jax.explain import gallery as gallery_lib
+from m6jax.explain import gradcam
+from m6jax.inference.restore import restore  # the one call into "rebuild a finished run"
 from m6jax.models import fusion, towers
-from m6jax.restore import restore  # the one call into "rebuild a finished run"
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
                 out_dir: str | None = None) -> dict:
   """Grad-CAM gallery and replica stability for a finished run.
 
-  Rebuilds the run like m6jax.predict, takes the test split (or new products
+  Rebuilds the run like m6jax.inference.predict, takes the test split (or new products
   from `csv` + `images`), computes every replica's map with the ensemble
   prediction as target, and writes `<out_dir>/gallery.png` (maps: 'mean' over
   replicas or 'replica0') and `<out_dir>/stability.json`. out_dir None:
@@ -267,7 +268,7 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
 # --- CLI -----------------------------------------------------------------------
 
 def _define_flags():
-  # Defined only when run as a script: m6jax.predict owns flags of the same names.
+  # Defined only when run as a script: m6jax.inference.predict owns flags of the same names.
   from absl import flags
   flags.DEFINE_string("workdir", None, "a finished training run")
   flags.DEFINE_string("csv", None, "optional catalogue CSV of new products (else the test split)")

@@ -14,8 +14,8 @@ to a temporary file and renamed into place, so runs writing the same entry at
 once never leave a torn file; an unreadable entry counts as a miss. A hit
 refreshes the entry's mtime, so `clear --older-than` removes what was not used.
 
-  python -m m6jax.cache list  [--dir DIR]
-  python -m m6jax.cache clear [--dir DIR] [--tower NAME] [--older-than 7d]
+  python -m m6jax.features.cache list  [--dir DIR]
+  python -m m6jax.features.cache clear [--dir DIR] [--tower NAME] [--older-than 7d]
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Iterable
 
 import numpy as np
 
-from m6jax import files, weights
+from m6jax import files
+from m6jax.models.weights import sources as weights_lib
 
 ENV = "M6JAX_FEATURE_CACHE"
 _META = "tower.json"
@@ -41,7 +42,7 @@ _META = "tower.json"
 def default_root() -> pathlib.Path:
   """$M6JAX_FEATURE_CACHE, else <m6jax cache ($M6JAX_CACHE or ~/.cache/m6jax)>/features."""
   env = os.environ.get(ENV)
-  return pathlib.Path(env).expanduser() if env else weights.cache_dir() / "features"
+  return pathlib.Path(env).expanduser() if env else weights_lib.cache_dir() / "features"
 
 
 def content_key(data: bytes | str) -> str:
@@ -191,7 +192,7 @@ def _size(n: float) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m m6jax.cache",
+  p = argparse.ArgumentParser(prog="python -m m6jax.features.cache",
                               description="Inspect or clear the shared feature cache.")
   sub = p.add_subparsers(dest="cmd", required=True)
   ls = sub.add_parser("list", help="towers, entries and size")

@@ -1,9 +1,9 @@
 """Predict categories of new products with a trained run.
 
-  python -m m6jax.predict --workdir runs/default --csv new.csv --images new_images/ \\
+  python -m m6jax.inference.predict --workdir runs/default --csv new.csv --images new_images/ \\
       --out predictions.csv
 
-Reads the run's inference bundle and checkpoint (m6jax.restore) and the new
+Reads the run's inference bundle and checkpoint (m6jax.inference.restore) and the new
 products, nothing else: the training catalogue is never touched, and nothing
 is written into the run unless --out points there.
 
@@ -31,15 +31,16 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from m6jax import files, restore
+from m6jax import files
 from m6jax.data import catalogue, images, pipeline
+from m6jax.inference import restore
 
 FLAGS = flags.FLAGS
 
 
 def _define_flags():
   # Defined only when run as a script: m6jax.main (which imports this module through
-  # m6jax.serve) owns a flag of the same name.
+  # m6jax.inference.serve) owns a flag of the same name.
   flags.DEFINE_string("workdir", None, "a finished training run")
   flags.DEFINE_string("csv", None, "catalogue CSV of the products to classify")
   flags.DEFINE_string("images", None, "folder with their images (models that read images)")

@@ -6,7 +6,7 @@ Layout under a run's workdir::
   <workdir>/checkpoints/corrupt/<step>-<time>/                  unreadable steps moved aside
 
 One orbax CheckpointManager. The train state carries each replica's own
-best-validation parameters (m6jax.steps.TrainState.best_*), so the newest step
+best-validation parameters (m6jax.train.steps.TrainState.best_*), so the newest step
 holds both what resume needs and what results.json scored and predict/explain
 serve: saved, scored and served are the same parameters by construction.
 

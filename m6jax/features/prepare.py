@@ -1,7 +1,7 @@
 """config -> dataset -> towers -> features -> a ready trainer (`setup`).
 
 What a run builds before training, and what a finished run is rebuilt from
-(m6jax.restore): the TFDS dataset of the catalogue, its columns, the cached
+(m6jax.inference.restore): the TFDS dataset of the catalogue, its columns, the cached
 tower embeddings (frozen mode) or the towers themselves (finetune mode), the
 fitted TF-IDF features, and the trainer that owns the model.
 """
@@ -15,17 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from m6jax import embed, finetune, folds, train
 from m6jax.data import pipeline, tfds_builder
+from m6jax.features import embed
 from m6jax.models import fusion, towers
+from m6jax.train import finetune, folds
+from m6jax.train import trainer as trainer_lib
 
 SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass
 class Setup:
-  """Everything a run builds before training; m6jax.restore rebuilds it from a workdir."""
-  trainer: train.Trainer
+  """Everything a run builds before training; m6jax.inference.restore rebuilds it from a workdir."""
+  trainer: trainer_lib.Trainer
   builder: Any
   report: Any
   class_names: list
@@ -54,7 +56,8 @@ def setup(cfg, workdir: str) -> Setup:
     if not len(cols[s]["label"]):
       raise ValueError(f"split {s!r} is empty; the catalogue is too small for data.split")
   labels = {s: cols[s]["label"] for s in SPLITS}
-  cache = cfg.train.get("cache_dir") or None  # None: the shared feature cache (m6jax.cache)
+  # None: the shared feature cache (m6jax.features.cache)
+  cache = cfg.train.get("cache_dir") or None
   mods = fusion.modalities(cfg.model.fusion)
   feats, text_features = {}, None
   texts = {s: cols[s]["text"] for s in SPLITS}
@@ -77,11 +80,11 @@ def setup(cfg, workdir: str) -> Setup:
       pooled = np.concatenate([labels[s] for s in folds.POOL_SPLITS])
       plan = folds.fold_plan(folds.stratified_folds(pooled, cfg.train.folds, cfg.data.split_seed),
                              cfg.seeds)
-    trainer = train.FrozenTrainer(cfg, len(class_names),
+    trainer = trainer_lib.FrozenTrainer(cfg, len(class_names),
                                   {s: {m: f[s] for m, f in feats.items()} for s in SPLITS},
                                   labels, plan=plan)
   else:
-    dtype = train.compute_dtype(cfg)
+    dtype = trainer_lib.compute_dtype(cfg)
     image_tower = (towers.image_tower(cfg.model.image.name, cfg.model.image.weights,
                                       cfg.data.image_size, dtype=dtype, seed=cfg.seed)
                    if "image" in mods else None)

@@ -7,7 +7,7 @@
 Store: cfg.track.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<workdir/..>/mlflow.db.
 Nothing here raises into training: a store that is down or lost mid-run turns the
 tracker "degraded" and its events go to <workdir>/tracking_buffer.jsonl, which
-`python -m m6jax.track replay WORKDIR` pushes later. mlflow is imported lazily.
+`python -m m6jax.track.tracker replay WORKDIR` pushes later. mlflow is imported lazily.
 
 Metric names (step = epoch for per-epoch series, 0 for final values):
   <split>/<metric>             mean over seeds (train/loss, val/macro_f1, test/accuracy, ...)
@@ -26,10 +26,11 @@ import logging
 import os
 import time
 
-from m6jax import curves, mlflow_store
-from m6jax import metrics as metrics_lib
+from m6jax.evaluate import curves
+from m6jax.evaluate import metrics as metrics_lib
 from m6jax.files import write_json
-from m6jax.mlflow_store import BUFFER, STATE, Store, dataset_event, param_str, read_json
+from m6jax.track import mlflow_store
+from m6jax.track.mlflow_store import BUFFER, STATE, Store, dataset_event, param_str, read_json
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,7 @@ class Tracker:
       return line + "; tracking off (metrics.jsonl only)"
     if self.degraded or self.run_id is None:
       return (line + f"; MLflow unavailable, events kept in {self.buffer_path}: "
-              f"push them with `python -m m6jax.track replay {self.workdir}`")
+              f"push them with `python -m m6jax.track.tracker replay {self.workdir}`")
     ui = ("./launch.sh ui" if self.uri == default_uri("runs") else
           f"mlflow ui --backend-store-uri {self.uri}")
     eid = self._store.experiment_ids.get(self.experiment, "0")
@@ -429,5 +430,5 @@ class Tracker:
                 "parent_run_id": self.parent_run_id, "status": status})
 
 
-if __name__ == "__main__":   # python -m m6jax.track replay WORKDIR [--uri URI]
+if __name__ == "__main__":   # python -m m6jax.track.tracker replay WORKDIR [--uri URI]
   mlflow_store.main()

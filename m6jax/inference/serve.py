@@ -1,18 +1,18 @@
 """The trained model as an MLflow pyfunc model: bundle + checkpoint, predict's output.
 
   serve.log_model(workdir)          # inside an active MLflow run
-  serve.log_to(tracker, workdir)    # or through m6jax.track.Tracker.log_pyfunc
+  serve.log_to(tracker, workdir)    # or through m6jax.track.tracker.Tracker.log_pyfunc
   model = mlflow.pyfunc.load_model(uri)
   model.predict(frame, params={"images": "new_images/"})
 
 The logged model holds two artifacts: `bundle` (the run's inference bundle,
-m6jax.bundle) and `run` (the newest checkpoint step, as `checkpoints/latest/
+m6jax.inference.bundle) and `run` (the newest checkpoint step, as `checkpoints/latest/
 <step>`), plus the m6jax code, so it loads on a machine that has neither the
 workdir nor the training catalogue. `predict` takes a DataFrame of new
 products with the catalogue's columns (`image`: a file path, relative to the
 `images` param when given, else as is) and returns what the predict CLI
 writes: one row per input row, uniq_id, predicted, p_<class> and note
-(m6jax.predict.Predictions.to_frame).
+(m6jax.inference.predict.Predictions.to_frame).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from m6jax import bundle as bundle_lib
-from m6jax import checkpoint, predict, restore
 from m6jax import workdir as workdir_lib
+from m6jax.inference import bundle as bundle_lib
+from m6jax.inference import predict, restore
+from m6jax.train import checkpoint
 
 NAME = "model"
 
@@ -90,7 +91,7 @@ def _requirements() -> list[str]:
 @contextlib.contextmanager
 def pyfunc_args(workdir: str):
   """Yields (python_model, save_kwargs) of the run in `workdir` for mlflow.pyfunc.log_model
-  or m6jax.track.Tracker.log_pyfunc; the staged checkpoint lives until the block exits."""
+  or m6jax.track.tracker.Tracker.log_pyfunc; the staged checkpoint lives until the block exits."""
   b = bundle_lib.load(bundle_lib.directory(workdir))
   with checkpoint.Checkpoints(workdir, read_only=True) as ckpt:
     step = ckpt.latest_step()
@@ -106,7 +107,7 @@ def pyfunc_args(workdir: str):
     if os.path.isfile(fingerprint):
       shutil.copy(fingerprint, os.path.join(run, workdir_lib.FINGERPRINT))
     yield Model(), {"artifacts": {"bundle": b.path, "run": run},
-                    "code_paths": [os.path.dirname(os.path.abspath(__file__))],
+                    "code_paths": [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
                     "signature": signature(b), "pip_requirements": _requirements()}
 
 
@@ -120,7 +121,7 @@ def log_model(workdir: str, name: str = NAME, **kwargs):
 
 
 def log_to(tracker, workdir: str, name: str = NAME):
-  """Logs the run in `workdir` through a m6jax.track.Tracker (its run and store); the
+  """Logs the run in `workdir` through a m6jax.track.tracker.Tracker (its run and store); the
   model URI, or None when the tracker does not log (see Tracker.log_pyfunc)."""
   with pyfunc_args(workdir) as (model, save_kwargs):
     return tracker.log_pyfunc(model, name, **save_kwargs)

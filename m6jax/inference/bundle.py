@@ -11,7 +11,7 @@ Saved at the end of training (m6jax.experiment) into `<workdir>/bundle/`:
   text_features.npz   the fitted TF-IDF vocabulary, idf and SVD components (TF-IDF text
                       tower only), plain arrays: no pickle
 
-m6jax.restore rebuilds the model from this folder and the checkpoint only: the
+m6jax.inference.restore rebuilds the model from this folder and the checkpoint only: the
 training catalogue is never read again. The folder is written into a temporary
 sibling and renamed into place, so a reader sees the old bundle or the new one,
 never a half-written one.
@@ -32,10 +32,10 @@ import numpy as np
 
 from m6jax import files
 from m6jax import mesh as mesh_lib
-from m6jax import weights as weights_lib
 from m6jax import workdir as workdir_lib
 from m6jax.data import images
 from m6jax.models import fusion
+from m6jax.models.weights import sources as weights_lib
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _preprocessing(data_cfg) -> dict:
 def save(workdir: str, run, states) -> str | None:
   """Writes `<workdir>/bundle` for a trained run.
 
-  run: the m6jax.features.Setup the run trained with; states: the trained
+  run: the m6jax.features.prepare.Setup the run trained with; states: the trained
   states (the leading axis of `best_params` is the number of replicas K).
   Only process 0 writes; returns the folder (None on other processes).
   """

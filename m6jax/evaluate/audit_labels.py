@@ -119,7 +119,9 @@ def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None =
   label_issues.json into out_dir (default: the run's workdir).
   Returns {'suspects': n, 'products': N, 'csv': path, 'gallery': path}.
   """
-  from m6jax import features, folds, restore, train   # the run's own stack
+  from m6jax.features import prepare   # the run's own stack
+  from m6jax.train import folds, trainer as trainer_lib
+  from m6jax.inference import restore
 
   cfg = restore.load_config(workdir)
   if cfg.train.mode != "frozen":
@@ -129,13 +131,13 @@ def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None =
   os.makedirs(out_dir, exist_ok=True)
   cfg.unlock()
   cfg.train.folds, cfg.train.select_by, cfg.train.checkpoint = 0, "log_loss", False
-  run = features.setup(cfg, workdir)
-  splits = features.SPLITS
+  run = prepare.setup(cfg, workdir)
+  splits = prepare.SPLITS
   labels = {s: c["label"] for s, c in run.cols.items()}
   pooled = np.concatenate([labels[s] for s in splits])
   plan = folds.fold_plan(folds.stratified_folds(pooled, num_folds, cfg.data.split_seed),
                          cfg.seeds)
-  trainer = train.FrozenTrainer(cfg, len(run.class_names),
+  trainer = trainer_lib.FrozenTrainer(cfg, len(run.class_names),
                                 {s: {m: f[s] for m, f in run.feats.items()} for s in splits},
                                 labels, plan=plan, pool_splits=splits)
   states, _ = trainer.fit(None)
@@ -171,7 +173,7 @@ def main(argv=None):
   import argparse
   import logging
 
-  p = argparse.ArgumentParser(prog="python -m m6jax.audit_labels", description=(
+  p = argparse.ArgumentParser(prog="python -m m6jax.evaluate.audit_labels", description=(
       "Rank suspected label errors of a frozen-mode run's catalogue by confident learning "
       "on out-of-fold probabilities."))
   p.add_argument("--workdir", required=True, help="a finished frozen-mode run")

@@ -20,8 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from threadpoolctl import threadpool_limits
 
-from m6jax import cache as cache_lib
 from m6jax import files
+from m6jax.features import cache as cache_lib
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
   each set's work is unchanged, so results do not depend on it). With
   num_threads None the sets run one at a time: sklearn's own thread limits
   inside KMeans would then race between threads.
-  cache_dir: a feature cache root (m6jax.cache) where studies are kept by a
+  cache_dir: a feature cache root (m6jax.features.cache) where studies are kept by a
   hash of the embeddings, labels, classes, seed and method: another
   experiment on the same features (another head, a sweep cell) reads the
   scores and projections back instead of recomputing them (timings then

@@ -1,16 +1,16 @@
 """The K-replica trainers and their shared epoch loop.
 
 `states = jax.vmap(init)(keys)`; `jax.jit(jax.vmap(step))` advances all K
-replicas at once, with the pure per-replica steps of m6jax.steps bound by
+replicas at once, with the pure per-replica steps of m6jax.train.steps bound by
 `functools.partial`. Replica k is seeded with `seed + k`, so with per-seed data
 order it matches a solo run with that seed.
 
 Two modes share the epoch loop, validation, best-epoch selection and the
 checkpoint:
   frozen    heads train on cached tower embeddings (a whole epoch is one
-            jitted `lax.scan`, m6jax.steps.scan_epoch);
+            jitted `lax.scan`, m6jax.train.steps.scan_epoch);
   finetune  towers and head train end to end on image batches
-            (m6jax.finetune.FinetuneTrainer, on this epoch loop).
+            (m6jax.train.finetune.FinetuneTrainer, on this epoch loop).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from m6jax import folds, optim, steps
 from m6jax import mesh as mesh_lib
-from m6jax import metrics as metrics_lib
+from m6jax.evaluate import metrics as metrics_lib
 from m6jax.models import fusion
+from m6jax.train import folds, optim, steps
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Trainer:
     on_epoch(record) is called after each epoch with the history record
     (epoch, per-replica loss / grad_norm / val_macro_f1 / val_accuracy lists).
 
-    Resumes from `checkpoints` (m6jax.checkpoint.Checkpoints) when it holds a
+    Resumes from `checkpoints` (m6jax.train.checkpoint.Checkpoints) when it holds a
     step, and saves the state there after every epoch (best_* included).
     """
     cfg = self.cfg
@@ -175,7 +175,7 @@ class FrozenTrainer(Trainer):
   feats: {split: {'image': (N, Di), 'text': (N, Dt)}} for the modalities the
   head reads; labels: {split: (N,)}.
 
-  Cross-validation (`plan`, m6jax.folds.ReplicaPlan over the rows of
+  Cross-validation (`plan`, m6jax.train.folds.ReplicaPlan over the rows of
   `pool_splits` concatenated, split 'pool'): replica r = fold * seeds + seed
   trains on the pooled rows outside its fold and validates on its fold, so
   folds are one more array axis next to seeds: R = folds x seeds replicas in

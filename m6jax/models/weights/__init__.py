@@ -1,0 +1,1 @@
+"""Where pretrained weights come from: sources by name, downloads, torch/Keras file readers."""

@@ -1,0 +1,1 @@
+"""Tracking: the per-run writer (metrics.jsonl, MLflow), its store, sweeps and their comparison."""

@@ -1,0 +1,1 @@
+"""Pure steps, the K-replica trainers (frozen / fine-tuning), optimizers, checkpoints, folds."""
