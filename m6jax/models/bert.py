@@ -136,7 +136,7 @@ class BertLayer(nn.Module):
     # (the row sum is taken before dropout).
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    weights = drop(c.attention_probs_dropout_prob)(weights_lib.astype(self.dtype))
+    weights = drop(c.attention_probs_dropout_prob)(weights.astype(self.dtype))
     ctx = jnp.matmul(weights, v) / total.astype(self.dtype)
     ctx = ctx.transpose(0, 2, 1, 3).reshape(x.shape[:-1] + (c.hidden_size,))
     attn = drop(c.hidden_dropout_prob)(dense(c.hidden_size, "attention_output")(ctx))
