@@ -59,6 +59,8 @@ def shingles(text: str) -> np.ndarray:
 
 def minhash(sh: list, num: int = _BANDS * _ROWS, seed: int = 0) -> np.ndarray:
   """Shingle arrays of N texts -> (N, num) uint32 MinHash signatures."""
+  if not sh:
+    return np.zeros((0, num), np.uint32)
   flat = np.concatenate(sh)
   starts = np.cumsum([0] + [len(s) for s in sh[:-1]])
   rng = np.random.default_rng(seed)
@@ -246,6 +248,8 @@ def main(argv=None) -> None:
   with open(a.split_csv, newline="") as f:
     split_of = {r["uniq_id"]: r["split"] for r in csv.DictReader(f)}
   rows = [r for r in rows if r.uniq_id in split_of]
+  if not rows:
+    raise SystemExit(f"{a.split_csv}: none of its uniq_ids is a usable row of {a.catalogue}")
   twins = find_twins(rows)
   s = straddling(twins, split_of, a.scored)
   print(f"{len(rows)} products, {len(twins.groups)} twin groups "
