@@ -174,6 +174,12 @@ class Twins:
                        for u in uniq_ids], np.int64)
 
 
+def group_index(uniq_ids, twin_groups: list) -> np.ndarray:
+  """(N,) int group of each uniq_id from a report's twin groups (others: their own)."""
+  return Twins({u: g["key"] for g in twin_groups for u in g["ids"]}, twin_groups).group_ids(
+      uniq_ids)
+
+
 def find_twins(rows, text_threshold: float = TEXT_JACCARD) -> Twins:
   """Catalogue rows (uniq_id, text, image_path, category; `photo` = (digest, dhash)
   when read_catalogue computed it) -> Twins. Deterministic in the rows' content,
