@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.warmup_steps = 20
   t.folds = 0                          # >= 2: k-fold CV over train+validation (frozen mode):
                                        # folds x seeds replicas; a seed's model: its fold ensemble
+  t.repeats = 1                        # with folds: that many k-fold partitions, repeats x folds
+                                       # x seeds replicas; out-of-fold scores: mean +- std over
+                                       # repeats (each epoch is picked on an inner slice of the
+                                       # replica's training rows, never on its scored fold)
   t.select_by = "log_loss"             # best epoch per replica by validation log_loss | macro_f1
                                        # (log-loss is smooth: 126 products move F1 in 0.8 % steps)
   t.label_smoothing = 0.0

@@ -46,7 +46,7 @@ MIN = {   # key -> smallest allowed value
     "seeds": 1, "seed": 0, "train.epochs": 1, "train.batch_size": 1, "data.batch_size": 1,
     "data.image_size": 1, "data.store_size": 1, "data.max_text_length": 1,
     "data.label_depth": 1, "data.max_image_pixels": 1, "data.max_image_side": 1,
-    "data.min_class_count": 0, "data.split_seed": 0,
+    "data.min_class_count": 0, "data.split_seed": 0, "train.repeats": 1,
     "train.log_every": 1, "train.checkpoint_every": 1, "train.warmup_steps": 0, "model.hidden": 0,
     "model.text.tfidf_dim": 1, "explain.n_per_class": 1, "mesh.seed": 0, "mesh.data": 0,
 }
@@ -148,6 +148,9 @@ def problems(cfg) -> list[str]:
     errors.append(f"train.folds={folds!r}: must be 0 (no cross-validation) or an integer >= 2")
   elif folds and cfg.train.mode != "frozen":
     errors.append(f"train.folds={folds}: cross-validation needs train.mode='frozen'")
+  repeats = cfg.train.repeats
+  if isinstance(repeats, int) and repeats > 1 and not folds:
+    errors.append(f"train.repeats={cfg.train.repeats!r}: repeats need train.folds >= 2")
   errors += _check_groups(cfg.train.groups)
   return errors
 

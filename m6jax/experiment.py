@@ -109,9 +109,10 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
     }
     if getattr(run.trainer, "plan", None) is not None:
       extra["cross_validation"] = run.trainer.out_of_fold_scores(states.best_params)
-      log.info("cross-validation (%d folds x %d seeds, out-of-fold): %s", cfg.train.folds,
-               cfg.seeds, {k: round(v, 4) for k, v in extra["cross_validation"].items()
-                           if isinstance(v, float)})
+      log.info("cross-validation (%d folds x %d repeats x %d seeds, out-of-fold): %s",
+               cfg.train.folds, cfg.train.get("repeats", 1), cfg.seeds,
+               {k: round(v, 4) for k, v in extra["cross_validation"].items()
+                if isinstance(v, float)})
     if cfg.train.mode == "frozen" and len(mods) > 1:
       extra["modality_importance"] = run.trainer.modality_importance(states.best_params)
       log.info("modality importance (test, ensemble accuracy): %s",

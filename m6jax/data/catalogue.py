@@ -8,8 +8,11 @@ ever substituted.
 from __future__ import annotations
 
 import codecs
+import collections
 import csv
 import dataclasses
+import hashlib
+import itertools
 import json
 import os
 import re
@@ -37,6 +40,7 @@ class Row:
   category: str       # label at the configured depth
   image_path: str
   row: int = 0        # 1-based data row (as BadRow.row)
+  photo: tuple = ()   # (bytes digest, dHash) of the image when checked (m6jax.data.twins)
 
 
 @dataclasses.dataclass
@@ -63,6 +67,8 @@ class DataReport:
   split_counts: dict = dataclasses.field(default_factory=dict)
   # Classes left out (too few products for every split): {class: usable products}.
   dropped_classes: dict = dataclasses.field(default_factory=dict)
+  # Twin groups kept in one split each (m6jax.data.twins): {key, ids, reasons, categories}.
+  twin_groups: list = dataclasses.field(default_factory=list)
 
   @property
   def used_rows(self) -> int:
@@ -75,6 +81,7 @@ class DataReport:
         "skipped_by_reason": _count_reasons(self.bad),
         "class_counts": self.class_counts, "split_counts": self.split_counts,
         "dropped_classes": self.dropped_classes,
+        "twin_groups": self.twin_groups,
         "skipped": [dataclasses.asdict(b) for b in self.bad],
     }
 
@@ -85,6 +92,11 @@ class DataReport:
       lines.append(f"  classes left out (too few products for every split): "
                    f"{self.dropped_classes}")
     lines += [f"  skipped: {b}" for b in self.bad]
+    if self.twin_groups:
+      lines.append(f"  {len(self.twin_groups)} twin groups "
+                   f"({sum(len(g['ids']) for g in self.twin_groups)} products), each kept in "
+                   "one split:")
+      lines += [f"    {'+'.join(g['reasons'])}: {' '.join(g['ids'])}" for g in self.twin_groups]
     return "\n".join(lines)
 
   def write(self, directory: str) -> None:
@@ -291,10 +303,12 @@ def read_catalogue(csv_path: str, image_dir: str, columns: dict, label_depth: in
       continue
     image_name = fields[columns["image"]].strip()
     shown = os.path.join(image_dir, image_name) if image_name else ""
+    photo = ()
     try:
       image_path = images.confined_path(image_dir, image_name)
       if check_images:
-        images.load_image(image_path, limits, short_side=64)
+        thumb = images.load_image(image_path, limits, short_side=64)
+        photo = (images.file_digest(image_path), images.photo_hash(thumb))
       else:
         with Image.open(image_path) as img:   # header only: the size caps
           images.check_size(*img.size, limits)
@@ -304,7 +318,7 @@ def read_catalogue(csv_path: str, image_dir: str, columns: dict, label_depth: in
     except Exception as e:  # noqa: BLE001  (header unreadable with check_images=False)
       bad(columns["image"], f"corrupt image: {type(e).__name__}: {e}", shown)
       continue
-    rows.append(Row(line, uid, text, category, image_path, report.total_rows))
+    rows.append(Row(line, uid, text, category, image_path, report.total_rows, photo))
   for r in rows:
     report.class_counts[r.category] = report.class_counts.get(r.category, 0) + 1
   return rows, report
@@ -337,28 +351,67 @@ def rare_classes(class_counts: dict, fractions: dict, min_count: int = 0) -> dic
   return {c: n for c, n in sorted(class_counts.items()) if n < need}
 
 
-def stratified_split(rows: list[Row], fractions: dict, seed: int) -> dict[str, list[Row]]:
-  """Fixed, seeded split with the class proportions of `rows` in every part.
+def group_hash(key: str, seed: int) -> bytes:
+  """The seeded rank of a group: blake2b of (seed, group key)."""
+  return hashlib.blake2b(key.encode(), digest_size=8, key=str(int(seed)).encode()).digest()
 
-  Rows are ordered by uniq_id inside each class before shuffling, so the split
-  depends only on (ids, labels, seed), not on the CSV order.
+
+def stratified_split(rows: list[Row], fractions: dict, seed: int,
+                     groups: dict | None = None) -> dict[str, list[Row]]:
+  """Fixed, seeded, stratified split that keeps each group of rows in one split.
+
+  groups: {uniq_id: group key} (m6jax.data.twins: the group's smallest uniq_id);
+  a row not in it is a group of its own. A group counts for the class of most
+  of its rows (ties: the first class name). Within each class the groups are
+  ranked by `group_hash(key, seed)` and cut into contiguous runs, one per split,
+  at the group edges that keep every split's row count nearest its target
+  (largest-remainder sizes; exact for single rows, within +-1 for pairs).
+
+  The split depends only on (ids, labels, groups, seed), never on the CSV order
+  or on other classes. Adding or fixing one row moves its group and at most one
+  group at each cut of its class (no rule can do better and keep the counts
+  within +-1: an assignment that never moves another row is a per-row coin).
   """
   names = list(fractions)
   fr = np.array([fractions[n] for n in names], dtype=np.float64)
   if np.any(fr < 0) or not np.isclose(fr.sum(), 1.0):
     raise DataError(f"split fractions must be >= 0 and sum to 1: {dict(fractions)}")
+  groups = groups or {}
+  members: dict[str, list[Row]] = {}
+  for r in rows:
+    members.setdefault(groups.get(r.uniq_id, r.uniq_id), []).append(r)
+  by_class: dict[str, list[str]] = {}
+  for key, rs in members.items():
+    counts = collections.Counter(r.category for r in rs)
+    top = max(counts.values())
+    by_class.setdefault(min(c for c, n in counts.items() if n == top), []).append(key)
   out: dict[str, list[Row]] = {n: [] for n in names}
-  rng = np.random.default_rng(seed)
-  for cat in sorted({r.category for r in rows}):
-    members = sorted((r for r in rows if r.category == cat), key=lambda r: r.uniq_id)
-    order = rng.permutation(len(members))
-    # Largest-remainder rounding keeps every class's total exact.
-    sizes = split_sizes(len(members), fractions)
-    start = 0
-    for name in names:
-      n = sizes[name]
-      out[name].extend(members[i] for i in order[start:start + n])
-      start += n
+  for cat in sorted(by_class):
+    keys = sorted(by_class[cat], key=lambda k: (group_hash(k, seed), k))
+    sizes = [len(members[k]) for k in keys]
+    cuts = _best_cuts(np.cumsum([0] + sizes), list(split_sizes(sum(sizes), fractions).values()))
+    part = np.searchsorted(cuts, np.cumsum([0] + sizes)[:-1], side="right")
+    for k, j in zip(keys, part):
+      out[names[j]].extend(members[k])
   for name in names:
     out[name].sort(key=lambda r: r.uniq_id)
   return out
+
+
+def _best_cuts(edges: np.ndarray, targets: list) -> np.ndarray:
+  """Group edges (cumulative sizes, 0 first) and per-split target sizes -> the S-1
+  cut positions, each the edge just below or above its target boundary, that
+  minimise (largest |count - target|, summed |count - target|)."""
+  bounds = np.cumsum(targets)[:-1]
+  options = [sorted({int(edges[edges <= b].max()), int(edges[edges >= b].min())})
+             for b in bounds]
+  best, best_cost = None, None
+  for cuts in itertools.product(*options):
+    if any(a > b for a, b in zip(cuts, cuts[1:])):
+      continue
+    counts = np.diff([0, *cuts, int(edges[-1])])
+    dev = np.abs(counts - np.asarray(targets))
+    cost = (int(dev.max()), int(dev.sum()))
+    if best_cost is None or cost < best_cost:
+      best, best_cost = cuts, cost
+  return np.asarray(best, np.int64)

@@ -17,6 +17,7 @@ Failures raise ImageError (a ValueError) whose message starts with the reason
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import warnings
@@ -180,3 +181,35 @@ def confined_path(image_dir: str, name: str) -> str:
   if os.path.commonpath([root, path]) != root:
     raise ImageError(f"image path outside the image folder: {name!r} leaves {root}")
   return path
+
+
+# A thumbnail with a grey range below this is flat: its dHash would be noise, not a picture.
+MIN_HASH_GREY_RANGE = 8
+# dHash bits whose two thumbnail cells differ by less than this (grey levels) may flip
+# when the photo is re-encoded; up to HASH_UNSTABLE_BITS of them are marked "either".
+HASH_MARGIN, HASH_UNSTABLE_BITS = 4.0, 6
+
+
+def photo_hash(img: Image.Image) -> str:
+  """Difference hash (dHash) of a picture: 64 bits (hex) of 'brighter than its left
+  neighbour' on a 9x8 grey thumbnail, then '/' and the positions of its near-tie bits
+  (the HASH_UNSTABLE_BITS closest under HASH_MARGIN), e.g. '7227a69619c6e673/5,40';
+  '' for a flat picture. Two photos match when they agree outside those bits
+  (m6jax.data.twins): a re-encoded, resized or recoloured copy of one photo."""
+  grey = np.asarray(img.convert("L").resize((9, 8), Image.BOX), np.float32)
+  if grey.max() - grey.min() < MIN_HASH_GREY_RANGE:
+    return ""
+  diff = (grey[:, 1:] - grey[:, :-1]).ravel()
+  near = [int(i) for i in np.argsort(np.abs(diff), kind="stable")[:HASH_UNSTABLE_BITS]
+          if abs(diff[i]) < HASH_MARGIN]
+  bits = np.packbits(diff > 0).tobytes().hex()
+  return bits + ("/" + ",".join(map(str, sorted(near))) if near else "")
+
+
+def file_digest(path: str) -> str:
+  """blake2b-128 of a file's bytes (hex)."""
+  h = hashlib.blake2b(digest_size=16)
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()

@@ -3,7 +3,8 @@
 Written without TensorFlow: images are stored as JPEG bytes (re-encoded with
 the shorter side <= `store_size`), read back through `tfds.data_source` and
 decoded with PIL. Splits (train / validation / test) are fixed, seeded and
-stratified, and recorded both as TFDS splits and in `split.csv`.
+stratified, keep twin products together (m6jax.data.twins), and are recorded both
+as TFDS splits and in `split.csv` (with each product's twin group).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from m6jax import files
-from m6jax.data import catalogue, images
+from m6jax.data import catalogue, images, twins
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def prepare(data_cfg):
       split=dict(data_cfg.split), maxpix=limits.max_pixels, maxside=limits.max_side,
       store=data_cfg.store_size, policy=data_cfg.on_bad_row, encoding=encoding,
       rare=rare_policy, min_class=int(data_cfg.get("min_class_count", 0)),
-      exclude=_exclude_fingerprint(data_cfg)), sort_keys=True)
+      exclude=_exclude_fingerprint(data_cfg), split_method=twins.METHOD), sort_keys=True)
   name = "c" + hashlib.sha1(key.encode()).hexdigest()[:12]
   data_dir = os.path.abspath(data_cfg.tfds_dir)
   built = os.path.join(data_dir, "product_catalogue", name, str(ProductCatalogue.VERSION))
@@ -259,7 +260,11 @@ def prepare(data_cfg):
     raise catalogue.DataError(f"no usable rows in {csv_path}:\n{report.summary()}")
   class_names = tuple(c for c in data_cfg.classes if c not in report.dropped_classes) or tuple(
       sorted({r.category for r in rows}))
-  parts = catalogue.stratified_split(rows, dict(data_cfg.split), data_cfg.split_seed)
+  # Twins (shared photo or near-identical text) never straddle splits.
+  found = twins.find_twins(rows)
+  report.twin_groups = found.groups
+  parts = catalogue.stratified_split(rows, dict(data_cfg.split), data_cfg.split_seed,
+                                     found.key_of)
   for s in _SPLITS:
     parts.setdefault(s, [])
   # Excluded products leave their split after it is drawn, so every other product
@@ -295,10 +300,10 @@ def prepare(data_cfg):
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(["uniq_id", "split", "category", "line"])
+    w.writerow(["uniq_id", "split", "category", "line", "group"])
     for s in _SPLITS:
       for r in parts[s]:
-        w.writerow([r.uniq_id, s, r.category, r.line])
+        w.writerow([r.uniq_id, s, r.category, r.line, found.key_of[r.uniq_id]])
     files.write_text(os.path.join(builder.data_dir, "split.csv"), buf.getvalue())
     report.write(builder.data_dir)          # data_report.json last: marks the build done
   log.info("built %s: %s", builder.data_dir, report.split_counts)
@@ -308,7 +313,8 @@ def prepare(data_cfg):
 def _report_from_dict(d: dict) -> catalogue.DataReport:
   rep = catalogue.DataReport(csv=d["csv"], total_rows=d["total_rows"],
                              class_counts=d["class_counts"], split_counts=d["split_counts"],
-                             dropped_classes=d.get("dropped_classes", {}))
+                             dropped_classes=d.get("dropped_classes", {}),
+                             twin_groups=d.get("twin_groups", []))
   rep.bad = [catalogue.BadRow(**b) for b in d["skipped"]]
   return rep
 

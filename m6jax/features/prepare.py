@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from m6jax.data import pipeline, tfds_builder
+from m6jax.data import pipeline, tfds_builder, twins
 from m6jax.features import embed
 from m6jax.models import fusion, towers
 from m6jax.train import finetune, folds
@@ -78,8 +78,11 @@ def setup(cfg, workdir: str) -> Setup:
     plan = None
     if cfg.train.get("folds", 0) >= 2:
       pooled = np.concatenate([labels[s] for s in folds.POOL_SPLITS])
-      plan = folds.fold_plan(folds.stratified_folds(pooled, cfg.train.folds, cfg.data.split_seed),
-                             cfg.seeds)
+      # Twins (the dataset's report) share a fold, as they share a split.
+      groups = twins.group_index([u for s in folds.POOL_SPLITS for u in cols[s]["uniq_id"]],
+                                 report.twin_groups)
+      plan = folds.cv_plan(pooled, cfg.train.folds, cfg.seeds, cfg.data.split_seed,
+                           cfg.train.get("repeats", 1), groups)
     trainer = trainer_lib.FrozenTrainer(cfg, len(class_names),
                                   {s: {m: f[s] for m, f in feats.items()} for s in SPLITS},
                                   labels, plan=plan)

@@ -149,8 +149,8 @@ def save(workdir: str, run, states) -> str | None:
   cfg = run.cfg
   mods = fusion.modalities(cfg.model.fusion)
   num_replicas = int(jax.tree.leaves(states.best_params)[0].shape[0])
-  plan = getattr(run.trainer, "plan", None)   # cross-validation: R = folds x seeds replicas
-  folds = int(np.max(plan.fold_of_replica)) + 1 if plan is not None else 1
+  plan = getattr(run.trainer, "plan", None)   # cross-validation: R = models x seeds replicas
+  folds = plan.models_per_seed if plan is not None else 1   # fold models (x repeats) per seed
   dims = _feature_dims(run)
   towers = {}
   for m in mods:
@@ -212,7 +212,8 @@ class Bundle:
 
   @property
   def folds(self) -> int:
-    """Replica r is fold r // seeds of seed r % seeds (1: no cross-validation)."""
+    """Fold models per seed (folds x repeats): replica r is fold model r // seeds of seed
+    r % seeds (1: no cross-validation)."""
     return int(self.meta.get("folds", 1))
 
   @property

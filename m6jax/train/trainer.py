@@ -223,30 +223,28 @@ class FrozenTrainer(Trainer):
                             out_shardings=self.outputs)
 
   def validate(self, states, val_labels) -> dict:
-    """Per-replica validation scores; with folds, each replica on its own fold."""
+    """Per-replica validation scores; with folds, each replica on its selection rows
+    (cv_plan: an inner slice of its training rows, never its scored fold)."""
     if self.plan is None:
       return super().validate(states, val_labels)
     probs = np.asarray(self.predict(states.params, None, "pool"))
-    return validation_scores(probs, self.labels["pool"], self.num_classes, self.plan.val_mask)
+    return validation_scores(probs, self.labels["pool"], self.num_classes,
+                             self.plan.select_mask)
 
   def out_of_fold_scores(self, params) -> dict:
     """Cross-validation scores of the pooled rows, each predicted by the replicas that did
-    not train on it: {'folds', 'rows', 'accuracy', 'macro_f1', 'log_loss'}."""
-    oof = folds.out_of_fold(self.predict(params, None, "pool"), self.plan)
-    labels = np.asarray(self.labels["pool"])
-    sc = validation_scores(oof[None], labels, self.num_classes)
-    return {"folds": int(self.plan.fold_of_replica.max()) + 1, "rows": int(len(labels)),
-            "accuracy": float(sc["accuracy"][0]), "macro_f1": float(sc["macro_f1"][0]),
-            "log_loss": float(sc["log_loss"][0])}
+    not train on it, per repeat, as mean and std over repeats (folds.cv_scores)."""
+    return folds.cv_scores(self.predict(params, None, "pool"), np.asarray(self.labels["pool"]),
+                           self.plan, functools.partial(validation_scores,
+                                                        num_classes=self.num_classes))
 
   def seed_models(self, probs):
     """(R, N, C) replica probabilities -> (S, N, C): with folds, each seed's model is the
-    mean of its fold replicas (a fold ensemble); without, the replicas themselves."""
+    mean of its fold (x repeat) replicas (a fold ensemble); without, the replicas."""
     probs = np.asarray(probs)
     if self.plan is None:
       return probs
-    folds = int(self.plan.fold_of_replica.max()) + 1
-    return probs.reshape(folds, -1, *probs.shape[1:]).mean(0)
+    return probs.reshape(self.plan.models_per_seed, -1, *probs.shape[1:]).mean(0)
 
   @staticmethod
   def _replicate(fn, in_axes):
