@@ -21,8 +21,31 @@ from m6jax.evaluate import metrics as metrics_lib
 
 SCALARS = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision",
            "macro_recall")
+VAL_METRICS = ("macro_f1", "accuracy", "log_loss")
 
 
+def selection(history: list, best_epoch, select_by: str) -> dict:
+  """Each replica's selected epoch as training kept it (TrainState.best_epoch, (R,),
+  -1 = never selected) and its validation scores read from the history at that epoch:
+  {'select_by', 'best_epoch': [R], '<metric>': [R], '<metric>_mean'} (metric: macro_f1,
+  accuracy, log_loss; None for a replica never selected). No rule is applied here."""
+  best = [int(e) for e in np.asarray(best_epoch).reshape(-1)]
+  if not history:
+    return {}
+  rows = {int(h["epoch"]): h for h in history}
+  missing = sorted({e for e in best if e >= 0 and e not in rows})
+  if missing:
+    raise ValueError(f"selected epoch(s) {missing} are not in the training history "
+                     f"(epochs {min(rows)}..{max(rows)})")
+  out = {"select_by": select_by, "best_epoch": best}
+  for name in VAL_METRICS:
+    if f"val_{name}" not in history[0]:
+      continue
+    out[name] = [float(rows[e][f"val_{name}"][r]) if e >= 0 else None
+                 for r, e in enumerate(best)]
+    vals = [v for v in out[name] if v is not None]
+    out[f"{name}_mean"] = float(np.mean(vals)) if vals else None
+  return out
 
 
 
