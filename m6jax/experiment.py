@@ -94,7 +94,7 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
                                          with_weights=True)
     # One model per seed (with folds: that seed's fold ensemble), scored per seed.
     probs = run.trainer.seed_models(probs)
-    scores = results.score(labels["test"], probs, run.class_names)
+    scores = results.score(labels["test"], probs, run.class_names, cfg.get("evaluate"))
     extra = {
         "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
         "seeds": [cfg.seed + k for k in range(cfg.seeds)],
@@ -129,10 +129,12 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
     out = results.write_outputs(workdir, scores, run.class_names, run.cols["test"]["uniq_id"],
                                 labels["test"], probs, extra)
   s = out["test"]["summary"]
-  log.info("test accuracy %.4f +- %.4f, macro-F1 %.4f +- %.4f over %d seeds; "
-           "ensemble accuracy %.4f (%.0f s)", s["accuracy"]["mean"], s["accuracy"]["std"],
-           s["macro_f1"]["mean"], s["macro_f1"]["std"], cfg.seeds,
-           out["test"]["ensemble"]["accuracy"], time.time() - timer.t0)
+  b = out["test"]["bootstrap"]["accuracy"]
+  log.info("test accuracy %.4f +- %.4f, macro-F1 %.4f +- %.4f (seed spread, %d seeds); "
+           "ensemble accuracy %.4f, 95 %% over test products [%.4f, %.4f] (%.0f s)",
+           s["accuracy"]["mean"], s["accuracy"]["std"], s["macro_f1"]["mean"],
+           s["macro_f1"]["std"], cfg.seeds, out["test"]["ensemble"]["accuracy"], b["low"],
+           b["high"], time.time() - timer.t0)
   return out
 
 

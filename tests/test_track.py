@@ -93,9 +93,14 @@ def test_tracked_run_reads_back_from_sqlite(tiny_catalogue, tfds_dir, tmp_path):
     for s, v in zip(saved["seeds"], test["per_seed"][k]):
       assert m[f"test/{k}/seed_{s}"] == v
   assert m["test/ensemble/accuracy"] == test["ensemble"]["accuracy"]
+  boot = test["bootstrap"]["accuracy"]
+  assert m["test/bootstrap/accuracy"] == boot["point"] == test["ensemble"]["accuracy"]
+  assert (m["test/bootstrap/accuracy_low"], m["test/bootstrap/accuracy_high"]) == (
+      boot["low"], boot["high"])
   assert m["val/best_macro_f1"] == pytest.approx(sum(saved["best_val_macro_f1"]) / 2)
   assert not any("micro_f1" in k or "n_seeds" in k for k in m)   # == accuracy; a count
-  assert all(0.0 <= v <= 1.0 for k, v in m.items() if "ci95" in k)
+  assert all(0.0 <= v <= 1.0 for k, v in m.items()
+             if "ci95" in k and "log_loss" not in k)   # scores; a loss is unbounded
   arts = {a.path for a in c.list_artifacts(t.run_id)}
   assert {"results.json", "confusion_matrix.png", "config.json", "report.txt",
           "training_curves.png", "metrics.jsonl"} <= arts
@@ -121,7 +126,12 @@ def _fake_results(k=2):
   return {"seeds": list(range(k)), "history": hist, "devices": ["TFRT_CPU_0"],
           "validation": sel, "best_val_macro_f1": sel["macro_f1"],
           "test": {"per_seed": per, "summary": summary,
-                   "ensemble": {"accuracy": 0.7, "macro_f1": 0.6, "micro_f1": 0.7}},
+                   "ensemble": {"accuracy": 0.7, "macro_f1": 0.6, "micro_f1": 0.7},
+                   "bootstrap": {"accuracy": {"point": 0.7, "low": 0.62, "high": 0.78},
+                                 "macro_f1": {"point": 0.6, "low": 0.5, "high": 0.7},
+                                 "per_seed_mean": {"accuracy": {"point": 0.6, "low": 0.55,
+                                                                "high": 0.66}},
+                                 "resamples": 2000, "seed": 0, "level": 0.95}},
           "feasibility": {"text": {"ari": 0.4, "nmi": 0.5, "cluster_sizes": [1, 2]},
                           "fused": {"ari": 0.6, "nmi": 0.7}, "plot": "feasibility.png"},
           "gradcam": {"method": "gradcam", "stability": 0.8, "gallery": "gradcam/gallery.png"},
@@ -137,6 +147,10 @@ def test_final_metrics_follow_the_naming_scheme():
   # Two seeds far apart: the t interval would leave [0, 1]; it is clipped.
   assert (m["test/accuracy/ci95_low"], m["test/accuracy/ci95_high"]) == (0.0, 1.0)
   assert m["test/ensemble/accuracy"] == 0.7 and "test/ensemble/micro_f1" not in m
+  assert (m["test/bootstrap/accuracy"], m["test/bootstrap/accuracy_low"],
+          m["test/bootstrap/accuracy_high"]) == (0.7, 0.62, 0.78)
+  assert m["test/bootstrap/macro_f1_high"] == 0.7
+  assert m["test/bootstrap/per_seed_mean/accuracy_low"] == 0.55
   assert m["val/best_macro_f1/seed_1"] == pytest.approx(0.7)
   assert m["val/best_accuracy/seed_1"] == pytest.approx(0.62)   # at seed 1's best epoch (2)
   assert m["val/best_accuracy/seed_0"] == pytest.approx(0.60)   # the state's epoch 0

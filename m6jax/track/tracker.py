@@ -12,8 +12,12 @@ tracker "degraded" and its events go to <workdir>/tracking_buffer.jsonl, which
 Metric names (step = epoch for per-epoch series, 0 for final values):
   <split>/<metric>             mean over seeds (train/loss, val/macro_f1, test/accuracy, ...)
   <split>/<metric>/seed_<s>    one seed (s is the seed value, cfg.seed + k)
-  <split>/<metric>/<stat>      std, ci95_low, ci95_high (t interval, clipped to [0, 1])
+  <split>/<metric>/<stat>      std, ci95_low, ci95_high (seed spread: t interval over seeds,
+                               clipped to [0, 1])
   test/ensemble/<metric>       the seed ensemble (mean of probabilities)
+  test/bootstrap/<metric>[_low|_high]  the ensemble's score and its 95 % percentile-bootstrap
+                               interval over test products (.../per_seed_mean/...: the
+                               mean over seeds); metric: accuracy, macro_f1
   val/best_<metric>            the values at each seed's selected epoch (TrainState.best_epoch)
   feasibility/<emb>/{ari,nmi}, gradcam/stability, importance/<modality>/{drop,without},
   time/<phase>_s               analysis and timings, when the results have them
@@ -156,6 +160,7 @@ def final_metrics(results: dict) -> dict:
       out |= _seed_keys(f"test/{k}", per_seed.get(k, []), seeds)
     if isinstance(test.get("ensemble", {}).get(k), (int, float)):
       out[f"test/ensemble/{k}"] = test["ensemble"][k]
+  out |= bootstrap_metrics(test.get("bootstrap") or {})
   for name, vals in best_val(results).items():
     bounds = None if name == "log_loss" else (0.0, 1.0)
     out |= _stats(f"val/best_{name}", metrics_lib.seed_stats(vals, bounds))
@@ -172,6 +177,19 @@ def final_metrics(results: dict) -> dict:
   timings = results.get("timings") or results.get("timing_s") or {}
   out |= {f"time/{k}_s": v for k, v in timings.items()}
   return {k: float(v) for k, v in out.items()}
+
+
+def bootstrap_metrics(boot: dict, prefix: str = "test/bootstrap") -> dict:
+  """results.json's test.bootstrap -> {'test/bootstrap/accuracy', '..._low', '..._high', ...}."""
+  out = {}
+  for k in ("accuracy", "macro_f1"):
+    ci = boot.get(k) or {}
+    if ci:
+      out |= {f"{prefix}/{k}": ci["point"], f"{prefix}/{k}_low": ci["low"],
+              f"{prefix}/{k}_high": ci["high"]}
+  if boot.get("per_seed_mean"):
+    out |= bootstrap_metrics(boot["per_seed_mean"], prefix + "/per_seed_mean")
+  return out
 
 
 def best_val(results: dict) -> dict:

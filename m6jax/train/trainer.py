@@ -231,13 +231,19 @@ class FrozenTrainer(Trainer):
 
   def out_of_fold_scores(self, params) -> dict:
     """Cross-validation scores of the pooled rows, each predicted by the replicas that did
-    not train on it: {'folds', 'rows', 'accuracy', 'macro_f1', 'log_loss'}."""
+    not train on it: {'folds', 'rows', 'accuracy', 'macro_f1', 'log_loss',
+    'per_fold_accuracy': [F], 'fold_rows': [F]} (per fold: for a corrected t-test)."""
     oof = folds.out_of_fold(self.predict(params, None, "pool"), self.plan)
     labels = np.asarray(self.labels["pool"])
     sc = validation_scores(oof[None], labels, self.num_classes)
-    return {"folds": int(self.plan.fold_of_replica.max()) + 1, "rows": int(len(labels)),
+    k = int(self.plan.fold_of_replica.max()) + 1
+    fold_of_row = self.plan.fold_of_replica[self.plan.val_mask.argmax(0)]   # (N,)
+    right = oof.argmax(-1) == labels
+    return {"folds": k, "rows": int(len(labels)),
             "accuracy": float(sc["accuracy"][0]), "macro_f1": float(sc["macro_f1"][0]),
-            "log_loss": float(sc["log_loss"][0])}
+            "log_loss": float(sc["log_loss"][0]),
+            "per_fold_accuracy": [float(right[fold_of_row == f].mean()) for f in range(k)],
+            "fold_rows": [int((fold_of_row == f).sum()) for f in range(k)]}
 
   def seed_models(self, probs):
     """(R, N, C) replica probabilities -> (S, N, C): with folds, each seed's model is the
