@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.split = ml_collections.ConfigDict(dict(train=0.7, validation=0.15, test=0.15))
   d.exclude_ids = ""                   # file of uniq_ids to leave out (e.g. from label_issues.csv);
                                        # they are listed in data_report, other splits unchanged
+  d.allow_test_exclusion = False       # True: exclude_ids may name test products (else refused)
   d.on_bad_row = "skip"                # 'skip' (counted and listed) or 'fail'
   d.encoding = "utf-8"                 # CSV encoding (ASCII-compatible); a UTF-8 BOM is accepted
   d.max_image_pixels = 150_000_000     # decompression-bomb cap (one real photo is ~93 MP)
@@ -115,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
       log_model=True))
 
   c.feasibility = True                 # KMeans ARI + t-SNE of the frozen embeddings
+  # Test-score intervals: percentile bootstrap over test products (m6jax.evaluate.intervals).
+  c.evaluate = ml_collections.ConfigDict(dict(
+      bootstrap_resamples=2000,          # >= 2000
+      bootstrap_seed=0))                 # fixed, so the cells of a sweep resample alike
   # K = `seeds` replicas of the run, trained as one vmapped program; replica k
   # is seeded with `seed + k` (init, dropout and, with data_order='per_seed',
   # data order). Scores are reported per replica, as mean +- std, and for the

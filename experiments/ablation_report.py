@@ -1,11 +1,17 @@
 """experiments/ablation.md + ablation.png from a finished ablation sweep (runs/ablation/*).
 
-  python experiments/ablation_report.py --root runs/ablation --out experiments/ablation
+  python experiments/ablation_report.py --root runs/ablation --out experiments/ablation \
+      [--reference fusion_early]
 
 Cells are ranked by their selection signal, never by test: validation log-loss
 (mean over seeds at each seed's selected epoch, 126 validation products) for
 the cells without folds, and the out-of-fold log-loss over train+validation
-(714 products) for the 5-fold cells. Test columns are only reported.
+(714 products) for the 5-fold cells. Test columns are only reported, each cell
+paired with the reference cell (default fusion_early, the default config) on the
+same test products: accuracy difference with a paired-bootstrap 95 % interval,
+McNemar's exact p and a "within noise" verdict (m6jax.track.paired); the 5-fold
+cells also against the reference's 5-fold cell with the Nadeau-Bengio corrected
+resampled t-test on the per-fold out-of-fold accuracies.
 """
 
 from __future__ import annotations
@@ -17,12 +23,17 @@ import os
 
 import numpy as np
 
+from m6jax.track import paired
 
-def load(root: str) -> list[dict]:
-  rows = []
+
+def load(root: str, reference: str | None = paired.DEFAULT_NAME) -> list[dict]:
+  """One row per cell with results.json; 'paired' holds its comparison with `reference`
+  (None for the reference itself, or when there is no reference cell)."""
+  rows, results = [], {}
   for path in sorted(glob.glob(os.path.join(root, "*", "results.json"))):
     with open(path) as f:
       r = json.load(f)
+    results[os.path.basename(os.path.dirname(path))] = r
     t, v = r["test"], r.get("validation", {})
     imp = r.get("modality_importance") or {}
     rows.append({
@@ -42,7 +53,20 @@ def load(root: str) -> list[dict]:
         "without_text": imp.get("without_text"),
         "weights": r.get("modality_weights_mean"),
     })
+  names = [r["cell"] for r in rows]
+  comps = (paired.compare_cells(root, names, reference, results=results)
+           if reference in names else {})
+  for r in rows:
+    r["paired"] = comps.get(r["cell"])
   return rows
+
+
+def _vs_ref(c) -> str:
+  """' Δ [low, high] | p | verdict' cells of a row's paired comparison."""
+  if not c or "error" in c:
+    return "— | — | " + ("reference" if c is None else "not paired")
+  return (f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] | {c['p_mcnemar']:.3g} | "
+          f"{paired.noise_words(c)}")
 
 
 def _f(x, nd=4):
@@ -64,19 +88,28 @@ def markdown(rows: list[dict]) -> str:
     share = (r["weights"] or {}).get("image") if r["fusion"] == "early" else None
     out.append(f"| {i} | {r['cell']} | {r['select_by']} | {_f(r['val_log_loss'])} | "
                f"{_f(r['val_accuracy'])} | {r['test_acc']:.4f} ± {r['test_acc_std']:.4f} | "
-               f"{r['test_f1']:.4f} | {r['ensemble_acc']:.4f} | {wo} | {_f(share, 2)} |")
+               f"{r['test_f1']:.4f} | {r['ensemble_acc']:.4f} | {wo} | {_f(share, 2)} | "
+               f"{_vs_ref(r['paired'])} |")
   out += ["", "Cross-validated cells (5 folds x 5 seeds = 25 replicas in one program; each "
           "seed's model is its 5-fold ensemble):", "",
           "| rank | cell | out-of-fold log-loss | out-of-fold accuracy | out-of-fold macro-F1 "
           "| test accuracy (mean ± std) | ensemble accuracy | ensemble without image / without "
-          "text |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+          "text | Δ out-of-fold accuracy vs reference's folds (corrected t) | p |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for i, r in enumerate(cv, 1):
     wo = (f"{_f(r['without_image'])} / {_f(r['without_text'])}"
           if r["without_image"] is not None else "—")
     out.append(f"| {i} | {r['cell']} | {r['cv']['log_loss']:.4f} | {r['cv']['accuracy']:.4f} | "
                f"{r['cv']['macro_f1']:.4f} | {r['test_acc']:.4f} ± {r['test_acc_std']:.4f} | "
-               f"{r['ensemble_acc']:.4f} | {wo} |")
+               f"{r['ensemble_acc']:.4f} | {wo} | {_nb(r['paired'])} |")
   return "\n".join(out)
+
+
+def _nb(c) -> str:
+  cv = (c or {}).get("cv")
+  if not cv:
+    return "— | —"
+  return f"{cv['mean']:+.4f} [{cv['low']:+.4f}, {cv['high']:+.4f}] | {cv['p']:.3g}"
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -106,8 +139,10 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--root", default="runs/ablation")
   p.add_argument("--out", default="experiments/ablation")
+  p.add_argument("--reference", default=paired.DEFAULT_NAME,
+                 help="the cell every other is paired with on the same test products")
   a = p.parse_args()
-  rows = load(a.root)
+  rows = load(a.root, a.reference)
   table = markdown(rows)
   with open(a.out + ".json", "w") as f:
     json.dump(rows, f, indent=2)

@@ -94,19 +94,20 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
                                          with_weights=True)
     # One model per seed (with folds: that seed's fold ensemble), scored per seed.
     probs = run.trainer.seed_models(probs)
-    scores = results.score(labels["test"], probs, run.class_names)
+    scores = results.score(labels["test"], probs, run.class_names, cfg.get("evaluate"))
     extra = {
         "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
         "seeds": [cfg.seed + k for k in range(cfg.seeds)],
         "replicas": run.trainer.num_replicas,
         "modality_weights_mean": dict(zip(mods,
                                           np.asarray(weights).mean(axis=(0, 1)).tolist())),
-        "validation": best_validation(history, cfg.train.get("select_by", "macro_f1")),
-        "best_val_macro_f1": best_validation(history).get("macro_f1", []),
+        "validation": results.selection(history, mesh.to_host(states.best_epoch),
+                                        cfg.train.get("select_by", "macro_f1")),
         "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
         "history": history,
         "devices": [str(d) for d in jax.devices()],
     }
+    extra["best_val_macro_f1"] = extra["validation"].get("macro_f1", [])   # older readers
     if getattr(run.trainer, "plan", None) is not None:
       extra["cross_validation"] = run.trainer.out_of_fold_scores(states.best_params)
       log.info("cross-validation (%d folds x %d repeats x %d seeds, out-of-fold): %s",
@@ -129,29 +130,12 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
     out = results.write_outputs(workdir, scores, run.class_names, run.cols["test"]["uniq_id"],
                                 labels["test"], probs, extra)
   s = out["test"]["summary"]
-  log.info("test accuracy %.4f +- %.4f, macro-F1 %.4f +- %.4f over %d seeds; "
-           "ensemble accuracy %.4f (%.0f s)", s["accuracy"]["mean"], s["accuracy"]["std"],
-           s["macro_f1"]["mean"], s["macro_f1"]["std"], cfg.seeds,
-           out["test"]["ensemble"]["accuracy"], time.time() - timer.t0)
-  return out
-
-
-def best_validation(history: list, select_by: str = "macro_f1") -> dict:
-  """Each replica's selected epoch (the first best by `select_by`, as keep_best picks it)
-  and its validation scores: {'select_by', 'best_epoch': [R], '<metric>': [R], ...}."""
-  if not history:
-    return {}
-  key = "val_log_loss" if select_by == "log_loss" else "val_macro_f1"
-  sign = -1.0 if select_by == "log_loss" else 1.0
-  score = sign * np.asarray([h[key] for h in history], np.float64)       # (E, R)
-  best = score.argmax(0)
-  out = {"select_by": select_by,
-         "best_epoch": [int(history[e]["epoch"]) for e in best]}
-  for name in ("macro_f1", "accuracy", "log_loss"):
-    if f"val_{name}" in history[0]:
-      vals = np.asarray([h[f"val_{name}"] for h in history], np.float64)
-      out[name] = vals[best, np.arange(vals.shape[1])].tolist()
-      out[f"{name}_mean"] = float(np.mean(out[name]))
+  b = out["test"]["bootstrap"]["accuracy"]
+  log.info("test accuracy %.4f +- %.4f, macro-F1 %.4f +- %.4f (seed spread, %d seeds); "
+           "ensemble accuracy %.4f, 95 %% over test products [%.4f, %.4f] (%.0f s)",
+           s["accuracy"]["mean"], s["accuracy"]["std"], s["macro_f1"]["mean"],
+           s["macro_f1"]["std"], cfg.seeds, out["test"]["ensemble"]["accuracy"], b["low"],
+           b["high"], time.time() - timer.t0)
   return out
 
 

@@ -1,13 +1,17 @@
 """Label-issue audit: planted label flips are found by confident learning on OOF probabilities."""
 
+import csv
+import os
+
 import numpy as np
 from cleanlab import filter as cl_filter
 from cleanlab import rank as cl_rank
 
+from m6jax import experiment
 from m6jax.evaluate import audit_labels
 from m6jax.train import folds
 from m6jax.train import trainer as trainer_lib
-from tests.conftest import tiny_config
+from tests.conftest import learnable_features, tiny_config
 
 
 def _oof_with_flips(n=100, classes=4, flips=10, seed=0):
@@ -66,3 +70,41 @@ def test_csv_and_gallery_are_written(tmp_path):
   img = np.zeros((16, 16, 3), np.uint8)
   audit_labels.plot_suspects(rows[:3], [img] * 3, ["some text"] * 3, str(tmp_path / "g.png"))
   assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_audit_pools_train_and_validation_and_keeps_test_apart():
+  feats, labels = learnable_features(30, 3)
+  cfg = tiny_config("unused", "unused")
+  cfg.seeds, cfg.train.epochs, cfg.train.batch_size = 1, 3, 8
+  cfg.train.select_by, cfg.model.hidden = "log_loss", 0
+  out = audit_labels.audit_probs(cfg, feats, labels, 3, num_folds=3)
+  assert set(out) == {"pool"}                              # test only on request
+  pooled, oof = out["pool"]
+  np.testing.assert_array_equal(pooled, np.concatenate([labels["train"], labels["validation"]]))
+  assert oof.shape == (60, 3)
+  both = audit_labels.audit_probs(cfg, feats, labels, 3, num_folds=3, include_test=True)
+  np.testing.assert_array_equal(both["pool"][1], oof)      # the test split changes nothing
+  # Other test labels: the same test probabilities (no test label is trained on).
+  flipped = dict(labels, test=(labels["test"] + 1) % 3)
+  again = audit_labels.audit_probs(cfg, feats, flipped, 3, num_folds=3, include_test=True)
+  np.testing.assert_array_equal(again["test"][1], both["test"][1])
+  np.testing.assert_array_equal(again["test"][0], flipped["test"])
+  assert both["test"][1].shape == (30, 3)
+
+
+def test_audit_of_a_run_writes_train_validation_and_test_apart(tiny_catalogue, tmp_path):
+  cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"), **{"model.fusion": "early"})
+  wd = str(tmp_path / "run")
+  res = experiment.train_and_evaluate(cfg, wd)
+  s = audit_labels.audit(wd, num_folds=2, top=2, include_test=True)
+  counts = res["data"]["split_counts"]
+  assert s["splits"] == ["train", "validation"]
+  assert s["products"] == counts["train"] + counts["validation"]
+  assert s["test"]["products"] == counts["test"] and s["test"]["splits"] == ["test"]
+  with open(os.path.join(wd, "predictions_test.csv")) as f:
+    test_ids = {r["uniq_id"] for r in csv.DictReader(f)}
+  with open(s["csv"]) as f:
+    main_ids = {r["uniq_id"] for r in csv.DictReader(f)}
+  assert not main_ids & test_ids       # no test product among the train+validation suspects
+  assert (tmp_path / "run" / "label_issues_test.csv").is_file()
+

@@ -222,3 +222,19 @@ def test_closed_instance_raises(tmp_path):
   ck.close()  # idempotent
   with pytest.raises(RuntimeError):
     ck.save_latest(1, make_state())
+
+
+def test_train_state_selected_epoch_round_trips(tmp_path):
+  from m6jax.train import steps
+  tx = optax.adam(1e-3)
+  init = jax.vmap(lambda w: steps.new_state({"w": w}, {}, tx))
+  state = init(jnp.zeros((K, 2)))
+  assert np.asarray(state.best_epoch).tolist() == [-1] * K     # nothing selected yet
+  keep = jax.vmap(steps.keep_best, in_axes=(0, 0, None))
+  state = keep(state, jnp.asarray([0.5, -jnp.inf, 0.2]), 4)   # replica 1 does not improve
+  with Checkpoints(tmp_path) as ck:
+    ck.save_latest(1, state, {"epoch": 4})
+    ck.wait()
+    restored, _ = ck.restore_latest(init(jnp.ones((K, 2))))
+  assert np.asarray(restored.best_epoch).tolist() == [4, -1, 4]
+  assert_same(restored, state)

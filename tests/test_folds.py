@@ -98,6 +98,10 @@ def test_cross_validated_trainer_learns_and_scores_out_of_fold():
   cv = trainer.out_of_fold_scores(states.best_params)
   assert cv["folds"] == 5 and cv["rows"] == 60
   assert cv["accuracy"] > 0.8, cv          # chance is 1/3
+  # Per fold: the folds' rows add up, and their row-weighted mean is the pooled accuracy.
+  assert sum(cv["fold_rows"]) == 60 and len(cv["per_fold_accuracy"]) == 5
+  np.testing.assert_allclose(np.dot(cv["per_fold_accuracy"], cv["fold_rows"]) / 60,
+                             cv["accuracy"], atol=1e-12)
   test = trainer.seed_models(trainer.predict(states.best_params, None, "test"))
   assert test.shape == (2, 30, 3)
   assert (test.mean(0).argmax(-1) == labels["test"]).mean() > 0.8

@@ -29,6 +29,7 @@ def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogu
   # The case this test is about: replicas peak at different epochs, one before the last.
   assert len(set(best_epoch.tolist())) > 1 and best_epoch.min() < len(f1) - 1, f1
   np.testing.assert_allclose(res["best_val_macro_f1"], f1.max(0), atol=1e-6)
+  assert res["validation"]["best_epoch"] == best_epoch.tolist()   # the state's own epoch
 
   _, run, params, stats = restore.restore(wd)
   probs = np.asarray(run.trainer.predict(params, stats, "test"))

@@ -50,6 +50,9 @@ def test_killed_run_resumes_to_the_same_result(tiny_catalogue, tmp_path):
   b = json.load(open(os.path.join(wd, "results.json")))
   assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
   assert a["best_val_macro_f1"] == b["best_val_macro_f1"]
+  # The selected epoch is part of the checkpointed state: the resumed run keeps it.
+  assert a["validation"]["best_epoch"] == b["validation"]["best_epoch"]
+  assert a["test"]["bootstrap"] == b["test"]["bootstrap"]
   assert a["test"]["per_seed"] == b["test"]["per_seed"]
   # Same final parameters -> byte-identical ensemble probabilities.
   assert open(os.path.join(ref, "predictions_test.csv")).read() == \

@@ -133,7 +133,8 @@ def test_sweep_parent_has_comparison_best_cell_and_metrics(tiny_sweep):
   for key in ("test/accuracy", "test/macro_f1/std", "test/ensemble/accuracy",
               "val/best_macro_f1"):
     assert pm[key] == pytest.approx(cm[key]), key
-  assert all(0.0 <= v <= 1.0 for k, v in pm.items() if "ci95" in k)
+  assert all(0.0 <= v <= 1.0 for k, v in pm.items()
+             if "ci95" in k and "log_loss" not in k)   # scores; a loss is unbounded
   assert "†" in (root / "tiny" / "comparison.md").read_text()   # 2 seeds: CI flagged
 
 
@@ -160,6 +161,27 @@ def test_compare_table_plot_and_best(tiny_sweep, tmp_path, monkeypatch):
   mlflow_row = {r["cell"]: r for r in out["rows"]}[out["best"]]
   files_row = {r["cell"]: r for r in files["rows"]}[out["best"]]
   assert mlflow_row["test"]["macro_f1"] == pytest.approx(files_row["test"]["macro_f1"])
+
+
+def test_compare_pairs_each_cell_with_the_reference_on_the_same_products(tiny_sweep, tmp_path):
+  root = tiny_sweep["root"] / "tiny"
+  out = compare.compare(str(root), "macro_f1", str(tmp_path / "cmp"), reference="fusion=early")
+  assert out["reference"] == "fusion=early"
+  rows = {r["cell"]: r for r in out["rows"]}
+  assert "paired" not in rows["fusion=early"]
+  c = rows["fusion=late"]["paired"]
+  res = {n: json.loads((root / n / "results.json").read_text()) for n in rows}
+  n_test = len(res["fusion=late"]["test"]["per_seed"]["accuracy"]) and \
+      len((root / "fusion=late" / "predictions_test.csv").read_text().splitlines()) - 1
+  assert c["products"] == n_test
+  acc = {n: r["test"]["ensemble"]["accuracy"] for n, r in res.items()}
+  assert c["diff"] == pytest.approx(acc["fusion=late"] - acc["fusion=early"], abs=1e-9)
+  assert c["low"] <= c["diff"] <= c["high"] and 0.0 <= c["p_mcnemar"] <= 1.0
+  md = (tmp_path / "cmp.md").read_text()
+  assert "Paired with the reference `fusion=early`" in md and "McNemar" in md
+  # No cell is the default's: nothing is paired, and the table says how to name one.
+  plain = compare.compare(str(root), "macro_f1", str(tmp_path / "cmp2"))
+  assert plain["reference"] is None and "--reference" in plain["markdown"]
 
 
 def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 
 from m6jax import experiment
 from m6jax.evaluate import curves
+from m6jax.evaluate import results as results_lib
 from m6jax.track import mlflow_store
 from m6jax.track import tracker as tracker_lib
 from tests.conftest import REPO, tiny_config
@@ -92,9 +93,14 @@ def test_tracked_run_reads_back_from_sqlite(tiny_catalogue, tfds_dir, tmp_path):
     for s, v in zip(saved["seeds"], test["per_seed"][k]):
       assert m[f"test/{k}/seed_{s}"] == v
   assert m["test/ensemble/accuracy"] == test["ensemble"]["accuracy"]
+  boot = test["bootstrap"]["accuracy"]
+  assert m["test/bootstrap/accuracy"] == boot["point"] == test["ensemble"]["accuracy"]
+  assert (m["test/bootstrap/accuracy_low"], m["test/bootstrap/accuracy_high"]) == (
+      boot["low"], boot["high"])
   assert m["val/best_macro_f1"] == pytest.approx(sum(saved["best_val_macro_f1"]) / 2)
   assert not any("micro_f1" in k or "n_seeds" in k for k in m)   # == accuracy; a count
-  assert all(0.0 <= v <= 1.0 for k, v in m.items() if "ci95" in k)
+  assert all(0.0 <= v <= 1.0 for k, v in m.items()
+             if "ci95" in k and "log_loss" not in k)   # scores; a loss is unbounded
   arts = {a.path for a in c.list_artifacts(t.run_id)}
   assert {"results.json", "confusion_matrix.png", "config.json", "report.txt",
           "training_curves.png", "metrics.jsonl"} <= arts
@@ -115,10 +121,17 @@ def _fake_results(k=2):
   per = {"accuracy": [0.3, 0.9][:k] + [0.6] * (k - 2), "macro_f1": [0.2, 0.8][:k] + [0.5] * (k - 2)}
   from m6jax.evaluate import metrics
   summary = {n: metrics.seed_stats(v) for n, v in per.items()}
+  # The epochs training selected (TrainState.best_epoch), as results.selection records them.
+  sel = results_lib.selection(hist, [0, 2] + [1] * (k - 2), "macro_f1")
   return {"seeds": list(range(k)), "history": hist, "devices": ["TFRT_CPU_0"],
-          "best_val_macro_f1": [max(h["val_macro_f1"][i] for h in hist) for i in range(k)],
+          "validation": sel, "best_val_macro_f1": sel["macro_f1"],
           "test": {"per_seed": per, "summary": summary,
-                   "ensemble": {"accuracy": 0.7, "macro_f1": 0.6, "micro_f1": 0.7}},
+                   "ensemble": {"accuracy": 0.7, "macro_f1": 0.6, "micro_f1": 0.7},
+                   "bootstrap": {"accuracy": {"point": 0.7, "low": 0.62, "high": 0.78},
+                                 "macro_f1": {"point": 0.6, "low": 0.5, "high": 0.7},
+                                 "per_seed_mean": {"accuracy": {"point": 0.6, "low": 0.55,
+                                                                "high": 0.66}},
+                                 "resamples": 2000, "seed": 0, "level": 0.95}},
           "feasibility": {"text": {"ari": 0.4, "nmi": 0.5, "cluster_sizes": [1, 2]},
                           "fused": {"ari": 0.6, "nmi": 0.7}, "plot": "feasibility.png"},
           "gradcam": {"method": "gradcam", "stability": 0.8, "gallery": "gradcam/gallery.png"},
@@ -134,9 +147,13 @@ def test_final_metrics_follow_the_naming_scheme():
   # Two seeds far apart: the t interval would leave [0, 1]; it is clipped.
   assert (m["test/accuracy/ci95_low"], m["test/accuracy/ci95_high"]) == (0.0, 1.0)
   assert m["test/ensemble/accuracy"] == 0.7 and "test/ensemble/micro_f1" not in m
+  assert (m["test/bootstrap/accuracy"], m["test/bootstrap/accuracy_low"],
+          m["test/bootstrap/accuracy_high"]) == (0.7, 0.62, 0.78)
+  assert m["test/bootstrap/macro_f1_high"] == 0.7
+  assert m["test/bootstrap/per_seed_mean/accuracy_low"] == 0.55
   assert m["val/best_macro_f1/seed_1"] == pytest.approx(0.7)
   assert m["val/best_accuracy/seed_1"] == pytest.approx(0.62)   # at seed 1's best epoch (2)
-  assert m["val/best_accuracy/seed_0"] == pytest.approx(0.60)   # first of equal epochs
+  assert m["val/best_accuracy/seed_0"] == pytest.approx(0.60)   # the state's epoch 0
   assert (m["feasibility/text/ari"], m["feasibility/fused/nmi"]) == (0.4, 0.7)
   assert m["gradcam/stability"] == 0.8
   assert (m["importance/text/drop"], m["importance/text/without"]) == (0.3, 0.4)
@@ -167,7 +184,6 @@ def test_results_analysis_curves_and_dataset_in_store(tmp_path, capsys):
   [ds] = run.inputs.dataset_inputs
   assert ds.dataset.name == "shop" and "products.csv" in ds.dataset.source
   assert "training_curves.png" in {a.path for a in c.list_artifacts(t.run_id)}
-  assert curves.best_epochs(res["history"]) == [0, 2]
   out = capsys.readouterr().out.strip().splitlines()[-1]
   assert str(wd) in out and t.run_id in out and t.uri in out and "mlflow ui" in out
 

@@ -87,8 +87,33 @@ def test_fusion_modes_train(fusion):
 
 def test_best_epoch_is_kept_per_replica():
   _, states, hist = _fit(2, epochs=4, select_by="macro_f1")
-  best = np.array([max(h["val_macro_f1"][k] for h in hist) for k in range(2)])
-  np.testing.assert_allclose(np.asarray(states.best_f1), best, atol=1e-6)
+  f1 = np.array([h["val_macro_f1"] for h in hist])   # (epochs, K)
+  np.testing.assert_allclose(np.asarray(states.best_f1), f1.max(0), atol=1e-6)
+  # The state's epoch is the first best one (strict improvement only).
+  np.testing.assert_array_equal(np.asarray(states.best_epoch), f1.argmax(0))
+
+
+def test_weak_model_is_scored_with_its_selected_epoch_not_its_initial_parameters():
+  # Labels independent of the features over 7 classes: validation log-loss stays near
+  # ln 7 ~ 1.95 > 1, the case where a selection starting at -1 never replaced the init.
+  c, n = 7, 70
+  feats, _ = learnable_features(n, c)
+  rng = np.random.default_rng(1)
+  labels = {s: rng.integers(0, c, n).astype(np.int32) for s in feats}
+  cfg = tiny_config("unused", "unused", **{"train.select_by": "log_loss"})
+  cfg.seeds, cfg.train.epochs, cfg.train.batch_size, cfg.model.hidden = 2, 3, 16, 8
+  trainer = trainer_lib.FrozenTrainer(cfg, c, feats, labels)
+  states, hist = trainer.fit(labels["validation"], progress=False)
+  loss = np.array([h["val_log_loss"] for h in hist])
+  assert loss.min() > 1.0, loss
+  np.testing.assert_array_equal(np.asarray(states.best_epoch), loss.argmin(0))
+  assert (np.asarray(states.best_epoch) >= 0).all()
+  init = trainer.init_states()
+  for a, b in zip(jax.tree.leaves(states.best_params), jax.tree.leaves(init.params)):
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+  scored = np.asarray(trainer.predict(states.best_params, None, "test"))
+  untrained = np.asarray(trainer.predict(init.params, None, "test"))
+  assert np.abs(scored - untrained).max() > 1e-3
 
 
 def test_selection_by_log_loss_keeps_each_replicas_lowest_validation_loss():

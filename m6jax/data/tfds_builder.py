@@ -200,6 +200,25 @@ def read_exclude_ids(path: str) -> set:
   return set(lines)
 
 
+EXCLUDED = "excluded by data.exclude_ids ({split} split)"   # the report's reason
+
+
+def check_test_exclusion(data_cfg, report) -> None:
+  """Refuses (DataError) an exclude_ids list naming test products unless
+  data.allow_test_exclusion: dropping the test products a model gets wrong (e.g. from
+  label_issues.csv) would let the test split decide what it is scored on."""
+  if data_cfg.get("allow_test_exclusion", False):
+    return
+  reason = EXCLUDED.format(split="test")
+  ids = sorted(b.uniq_id for b in report.bad if b.reason == reason)
+  if ids:
+    raise catalogue.DataError(
+        f"data.exclude_ids={data_cfg.exclude_ids}: names {len(ids)} test product(s): "
+        f"{', '.join(ids)}. Excluding test products changes what the run is scored on; "
+        "remove them from the list (the label audit lists train + validation only), or "
+        "set data.allow_test_exclusion=True to do it on purpose.")
+
+
 def _exclude_fingerprint(data_cfg) -> str:
   path = data_cfg.get("exclude_ids", "")
   if not path:
@@ -243,6 +262,7 @@ def prepare(data_cfg):
   built = os.path.join(data_dir, "product_catalogue", name, str(ProductCatalogue.VERSION))
   done = _reuse(built)
   if done:
+    check_test_exclusion(data_cfg, done[1])
     return done
 
   rows, report = catalogue.read_catalogue(
@@ -277,10 +297,11 @@ def prepare(data_cfg):
       for r in parts[s]:
         if r.uniq_id in excluded:
           report.bad.append(catalogue.BadRow(r.row, r.line, r.uniq_id, "uniq_id", exclude_path,
-                                             f"excluded by data.exclude_ids ({s} split)"))
+                                             EXCLUDED.format(split=s)))
         else:
           keep.append(r)
       parts[s] = keep
+    check_test_exclusion(data_cfg, report)   # before anything is written
   report.split_counts = {s: len(parts[s]) for s in _SPLITS}
   cfg = CatalogueConfig(
       name=name, version=ProductCatalogue.VERSION, csv=data_cfg.csv, images=data_cfg.images,
@@ -293,6 +314,7 @@ def prepare(data_cfg):
   with _build_lock(os.path.join(data_dir, "product_catalogue", f".{name}.lock")):
     done = _reuse(built)
     if done:
+      check_test_exclusion(data_cfg, done[1])
       return done
     builder = ProductCatalogue(data_dir=data_dir, config=cfg, file_format="array_record",
                                rows_by_split=parts)

@@ -3,6 +3,12 @@
 Products whose given category the model, trained without them, finds unlikely
 are ranked as suspects. Nothing is dropped here: a researcher reads
 `label_issues.csv` / `label_issues.png` and may list ids in `data.exclude_ids`.
+
+The audit pools train + validation only: the test split never shapes what is
+dropped or relabelled (data.exclude_ids refuses test products unless
+data.allow_test_exclusion). With `--include-test` the test products are audited
+apart (label_issues_test.*), predicted by the fold models trained on train +
+validation, which never saw them.
 """
 
 from __future__ import annotations
@@ -109,19 +115,73 @@ def product_names(data_cfg, ids) -> list[str]:
   return [names.get(u, "") for u in ids]
 
 
-def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None = None) -> dict:
-  """Out-of-fold probabilities for every product of the run's catalogue -> suspects.
+def audit_probs(cfg, feats: dict, labels: dict, num_classes: int, num_folds: int = 5,
+                include_test: bool = False) -> dict:
+  """Cross-validated probabilities for the audit (frozen mode, cached embeddings).
+
+  feats: {split: {modality: (N, D)}}, labels: {split: (N,)} for train, validation,
+  test. Trains num_folds x cfg.seeds replicas over train + validation pooled, each
+  replica's epoch selected by the log-loss on its own fold. Returns {'pool': (labels
+  (P,), out-of-fold probs (P, C))} and, with include_test, 'test': (labels, the mean
+  of every replica's probabilities (T, C)); test labels are never used for training."""
+  from m6jax.train import folds, trainer as trainer_lib
+
+  pool = folds.POOL_SPLITS
+  pooled = np.concatenate([labels[s] for s in pool])
+  plan = folds.fold_plan(folds.stratified_folds(pooled, num_folds, cfg.data.split_seed),
+                         cfg.seeds)
+  trainer = trainer_lib.FrozenTrainer(cfg, num_classes, feats,
+                                      {s: labels[s] for s in pool}, plan=plan,
+                                      pool_splits=pool)
+  states, _ = trainer.fit(None, progress=False)
+  out = {"pool": (pooled, folds.out_of_fold(trainer.predict(states.best_params, None, "pool"),
+                                            plan))}
+  if include_test:
+    probs = np.asarray(trainer.predict(states.best_params, None, "test"), np.float64)
+    out["test"] = (np.asarray(labels["test"]), probs.mean(0))
+  return out
+
+
+def _report(run, splits, labels, probs, out_dir: str, stem: str, top: int) -> dict:
+  """Suspects of `splits` (their rows in order) -> <stem>.csv, <stem>.png; a summary."""
+  ids = [u for s in splits for u in run.cols[s]["uniq_id"]]
+  texts = [t for s in splits for t in run.cols[s]["text"]]
+  rows = suspect_rows(labels, probs, run.class_names, ids, product_names(run.cfg.data, ids))
+  csv_path = os.path.join(out_dir, f"{stem}.csv")
+  write_csv(csv_path, rows)
+  offsets = np.cumsum([0] + [len(run.cols[s]["label"]) for s in splits])
+  sources = {s: run.builder.as_data_source(s) for s in splits}
+
+  def image_of(i):
+    k = int(np.searchsorted(offsets, i, side="right") - 1)
+    return np.asarray(sources[splits[k]][int(i - offsets[k])]["image"])
+
+  shown = rows[:top]
+  gallery = os.path.join(out_dir, f"{stem}.png")
+  plot_suspects(shown, [image_of(r["index"]) for r in shown],
+                [texts[r["index"]] for r in shown], gallery)
+  return {"splits": list(splits), "products": int(len(labels)), "suspects": len(rows),
+          "flagged": sum(r["flagged"] for r in rows), "csv": csv_path, "gallery": gallery,
+          "accuracy": float((np.asarray(probs).argmax(1) == labels).mean()),
+          "by_given_label": {c: sum(r["given_label"] == c for r in rows)
+                             for c in run.class_names}}
+
+
+def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None = None,
+          include_test: bool = False) -> dict:
+  """Out-of-fold probabilities for the train + validation products of a run -> suspects.
 
   Retrains the run's head (frozen mode, its config and cached embeddings) as
-  num_folds x seeds replicas over ALL splits pooled, selecting each replica's
-  epoch by the log-loss on its own fold, so every product is predicted by models
-  that never saw it. Writes label_issues.csv, label_issues.png and
-  label_issues.json into out_dir (default: the run's workdir).
-  Returns {'suspects': n, 'products': N, 'csv': path, 'gallery': path}.
+  num_folds x seeds replicas over train + validation pooled (audit_probs), so
+  every product is predicted by models that never saw it. Writes label_issues.csv,
+  label_issues.png and label_issues.json into out_dir (default: the run's
+  workdir); with include_test also label_issues_test.{csv,png}, the test products
+  audited apart ('test' in the summary). Returns the summary: {'suspects',
+  'products', 'flagged', 'oof_accuracy', 'csv', 'gallery', 'splits', ...}.
   """
   from m6jax.features import prepare   # the run's own stack
-  from m6jax.train import folds, trainer as trainer_lib
   from m6jax.inference import restore
+  from m6jax.train import folds
 
   cfg = restore.load_config(workdir)
   if cfg.train.mode != "frozen":
@@ -132,39 +192,15 @@ def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None =
   cfg.unlock()
   cfg.train.folds, cfg.train.select_by, cfg.train.checkpoint = 0, "log_loss", False
   run = prepare.setup(cfg, workdir)
-  splits = prepare.SPLITS
   labels = {s: c["label"] for s, c in run.cols.items()}
-  pooled = np.concatenate([labels[s] for s in splits])
-  plan = folds.fold_plan(folds.stratified_folds(pooled, num_folds, cfg.data.split_seed),
-                         cfg.seeds)
-  trainer = trainer_lib.FrozenTrainer(cfg, len(run.class_names),
-                                {s: {m: f[s] for m, f in run.feats.items()} for s in splits},
-                                labels, plan=plan, pool_splits=splits)
-  states, _ = trainer.fit(None)
-  oof = folds.out_of_fold(trainer.predict(states.best_params, None, "pool"), plan)
-  ids = [u for s in splits for u in run.cols[s]["uniq_id"]]
-  texts = [t for s in splits for t in run.cols[s]["text"]]
-  names = product_names(cfg.data, ids)
-  rows = suspect_rows(pooled, oof, run.class_names, ids, names)
-  csv_path = os.path.join(out_dir, "label_issues.csv")
-  write_csv(csv_path, rows)
-  offsets = np.cumsum([0] + [len(labels[s]) for s in splits])
-  sources = {s: run.builder.as_data_source(s) for s in splits}
-
-  def image_of(i):
-    k = int(np.searchsorted(offsets, i, side="right") - 1)
-    return np.asarray(sources[splits[k]][int(i - offsets[k])]["image"])
-
-  shown = rows[:top]
-  gallery = os.path.join(out_dir, "label_issues.png")
-  plot_suspects(shown, [image_of(r["index"]) for r in shown],
-                [texts[r["index"]] for r in shown], gallery)
-  summary = {"products": int(len(pooled)), "suspects": len(rows),
-             "flagged": sum(r["flagged"] for r in rows), "folds": num_folds,
-             "seeds": cfg.seeds, "csv": csv_path, "gallery": gallery,
-             "oof_accuracy": float((oof.argmax(1) == pooled).mean()),
-             "by_given_label": {c: sum(r["given_label"] == c for r in rows)
-                                for c in run.class_names}}
+  feats = {s: {m: f[s] for m, f in run.feats.items()} for s in prepare.SPLITS}
+  probs = audit_probs(cfg, feats, labels, len(run.class_names), num_folds, include_test)
+  summary = _report(run, folds.POOL_SPLITS, *probs["pool"], out_dir, "label_issues", top)
+  summary["oof_accuracy"] = summary.pop("accuracy")
+  summary |= {"folds": num_folds, "seeds": cfg.seeds}
+  if include_test:
+    summary["test"] = _report(run, ("test",), *probs["test"], out_dir, "label_issues_test",
+                              top)
   files.write_json(os.path.join(out_dir, "label_issues.json"), summary)
   return summary
 
@@ -180,12 +216,19 @@ def main(argv=None):
   p.add_argument("--folds", type=int, default=5)
   p.add_argument("--top", type=int, default=16, help="suspects shown in label_issues.png")
   p.add_argument("--out", default=None, help="output folder (default: the workdir)")
+  p.add_argument("--include-test", action="store_true",
+                 help="also audit the test products, apart (label_issues_test.*), with the "
+                      "models trained on train + validation")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
-  s = audit(a.workdir, a.folds, a.top, a.out)
+  s = audit(a.workdir, a.folds, a.top, a.out, a.include_test)
   print(f"{s['suspects']} suspected label issues ({s['flagged']} flagged by confident "
-        f"learning) among {s['products']} products "
+        f"learning) among {s['products']} train + validation products "
         f"(out-of-fold accuracy {s['oof_accuracy']:.3f}): {s['csv']}, {s['gallery']}")
+  if "test" in s:
+    t = s["test"]
+    print(f"test, apart: {t['suspects']} suspects ({t['flagged']} flagged) among "
+          f"{t['products']} test products (accuracy {t['accuracy']:.3f}): {t['csv']}")
 
 
 if __name__ == "__main__":

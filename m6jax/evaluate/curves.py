@@ -3,8 +3,8 @@
   plot_training_curves(results["history"], "runs/x/training_curves.png", seeds=[0, 1, 2])
 
 Each seed is a thin line, the mean over seeds a thick one with a mean +- std
-band, and each seed's best epoch (the one training selected: the first epoch
-with the highest validation macro-F1) is marked on its validation curve.
+band, and each seed's selected epoch (given by the caller: results.json
+'validation.best_epoch', read from the train state) is marked on its validation curve.
 """
 
 from __future__ import annotations
@@ -24,14 +24,6 @@ def series(history: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   return epochs, values.reshape(len(rows), -1)
 
 
-def best_epochs(history: Sequence[dict]) -> list[int]:
-  """Per seed, the epoch training selected: the first with the highest val macro-F1."""
-  epochs, f1 = series(history, "val_macro_f1")
-  if not len(epochs):
-    return []
-  return [int(epochs[i]) for i in np.argmax(f1, axis=0)]   # argmax keeps the first maximum
-
-
 def plot_training_curves(history: Sequence[dict], path, seeds: Sequence[int] | None = None,
                          title: str | None = None, best: Sequence[int] | None = None,
                          select_by: str = "macro_f1"):
@@ -39,7 +31,7 @@ def plot_training_curves(history: Sequence[dict], path, seeds: Sequence[int] | N
 
   history: per-epoch records {'epoch', 'loss': [K], 'val_macro_f1': [K], ...}.
   seeds: the K seed values for the legend (default 0..K-1). best: each replica's
-  selected epoch (default `best_epochs(history)`, selection by macro-F1).
+  selected epoch (TrainState.best_epoch; -1 or None: not marked); none marked without it.
   """
   # Figure + Agg canvas instead of pyplot: no global backend switch, thread safe.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -49,7 +41,7 @@ def plot_training_curves(history: Sequence[dict], path, seeds: Sequence[int] | N
     raise ValueError("no epochs to plot: the history is empty")
   fig = Figure(figsize=(11, 4.2), dpi=110)
   FigureCanvasAgg(fig)
-  best = list(best) if best else best_epochs(history)
+  best = list(best) if best is not None else []
   for i, (key, label) in enumerate(PANELS):
     ax = fig.add_subplot(1, 2, i + 1)
     epochs, vals = series(history, key)
@@ -66,6 +58,8 @@ def plot_training_curves(history: Sequence[dict], path, seeds: Sequence[int] | N
     if key == "val_macro_f1" and best:
       row = {int(e): r for r, e in enumerate(epochs)}
       for j, e in enumerate(best):
+        if e is None or int(e) not in row:
+          continue
         ax.plot([e], [vals[row[e], j]], marker="*", ms=12, color=colors[j], mec="black",
                 mew=0.6, ls="none",
                 label=f"selected epoch (by val {select_by})" if j == 0 else None)

@@ -1,7 +1,7 @@
 """Compare a sweep's cells: markdown table, bar plot, and the best cell.
 
   python -m m6jax.track.compare --root runs/ablation [--metric macro_f1] \
-      [--out experiments/ablation]
+      [--out experiments/ablation] [--reference CELL] [--allow-test-ranking]
 
 Scores come from the MLflow store (the runs nested under the sweep's parent
 run, found through <root>/tracking.json); cells the store does not have (tracking
@@ -9,8 +9,13 @@ off, store down) are read from their results.json. Writes <out>.md, <out>.png
 and <out>.json (default out: <root>/comparison).
 
 The best cell is chosen on VALIDATION (mean over seeds of the best-epoch score,
-the same numbers training selected epochs with) when every cell has it, else on
-test, and the output says which; test scores are shown alongside.
+the same numbers training selected epochs with). A cell without validation scores
+is refused, named, unless --allow-test-ranking (then the ranking is on test and
+the output says so: an optimistic pick). Test scores are shown alongside: the seed
+spread, and each cell paired with a reference cell on the same test products
+(m6jax.track.paired: accuracy difference with a paired-bootstrap 95 % interval,
+McNemar's exact p, "within noise" when the interval contains 0; Nadeau-Bengio
+for cross-validated cells).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import logging
 import os
 
 from m6jax.evaluate import metrics as metrics_lib
-from m6jax.files import write_json
+from m6jax.files import write_json, write_text
+from m6jax.track import paired
 from m6jax.track import tracker as tracker_lib
 from m6jax.track.mlflow_store import STATE, child_runs, read_json
 
@@ -115,9 +121,21 @@ def _describe(cell: dict) -> str:
   return " ".join(parts)
 
 
-def select(rows: list, metric: str) -> tuple[list, str]:
-  """Rows sorted best first, and the split that ranked them ('validation' or 'test')."""
-  split = "validation" if rows and all(metric in r["val"] for r in rows) else "test"
+class NoValidationScores(ValueError):
+  """Cells lack validation scores, and ranking them on test was not allowed."""
+
+
+def select(rows: list, metric: str, allow_test_ranking: bool = False) -> tuple[list, str]:
+  """Rows sorted best first, and the split that ranked them ('validation' or 'test').
+
+  Ranks on validation; a cell without a validation score raises NoValidationScores
+  naming it, unless allow_test_ranking (then every cell is ranked on test)."""
+  missing = [r["cell"] for r in rows if metric not in r["val"]]
+  if missing and not allow_test_ranking:
+    raise NoValidationScores(
+        f"cell(s) {missing} have no validation {metric}: ranking on test would let the "
+        "test split decide; rerun them, or pass --allow-test-ranking (optimistic)")
+  split = "test" if missing else "validation"
   key = (lambda r: r["val"][metric]) if split == "validation" else \
       (lambda r: r["test"][metric]["mean"])
   return sorted(rows, key=key, reverse=True), split
@@ -140,10 +158,12 @@ def markdown(rows, split, metric, title, source) -> str:
   lines = [f"# {title}", "",
            f"Cells ranked by **{split} {lab}**" +
            (" (mean over seeds of each seed's best-epoch validation score)"
-            if split == "validation" else " (no validation scores for every cell)") +
+            if split == "validation" else
+            " (--allow-test-ranking: not every cell has validation scores; optimistic)") +
            f". Scores: {source}.", "",
            f"| rank | cell | overrides | seeds | val {lab} | test accuracy (mean ± std) | "
-           f"test macro-F1 (mean ± std) | test {lab} 95 % CI | ensemble accuracy |",
+           f"test macro-F1 (mean ± std) | test {lab} seed spread (95 % t) | "
+           "ensemble accuracy |",
            "|---:|---|---|---:|---:|---:|---:|---|---:|"]
   for i, r in enumerate(rows, 1):
     ci = r["test"].get(metric, {})
@@ -159,6 +179,38 @@ def markdown(rows, split, metric, title, source) -> str:
   if any(r["n"] < metrics_lib.MIN_SEEDS_FOR_CI for r in rows):
     lines += ["", f"† fewer than {metrics_lib.MIN_SEEDS_FOR_CI} seeds: the t interval "
               "(clipped to [0, 1]) says little."]
+  lines += ["", "The seed spread is how much retraining moves a score; how much another "
+            "draw of test products would move it is in the paired comparison below."]
+  return "\n".join(lines) + "\n"
+
+
+def paired_markdown(rows, reference) -> str:
+  """The cells vs the reference, on the same test products."""
+  if reference is None:
+    return ("\n## Paired with a reference\n\nNo reference cell (none named "
+            f"{paired.DEFAULT_NAME!r} or plain {paired.DEFAULT_BASE}; pass --reference).\n")
+  lines = ["", f"## Paired with the reference `{reference}`", "",
+           "Same test products, ensemble predictions: Δ = cell accuracy − reference "
+           "accuracy, paired-bootstrap 95 % interval over the products, McNemar's exact p "
+           "on the products exactly one of the two gets right; *within noise* when the "
+           "interval contains 0. Cross-validated cells: Nadeau–Bengio corrected "
+           "resampled t-test on the per-fold out-of-fold accuracies.", "",
+           "| cell | products | Δ accuracy | 95 % interval | McNemar p | verdict | "
+           "CV Δ (folds) | CV p (corrected t) |",
+           "|---|---:|---:|---|---:|---|---:|---:|"]
+  for r in rows:
+    c = r.get("paired")
+    if c is None:
+      continue
+    if "error" in c:
+      lines.append(f"| {r['cell']} | – | – | – | – | not paired: {c['error']} | – | – |")
+      continue
+    cv = c.get("cv")
+    lines.append(
+        f"| {r['cell']} | {c['products']} | {c['diff']:+.4f} | "
+        f"[{c['low']:+.4f}, {c['high']:+.4f}] | {c['p_mcnemar']:.3g} | "
+        f"{paired.noise_words(c)} | {'–' if not cv else format(cv['mean'], '+.4f')} | "
+        f"{'–' if not cv else format(cv['p'], '.3g')} |")
   return "\n".join(lines) + "\n"
 
 
@@ -202,24 +254,35 @@ def plot(rows, split, metric, path, title):
 
 
 def compare(root: str, metric: str = "macro_f1", out: str | None = None,
-            uri: str | None = None) -> dict:
-  """Writes <out>.md/.png/.json; returns {'best', 'split', 'rows', 'markdown', paths}."""
+            uri: str | None = None, reference: str | None = None,
+            allow_test_ranking: bool = False, resamples: int = 2000, seed: int = 0) -> dict:
+  """Writes <out>.md/.png/.json; returns {'best', 'split', 'rows', 'reference',
+  'markdown', paths}. Each row other than the reference's gets 'paired'
+  (m6jax.track.paired.compare_cells)."""
   rows, source = collect(root, uri)
   if not rows:
     raise FileNotFoundError(f"{root}: no cell has results (MLflow or results.json)")
   missing = [r["cell"] for r in rows if metric not in r["test"]]
   if missing:
     raise KeyError(f"metric {metric!r} missing for cells {missing}")
-  rows, split = select(rows, metric)
+  rows, split = select(rows, metric, allow_test_ranking)
+  names = [r["cell"] for r in rows]
+  info = read_json(os.path.join(root, "sweep.json")) or {}
+  ref = paired.reference_cell(info.get("cells", []), names, reference)
+  if ref is not None:
+    res = {n: read_json(os.path.join(root, n, "results.json")) for n in names}
+    comps = paired.compare_cells(root, names, ref, resamples, seed, res)
+    for r in rows:
+      if r["cell"] in comps:
+        r["paired"] = comps[r["cell"]]
   title = f"Sweep {os.path.basename(os.path.abspath(root))}"
   out = out or os.path.join(root, "comparison")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  md = markdown(rows, split, metric, title, source)
-  with open(out + ".md", "w") as f:
-    f.write(md)
+  md = markdown(rows, split, metric, title, source) + paired_markdown(rows, ref)
+  write_text(out + ".md", md)
   plot(rows, split, metric, out + ".png", title)
   summary = {"best": rows[0]["cell"], "split": split, "metric": metric, "source": source,
-             "rows": rows}
+             "reference": ref, "rows": rows}
   write_json(out + ".json", summary)
   return summary | {"markdown": md, "paths": [out + ".md", out + ".png", out + ".json"]}
 
@@ -231,9 +294,20 @@ def main(argv=None):
   p.add_argument("--metric", default="macro_f1", help="macro_f1 | accuracy | any test metric")
   p.add_argument("--out", default=None, help="output path prefix (default <root>/comparison)")
   p.add_argument("--uri", default=None, help="tracking store (default: the sweep's)")
+  p.add_argument("--reference", default=None,
+                 help=f"the cell others are paired with (default: {paired.DEFAULT_NAME}, or "
+                      f"the plain {paired.DEFAULT_BASE} cell)")
+  p.add_argument("--allow-test-ranking", action="store_true",
+                 help="rank on test when a cell has no validation scores (optimistic)")
+  p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+  p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  res = compare(args.root, args.metric, args.out, args.uri)
+  try:
+    res = compare(args.root, args.metric, args.out, args.uri, args.reference,
+                  args.allow_test_ranking, args.resamples, args.seed)
+  except ValueError as e:   # no validation scores, an unknown --reference: named
+    p.error(str(e))
   print(res["markdown"])
   print("wrote " + ", ".join(res["paths"]))
 

@@ -196,14 +196,19 @@ def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) 
 
 def log_comparison(parent, sweep_dir: str, uri: str | None = None, metric: str = "macro_f1"):
   """Writes <sweep_dir>/comparison.{md,png,json} and logs them, the best cell (tags)
-  and the best cell's scores (metrics) to the sweep's parent run."""
+  and the best cell's scores (metrics) to the sweep's parent run. The best cell is
+  chosen on validation only: with a cell lacking validation scores nothing is
+  compared or tagged (the warning names the cells)."""
   try:
     res = compare.compare(sweep_dir, metric, uri=uri or parent.uri)
   except Exception as e:  # noqa: BLE001 - the cells are done; the summary is extra
     log.warning("sweep %s: no comparison: %s", sweep_dir, e)
     return None
-  best = res["rows"][0]
   parent.log_artifacts(res["paths"])
+  if res["split"] != "validation":   # never: compare refuses test ranking by default
+    log.warning("sweep %s: no best cell tagged: the ranking was not on validation", sweep_dir)
+    return res
+  best = res["rows"][0]
   parent.set_tags({"m6jax.best_cell": best["cell"], "m6jax.best_by": f"{res['split']} {metric}",
                    "m6jax.best_overrides": best["overrides"]})
   parent.log_metrics(compare.row_metrics(best))

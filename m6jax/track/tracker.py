@@ -12,9 +12,13 @@ tracker "degraded" and its events go to <workdir>/tracking_buffer.jsonl, which
 Metric names (step = epoch for per-epoch series, 0 for final values):
   <split>/<metric>             mean over seeds (train/loss, val/macro_f1, test/accuracy, ...)
   <split>/<metric>/seed_<s>    one seed (s is the seed value, cfg.seed + k)
-  <split>/<metric>/<stat>      std, ci95_low, ci95_high (t interval, clipped to [0, 1])
+  <split>/<metric>/<stat>      std, ci95_low, ci95_high (seed spread: t interval over seeds,
+                               clipped to [0, 1])
   test/ensemble/<metric>       the seed ensemble (mean of probabilities)
-  val/best_<metric>            each seed's selected (best macro-F1) epoch, as above
+  test/bootstrap/<metric>[_low|_high]  the ensemble's score and its 95 % percentile-bootstrap
+                               interval over test products (.../per_seed_mean/...: the
+                               mean over seeds); metric: accuracy, macro_f1
+  val/best_<metric>            the values at each seed's selected epoch (TrainState.best_epoch)
   feasibility/<emb>/{ari,nmi}, gradcam/stability, importance/<modality>/{drop,without},
   time/<phase>_s               analysis and timings, when the results have them
 """
@@ -156,8 +160,10 @@ def final_metrics(results: dict) -> dict:
       out |= _seed_keys(f"test/{k}", per_seed.get(k, []), seeds)
     if isinstance(test.get("ensemble", {}).get(k), (int, float)):
       out[f"test/ensemble/{k}"] = test["ensemble"][k]
+  out |= bootstrap_metrics(test.get("bootstrap") or {})
   for name, vals in best_val(results).items():
-    out |= _stats(f"val/best_{name}", metrics_lib.seed_stats(vals))
+    bounds = None if name == "log_loss" else (0.0, 1.0)
+    out |= _stats(f"val/best_{name}", metrics_lib.seed_stats(vals, bounds))
     out |= _seed_keys(f"val/best_{name}", vals, seeds)
   for emb, r in (results.get("feasibility") or {}).items():
     if isinstance(r, dict):
@@ -173,21 +179,32 @@ def final_metrics(results: dict) -> dict:
   return {k: float(v) for k, v in out.items()}
 
 
-def best_val(results: dict) -> dict:
-  """Per-seed validation scores of the selected epoch: {'macro_f1': [K], 'accuracy': [K]}
-  (results['validation'] when training recorded it, else recomputed from the history)."""
-  val = results.get("validation") or {}
-  if val.get("macro_f1"):
-    return {k: [float(v) for v in val[k]] for k in ("macro_f1", "accuracy") if val.get(k)}
+def bootstrap_metrics(boot: dict, prefix: str = "test/bootstrap") -> dict:
+  """results.json's test.bootstrap -> {'test/bootstrap/accuracy', '..._low', '..._high', ...}."""
   out = {}
-  if results.get("best_val_macro_f1"):
-    out["macro_f1"] = [float(v) for v in results["best_val_macro_f1"]]
-  hist = results.get("history") or []
-  if hist and all("val_accuracy" in h for h in hist):
-    row = {h["epoch"]: h for h in hist}
-    out["accuracy"] = [float(row[e]["val_accuracy"][i])
-                       for i, e in enumerate(curves.best_epochs(hist))]
+  for k in ("accuracy", "macro_f1"):
+    ci = boot.get(k) or {}
+    if ci:
+      out |= {f"{prefix}/{k}": ci["point"], f"{prefix}/{k}_low": ci["low"],
+              f"{prefix}/{k}_high": ci["high"]}
+  if boot.get("per_seed_mean"):
+    out |= bootstrap_metrics(boot["per_seed_mean"], prefix + "/per_seed_mean")
   return out
+
+
+def best_val(results: dict) -> dict:
+  """Per-seed validation scores at the epoch training selected (results['validation'],
+  read from each replica's TrainState.best_epoch): {'macro_f1': [K], 'accuracy': [K],
+  'log_loss': [K]}; replicas never selected are left out. Older results without it:
+  their stored 'best_val_macro_f1' only (no epoch is recomputed here)."""
+  val = results.get("validation") or {}
+  if val.get("best_epoch") is not None:
+    return {k: [float(v) for v in val[k] if v is not None]
+            for k in ("macro_f1", "accuracy", "log_loss")
+            if any(v is not None for v in val.get(k) or ())}
+  if results.get("best_val_macro_f1"):
+    return {"macro_f1": [float(v) for v in results["best_val_macro_f1"]]}
+  return {}
 
 
 # ----------------------------------------------------------------- tracker

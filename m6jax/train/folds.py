@@ -205,8 +205,10 @@ def cv_scores(probs, labels, plan: ReplicaPlan, score) -> dict:
   score(probs (M, N, C), labels, mask=(M, N) or None) -> {metric: (M,)} (e.g.
   trainer.validation_scores). Returns {'folds', 'repeats', 'rows', '<metric>' (mean
   over repeats), '<metric>_std' (over repeats, ddof=1; 0 for one repeat),
-  'per_repeat': {metric: [repeats]}, 'per_fold': {metric: [[folds] x repeats]}}
-  (per_fold: each fold's seed ensemble on its own rows, for corrected t-tests).
+  'per_repeat': {metric: [repeats]}, 'per_fold': {metric: [[folds] x repeats]},
+  'per_fold_accuracy', 'fold_rows': [repeats * folds] (the same, flat, with each fold
+  model's scored row count)} (per fold: each fold's seed ensemble on its own rows, for
+  the corrected resampled t-test of m6jax.track.paired).
   """
   labels = np.asarray(labels)
   k, reps = plan.num_folds, plan.num_repeats
@@ -225,4 +227,6 @@ def cv_scores(probs, labels, plan: ReplicaPlan, score) -> dict:
   out["per_repeat"] = {name: np.asarray(v).tolist() for name, v in per_repeat.items()}
   out["per_fold"] = {name: np.asarray(v).reshape(reps, k).tolist()
                      for name, v in per_fold.items()}
+  out["per_fold_accuracy"] = np.asarray(per_fold["accuracy"], np.float64).tolist()
+  out["fold_rows"] = masks.sum(1).astype(int).tolist()
   return out

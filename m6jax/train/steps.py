@@ -24,7 +24,9 @@ class TrainState:
   best_* hold the parameters of the epoch with the best validation score
   (`best_f1`: macro-F1, or minus the log-loss with train.select_by='log_loss'),
   so each replica's selection travels with it through the checkpoint: what is
-  saved, scored and served is the same thing.
+  saved, scored and served is the same thing. `best_epoch` is the epoch they come
+  from (-1 until the first selection): the one definition of "the selected epoch"
+  that results.json, the training curves and MLflow read.
   """
   step: jax.Array
   params: Any
@@ -33,6 +35,7 @@ class TrainState:
   best_params: Any
   best_batch_stats: Any
   best_f1: jax.Array
+  best_epoch: jax.Array
 
 
 def replica_keys(seed: int, num: int) -> jax.Array:
@@ -46,17 +49,20 @@ def epoch_key(key, epoch, salt: int):
 
 
 def new_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
-  """A fresh state: step 0, best_* = the initial parameters, best_f1 = -inf.
+  """A fresh state: step 0, best_* = the initial parameters, best_f1 = -inf,
+  best_epoch = -1 (nothing selected yet).
 
   -inf, not -1: with select_by=log_loss the score is -log_loss, which stays below
   -1 for a weak model; any finite first score must replace the initial parameters.
   """
   return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
-                    params, batch_stats, jnp.full((), -jnp.inf, jnp.float32))
+                    params, batch_stats, jnp.full((), -jnp.inf, jnp.float32),
+                    jnp.full((), -1, jnp.int32))
 
 
-def keep_best(state: TrainState, f1) -> TrainState:
-  """Copies params/batch_stats into best_* where `f1` beats best_f1 (strictly)."""
+def keep_best(state: TrainState, f1, epoch) -> TrainState:
+  """Copies params/batch_stats into best_* and `epoch` into best_epoch where `f1`
+  beats best_f1 (strictly: ties keep the earlier epoch)."""
   better = f1 > state.best_f1
 
   def pick(new, old):
@@ -64,7 +70,9 @@ def keep_best(state: TrainState, f1) -> TrainState:
 
   return state.replace(best_params=pick(state.params, state.best_params),
                        best_batch_stats=pick(state.batch_stats, state.best_batch_stats),
-                       best_f1=jnp.where(better, f1, state.best_f1))
+                       best_f1=jnp.where(better, f1, state.best_f1),
+                       best_epoch=jnp.where(better, jnp.asarray(epoch, jnp.int32),
+                                            state.best_epoch))
 
 
 def loss_fn(logits, labels, mask, num_classes: int, smoothing: float = 0.0):

@@ -69,8 +69,8 @@ class Trainer:
     self.outputs = mesh_lib.replicated_sharding(self.mesh)
     self.keys = mesh_lib.put_global(
         jax.vmap(jax.random.key)(jnp.asarray(cfg.seed + self.seed_offsets)), self.replicas)
-    self._keep_best = jax.jit(jax.vmap(steps.keep_best), donate_argnums=(0,),
-                              out_shardings=self.replicas)
+    self._keep_best = jax.jit(jax.vmap(steps.keep_best, in_axes=(0, 0, None)),
+                              donate_argnums=(0,), out_shardings=self.replicas)
 
   def make_optimizer(self, params=None):
     """The run's optimizer; group schedules given in epochs become steps here."""
@@ -130,7 +130,7 @@ class Trainer:
       val = self.validate(states, val_labels)
       val_f1 = val["macro_f1"]
       score = -val["log_loss"] if cfg.train.get("select_by") == "log_loss" else val_f1
-      states = self._keep_best(states, jnp.asarray(score, jnp.float32))
+      states = self._keep_best(states, jnp.asarray(score, jnp.float32), epoch)
       rec = {"epoch": epoch, "loss": loss.tolist(),
              "grad_norm": np.asarray(stats["grad_norm"], np.float64).tolist(),
              "val_macro_f1": val_f1.tolist(),
@@ -233,7 +233,9 @@ class FrozenTrainer(Trainer):
 
   def out_of_fold_scores(self, params) -> dict:
     """Cross-validation scores of the pooled rows, each predicted by the replicas that did
-    not train on it, per repeat, as mean and std over repeats (folds.cv_scores)."""
+    not train on it, per repeat, as mean and std over repeats, and per fold model
+    ('per_fold_accuracy', 'fold_rows': [repeats * folds], for a corrected t-test)
+    (folds.cv_scores)."""
     return folds.cv_scores(self.predict(params, None, "pool"), np.asarray(self.labels["pool"]),
                            self.plan, functools.partial(validation_scores,
                                                         num_classes=self.num_classes))
