@@ -19,6 +19,7 @@ import textwrap
 
 import numpy as np
 from m6jax import files
+from m6jax.data import twins
 
 FIELDS = ("rank", "uniq_id", "given_label", "suggested_label", "confidence",
           "given_label_probability", "label_quality", "flagged", "name")
@@ -116,20 +117,21 @@ def product_names(data_cfg, ids) -> list[str]:
 
 
 def audit_probs(cfg, feats: dict, labels: dict, num_classes: int, num_folds: int = 5,
-                include_test: bool = False) -> dict:
+                include_test: bool = False, groups=None) -> dict:
   """Cross-validated probabilities for the audit (frozen mode, cached embeddings).
 
   feats: {split: {modality: (N, D)}}, labels: {split: (N,)} for train, validation,
   test. Trains num_folds x cfg.seeds replicas over train + validation pooled, each
   replica's epoch selected by the log-loss on its own fold. Returns {'pool': (labels
   (P,), out-of-fold probs (P, C))} and, with include_test, 'test': (labels, the mean
-  of every replica's probabilities (T, C)); test labels are never used for training."""
+  of every replica's probabilities (T, C)); test labels are never used for training.
+  groups: (P,) twin groups of the pooled rows (m6jax.data.twins), kept in one fold."""
   from m6jax.train import folds, trainer as trainer_lib
 
   pool = folds.POOL_SPLITS
   pooled = np.concatenate([labels[s] for s in pool])
-  plan = folds.fold_plan(folds.stratified_folds(pooled, num_folds, cfg.data.split_seed),
-                         cfg.seeds)
+  plan = folds.fold_plan(folds.stratified_folds(pooled, num_folds, cfg.data.split_seed,
+                                                groups), cfg.seeds)
   trainer = trainer_lib.FrozenTrainer(cfg, num_classes, feats,
                                       {s: labels[s] for s in pool}, plan=plan,
                                       pool_splits=pool)
@@ -194,7 +196,11 @@ def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None =
   run = prepare.setup(cfg, workdir)
   labels = {s: c["label"] for s, c in run.cols.items()}
   feats = {s: {m: f[s] for m, f in run.feats.items()} for s in prepare.SPLITS}
-  probs = audit_probs(cfg, feats, labels, len(run.class_names), num_folds, include_test)
+  # Twins share a fold, as they share a split: one twin must not vouch for the other.
+  groups = twins.group_index([u for s in folds.POOL_SPLITS for u in run.cols[s]["uniq_id"]],
+                             run.report.twin_groups)
+  probs = audit_probs(cfg, feats, labels, len(run.class_names), num_folds, include_test,
+                      groups)
   summary = _report(run, folds.POOL_SPLITS, *probs["pool"], out_dir, "label_issues", top)
   summary["oof_accuracy"] = summary.pop("accuracy")
   summary |= {"folds": num_folds, "seeds": cfg.seeds}
