@@ -10,6 +10,7 @@ import functools
 import glob
 import hashlib
 import os
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -200,6 +201,14 @@ def test_flavours_share_parameters_but_not_padding(top):
 def test_tower_loads_offline_and_caches_the_conversion(tmp_path, monkeypatch, top):
   monkeypatch.setenv("M6JAX_CACHE", str(tmp_path))
   monkeypatch.setenv("M6JAX_NO_DOWNLOAD", "1")
+  attempts = []
+
+  def blocked(*args, **kwargs):
+    attempts.append(args)
+    raise OSError("network blocked by the test")
+  for name in ("connect", "connect_ex"):
+    monkeypatch.setattr(socket.socket, name, blocked)
+  monkeypatch.setattr(socket, "getaddrinfo", blocked)
   t = towers.image_tower(C.TOWER, SPEC, 224)
   assert t.module.flavour == "torchvision" and t.feature_dim == 1280
   assert t.preprocess is mobilenet.preprocess_torchvision
@@ -208,6 +217,7 @@ def test_tower_loads_offline_and_caches_the_conversion(tmp_path, monkeypatch, to
                {k: v for k, v in top["params"].items() if k != "classifier"})
   [cached] = tmp_path.glob(f"{C.TOWER}-notop-*.npz")
   assert cached.name == f"{C.TOWER}-notop-{weights_lib.file_digest(_path())[:16]}.npz"
+  assert attempts == []
 
 
 def test_configs_use_the_offline_weights():
