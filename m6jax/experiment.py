@@ -18,6 +18,7 @@ import numpy as np
 from m6jax import config as config_lib
 from m6jax import files, mesh
 from m6jax import workdir as workdir_lib
+from m6jax.data import tfds_builder
 from m6jax.evaluate import feasibility, results
 from m6jax.explain import run as explain_lib
 from m6jax.features import cache, prepare
@@ -67,10 +68,16 @@ def train_and_evaluate(cfg, workdir: str, on_epoch=None) -> dict:
     return _train_and_evaluate(cfg, workdir, on_epoch, _Timer())
 
 
+def _refuse_mismatch(cfg, workdir: str) -> None:
+  """Raises WorkdirMismatch (config, catalogue or code) before the workdir is written."""
+  workdir_lib.check(workdir, workdir_lib.fingerprint(cfg, tfds_builder.dataset_id(cfg.data)),
+                    record=False, allow_code_change=cfg.train.allow_code_change)
+
+
 def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
   guard = cfg.train.checkpoint and mesh.is_writer()
-  if guard:   # config and code first: refuse before any data work
-    workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
+  if guard:   # config, catalogue and code first: refuse before anything is written
+    _refuse_mismatch(cfg, workdir)
   if mesh.is_writer():
     files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
   with timer("setup"):
@@ -78,7 +85,8 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
     if mesh.is_writer():
       run.report.write(workdir)
   if guard:
-    workdir_lib.check(workdir, workdir_lib.fingerprint(cfg, run.dataset_id()))
+    workdir_lib.check(workdir, workdir_lib.fingerprint(cfg, run.dataset_id()),
+                      allow_code_change=cfg.train.allow_code_change)
   if run.report.bad:
     log.warning("%d bad rows skipped; see %s", len(run.report.bad),
                 os.path.join(workdir, "data_report.txt"))
@@ -193,7 +201,7 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
       if restart:
         workdir_lib.clear(workdir)
       elif cfg.train.checkpoint:   # refuse before a tracking run is opened
-        workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
+        _refuse_mismatch(cfg, workdir)
     with tracker_lib.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
       res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch)
       if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
