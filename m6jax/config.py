@@ -149,10 +149,7 @@ def problems(cfg) -> list[str]:
   elif folds and cfg.train.mode != "frozen":
     errors.append(f"train.folds={folds}: cross-validation needs train.mode='frozen'")
   errors += _check_groups(cfg.train.groups)
-  for key in ("train.checkpoint", "train.allow_code_change", "explain.enabled"):
-    if not isinstance(_get(cfg, key), bool):
-      errors.append(f"{key}={_get(cfg, key)!r}: must be True or False")
-  if (cfg.train.checkpoint is False and cfg.explain.enabled is True
+  if (not cfg.train.checkpoint and cfg.explain.enabled
       and cfg.model.fusion in fusion.MODES and "image" in fusion.modalities(cfg.model.fusion)):
     errors.append("train.checkpoint=False with explain.enabled=True: explain rebuilds the "
                   "finished run from its checkpoint; set explain.enabled=False or keep "
