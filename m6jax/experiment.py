@@ -113,6 +113,8 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
         "best_val_macro_f1": best_validation(history).get("macro_f1", []),
         "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
         "history": history,
+        # The step holding the scored parameters; predict/explain/serve read exactly it.
+        "checkpoint_step": checkpoint.state_step(states) if cfg.train.checkpoint else None,
         "devices": [str(d) for d in jax.devices()],
     }
     if getattr(run.trainer, "plan", None) is not None:

@@ -10,10 +10,11 @@ best-validation parameters (m6jax.train.steps.TrainState.best_*), so the newest 
 holds both what resume needs and what results.json scored and predict/explain
 serve: saved, scored and served are the same parameters by construction.
 
-Unreadable steps: `restore_latest` tries the newest step first and falls back
-to the newest intact one with a warning (the bad steps are moved to
+Unreadable steps: `restore_latest` (resume) tries the newest step first and
+falls back to the newest intact one with a warning (the bad steps are moved to
 `corrupt/` before the next save); when no step can be read it raises
-CheckpointError naming the folder to delete.
+CheckpointError naming the folder to delete. Inference reads exactly the step
+results.json and the bundle record as scored (`restore_step`): no fallback.
 
 Each step directory holds three orbax items:
   * `state`: the train-state pytree (orbax StandardSave, tensorstore/OCDBT).
@@ -160,7 +161,12 @@ def _describe(error: Exception, step_dir: str) -> str:
 
 
 class CheckpointError(RuntimeError):
-  """No step of a checkpoint can be read."""
+  """No step of a checkpoint can be read (or not the step that was asked for)."""
+
+
+def state_step(states) -> int:
+  """The step of a (replicated) train state: what save_latest names its checkpoint."""
+  return int(mesh_lib.to_host(states.step)[0])
 
 
 def directory(workdir) -> str:
@@ -305,6 +311,30 @@ class Checkpoints:
     raise CheckpointError(f"no readable checkpoint in {self._latest.directory} ({detail}). "
                           f"Delete {self.directory} to train from scratch "
                           "(or run with --restart).")
+
+  def restore_step(self, step: int, target_pytree) -> tuple[Any, dict]:
+    """Exactly `step` (the one results.json scored) -> (state like target, extra).
+
+    No fallback: raises CheckpointError naming the wanted step and the steps
+    present when it is missing or cannot be read.
+    """
+    if not self._on():
+      raise CheckpointError(f"no checkpoint in {self.directory}: step {step} was scored")
+    self._latest.wait_until_finished()
+    steps = sorted(self._latest.all_steps())
+    if int(step) not in steps:
+      raise CheckpointError(
+          f"the run scored checkpoint step {step}, but {self._latest.directory} holds "
+          f"step(s) {steps or 'none'} (newest {steps[-1] if steps else None}): the checkpoint "
+          "moved on or was lost after scoring; rerun the experiment to rescore it")
+    try:
+      return self._restore(int(step), target_pytree)
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+      raise CheckpointError(
+          f"the run scored checkpoint step {step}, which cannot be read ("
+          f"{_describe(e, os.path.join(self._latest.directory, str(step)))}); other step(s) "
+          f"{[s for s in steps if s != step] or 'none'} are not what was scored: rerun the "
+          "experiment (--restart) to train and score anew") from None
 
   # -- lifecycle --------------------------------------------------------------
 
