@@ -55,17 +55,18 @@ def _locked(workdir: str):
   return workdir_lib.lock(workdir) if mesh.is_writer() else contextlib.nullcontext()
 
 
-def train_and_evaluate(cfg, workdir: str, on_epoch=None) -> dict:
+def train_and_evaluate(cfg, workdir: str, on_epoch=None, stop=None) -> dict:
   """config -> data -> (embeddings) -> K-seed training -> test scores in `workdir`.
 
   Validates `cfg`, locks `workdir` and resumes its checkpoint only when the run
   fingerprint matches (m6jax.workdir). Returns the results dict also written to
   `workdir/results.json`. on_epoch: optional callback for each epoch's history
-  record (tracking).
+  record (tracking). stop: the caller's m6jax.train.preemption.StopFlag (else
+  training installs its own SIGTERM/SIGINT handling).
   """
   config_lib.validate(cfg)
   with _locked(workdir):
-    return _train_and_evaluate(cfg, workdir, on_epoch, _Timer())
+    return _train_and_evaluate(cfg, workdir, on_epoch, _Timer(), stop)
 
 
 def _refuse_mismatch(cfg, workdir: str) -> None:
@@ -74,7 +75,7 @@ def _refuse_mismatch(cfg, workdir: str) -> None:
                     record=False, allow_code_change=cfg.train.allow_code_change)
 
 
-def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
+def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer, stop=None) -> dict:
   guard = cfg.train.checkpoint and mesh.is_writer()
   if guard:   # config, catalogue and code first: refuse before anything is written
     _refuse_mismatch(cfg, workdir)
@@ -92,7 +93,7 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
                 os.path.join(workdir, "data_report.txt"))
   labels = {s: c["label"] for s, c in run.cols.items()}
   with timer("train"), checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint) as ckpt:
-    states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch)
+    states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch, stop=stop)
   bundle.save(workdir, run, states)   # what predict/explain/serve need besides the checkpoint
 
   mods = fusion.modalities(cfg.model.fusion)
@@ -188,12 +189,13 @@ def use_xla_cache(cfg) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
+def run(cfg, workdir: str, restart: bool = False, stop=None, **tracker_kwargs) -> dict:
   """Trains and evaluates `cfg` into `workdir`, adds Grad-CAM (cfg.explain) and
   logs everything to MLflow (cfg.track). Returns the results dict.
 
   restart: discard the workdir's checkpoint, results and tracking state first
-  (a fresh run, also in a new MLflow run).
+  (a fresh run, also in a new MLflow run). stop: see train_and_evaluate; a
+  stop ends training at an epoch boundary with preemption.Preempted.
   """
   config_lib.validate(cfg)
   use_xla_cache(cfg)
@@ -205,7 +207,7 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
       elif cfg.train.checkpoint:   # refuse before a tracking run is opened
         _refuse_mismatch(cfg, workdir)
     with tracker_lib.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
-      res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch)
+      res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch, stop=stop)
       if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
         t = time.time()
         _explain(cfg, workdir, res)
