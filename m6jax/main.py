@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from m6jax import config as config_lib
-from m6jax import experiment, mesh, workdir
+from m6jax import experiment, files, mesh, workdir
 from m6jax.train import preemption
 
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
@@ -68,6 +68,14 @@ def main(argv):
   except preemption.Preempted as e:   # SIGTERM/SIGINT: stopped at an epoch boundary
     print(f"m6jax.main: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
+  except OSError as e:
+    if e.errno not in files.DISK_FULL:
+      raise
+    # Disk full: one line naming the file (files.WriteError says what is still intact).
+    if not isinstance(e, files.WriteError):
+      e = files.WriteError(e.filename or "?", e.errno)
+    print(f"m6jax.main: error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

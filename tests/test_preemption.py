@@ -1,9 +1,11 @@
 """Graceful stops (m6jax.train.preemption): SIGTERM/SIGINT end training at an epoch
 boundary with the state saved, and the resumed run ends where an uninterrupted one does."""
 
+import hashlib
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import time
@@ -79,8 +81,26 @@ def _lines(path):
     return 0
 
 
+def _digest(folder) -> dict:
+  out = {}
+  for d, _, names in os.walk(folder):
+    for n in names:
+      with open(os.path.join(d, n), "rb") as f:
+        out[os.path.relpath(os.path.join(d, n), folder)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _file_size_limit(limit):
+  # Python ignores SIGXFSZ: writes past the limit fail with EFBIG, as on a full disk.
+  return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
 @pytest.mark.slow
-def test_sigterm_to_a_training_process_resumes_to_the_same_result(tiny_catalogue, tmp_path):
+def test_sigterm_then_a_full_disk_then_resume_gives_the_same_result(tiny_catalogue,
+                                                                      tmp_path):
+  """A real SIGTERM stops training with the epoch saved; a rerun whose checkpoint write
+  fails (EFBIG) stops with one line and leaves that step intact; the next rerun
+  resumes from it and ends at the uninterrupted run's parameters."""
   epochs = 120
   tfds = str(tmp_path / "tfds")
   ref = str(tmp_path / "ref")
@@ -104,6 +124,23 @@ def test_sigterm_to_a_training_process_resumes_to_the_same_result(tiny_catalogue
   assert epoch < epochs - 1 and not os.path.exists(os.path.join(wd, "results.json"))
   with open(os.path.join(wd, "checkpoints", "latest", str(step), "extra", "metadata")) as f:
     assert json.load(f)["epoch"] == epoch   # the stop epoch itself was saved
+
+  # Disk full: the state files (~24 KB) no longer fit; config, fingerprint and reports do.
+  latest = os.path.join(wd, "checkpoints", "latest")
+  before = _digest(latest)
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                     preexec_fn=_file_size_limit(16 * 1024))
+  assert r.returncode == 1, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  m = re.fullmatch(rf"m6jax\.main: error: cannot write {re.escape(latest)}/(\d+)"
+                   r"\.orbax-checkpoint-tmp/\S+: File too large \(EFBIG\); checkpoint step "
+                   rf"(\d+) not saved; step {step} in {re.escape(latest)} is intact: free "
+                   r"space and rerun the same command to resume from it", last)
+  assert m and m.group(1) == m.group(2), last
+  after = _digest(latest)
+  assert {k: after.get(k) for k in before} == before   # the saved step: byte-identical
+  assert all(k.split("/")[0].endswith(".orbax-checkpoint-tmp") for k in set(after) - set(before))
+  assert not os.path.exists(os.path.join(wd, "results.json"))
 
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]

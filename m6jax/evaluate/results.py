@@ -57,14 +57,15 @@ def write_outputs(workdir: str, scores: dict, class_names, ids, labels, probs,
                                     os.path.join(workdir, "confusion_matrix.png"),
                                     title="test, seed ensemble")
   report = metrics_lib.classification_report(ens, class_names)
-  with open(os.path.join(workdir, "report.txt"), "w") as f:
-    f.write(report + "\n")
+  files.write_text(os.path.join(workdir, "report.txt"), report + "\n")
   mean_probs = np.asarray(probs).mean(0)
-  with open(os.path.join(workdir, "predictions_test.csv"), "w", newline="") as f:
+
+  def write_predictions(f):
     w = csv.writer(f)
     w.writerow(["uniq_id", "label", "predicted"] + [f"p_{c}" for c in class_names])
     for uid, y, p in zip(ids, labels, mean_probs):
       w.writerow([uid, class_names[y], class_names[int(p.argmax())]] +
                  [f"{v:.6f}" for v in p])
+  files.atomic_write(os.path.join(workdir, "predictions_test.csv"), write_predictions)
   files.write_json(os.path.join(workdir, "results.json"), results)
   return results

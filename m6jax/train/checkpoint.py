@@ -45,9 +45,11 @@ is exposed for side effects outside orbax (logging, reports).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -57,6 +59,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from m6jax import files
 from m6jax import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
@@ -169,6 +172,20 @@ def state_step(states) -> int:
   return int(mesh_lib.to_host(states.step)[0])
 
 
+def _os_error(error: BaseException) -> tuple[int, str] | None:
+  """(errno, path) of a disk-full error anywhere in `error`'s chain (orbax wraps
+  tensorstore's, which only names them in the text), else None."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in files.DISK_FULL:
+      return error.errno, error.filename or ""
+    m = re.search(r"os_error_code='?(\d+)", str(error))
+    if m and int(m.group(1)) in files.DISK_FULL:
+      path = re.findall(r'(?:Failed writing|file): "([^"]+)"', str(error))
+      return int(m.group(1)), path[-1] if path else ""
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def directory(workdir) -> str:
   """<workdir>/checkpoints, absolute (orbax needs absolute paths)."""
   return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
@@ -193,6 +210,7 @@ class Checkpoints:
     self.directory = directory(workdir)
     self._latest = None
     self._closed = False
+    self._saving: int | None = None   # the step of the last save started
     self._bad: dict[int, str] = {}   # unreadable step -> error, moved aside before saving
     if not self.enabled:
       return  # no directories, no managers
@@ -232,12 +250,37 @@ class Checkpoints:
       log.warning("checkpoint step %d already in %s; not overwritten", step, mngr.directory)
       return False
     data, impls = _keys_to_data(state_pytree)
-    return mngr.save(
-        step, force=True,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(data),
-            extra=ocp.args.JsonSave(_jsonable(extra)),
-            meta=ocp.args.JsonSave({"format": _FORMAT, "typed_keys": impls})))
+    with self._write_errors():   # also the previous async save's, reported here
+      started = mngr.save(
+          step, force=True,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(data),
+              extra=ocp.args.JsonSave(_jsonable(extra)),
+              meta=ocp.args.JsonSave({"format": _FORMAT, "typed_keys": impls})))
+    self._saving = step
+    return started
+
+  @contextlib.contextmanager
+  def _write_errors(self):
+    """A save that failed for lack of space -> files.WriteError: one line naming the
+    file, the OS error and the step a rerun resumes from (orbax renames a step into
+    place only once complete, so the ones before stay intact)."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+      found = _os_error(e)
+      if found is None:
+        raise
+      number, path = found
+      m = re.search(r"/(\d+)\.orbax-checkpoint-tmp", path)
+      step = int(m.group(1)) if m else self._saving
+      intact = [s for s in self._latest.all_steps() if s != step]
+      raise files.WriteError(
+          path or os.path.join(self._latest.directory, str(step)), number,
+          f"checkpoint step {step} not saved; "
+          + (f"step {max(intact)} in {self._latest.directory} is intact: free space and "
+             "rerun the same command to resume from it" if intact else
+             "no earlier step: free space and rerun")) from None
 
   def _move_bad_steps(self) -> None:
     """Moves the steps restore_latest could not read to checkpoints/corrupt/."""
@@ -342,18 +385,26 @@ class Checkpoints:
     """Blocks until pending async saves (and deletions) are on disk."""
     if self._closed or self._latest is None:
       return
-    self._latest.wait_until_finished()
+    with self._write_errors():
+      self._latest.wait_until_finished()
 
   def close(self) -> None:
     """Finishes pending saves and releases orbax's threads; idempotent."""
     if self._closed:
       return
-    if self._latest is not None:
-      self._latest.close()
     self._closed = True
+    if self._latest is not None:
+      with self._write_errors():
+        self._latest.close()
 
   def __enter__(self) -> "Checkpoints":
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, *exc) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:   # already failing: the first error is the one to report
+      self.close()
+    except Exception as e:  # noqa: BLE001
+      log.warning("closing %s after an error: %s", self.directory, e)
