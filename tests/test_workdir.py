@@ -156,3 +156,37 @@ def test_refusals_leave_the_workdir_byte_identical(tiny_catalogue, tmp_path, mon
   assert res["history"] == json.load(open(os.path.join(wd, "results.json")))["history"]
   saved = json.load(open(os.path.join(wd, workdir_lib.FINGERPRINT)))
   assert saved["code"] == "src-0000000000000000"
+
+
+@pytest.mark.slow
+def test_a_code_change_in_a_copied_checkout_is_refused_on_resume(tiny_catalogue, tmp_path):
+  checkout = tmp_path / "checkout"
+  for d in ("m6jax", "configs"):
+    shutil.copytree(os.path.join(REPO, d), checkout / d,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+  wd = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "m6jax.main", "--config", "configs/smoke.py", "--workdir", wd,
+         f"--config.data.manual_dir={tiny_catalogue}",
+         f"--config.data.tfds_dir={tmp_path / 'tfds'}", "--config.data.max_image_pixels=500000",
+         "--config.data.image_size=16", "--config.train.epochs=2", "--config.track.enabled=False"]
+  env = dict(os.environ, PYTHONPATH=str(checkout))
+
+  def main(*extra):
+    return subprocess.run(cmd + list(extra), cwd=checkout, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+  r = main()
+  assert r.returncode == 0, r.stderr[-3000:]
+  before = tree_digest(wd)
+  with open(checkout / "m6jax" / "models" / "fusion.py", "a") as f:
+    f.write("\n# a harmless-looking edit is still other code\n")
+  r = main()
+  assert r.returncode == 2, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"m6jax.main: error: workdir {wd} holds a checkpoint of a different "
+                         "run (code: 'src-"), last
+  assert "--restart" in last and "allow_code_change=True" in last
+  assert tree_digest(wd) == before
+  r = main("--config.train.allow_code_change=True")   # declared harmless: resumed
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from epoch 1" in r.stderr and "train.allow_code_change=True" in r.stderr
