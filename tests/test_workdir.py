@@ -190,3 +190,13 @@ def test_a_code_change_in_a_copied_checkout_is_refused_on_resume(tiny_catalogue,
   r = main("--config.train.allow_code_change=True")   # declared harmless: resumed
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resumed from epoch 1" in r.stderr and "train.allow_code_change=True" in r.stderr
+
+
+def test_a_run_without_checkpoints_runs_end_to_end(tiny_catalogue, tmp_path):
+  cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"),
+                    **{"train.checkpoint": False, "track.enabled": False})
+  res = experiment.run(cfg, str(tmp_path / "run"))
+  assert res["checkpoint_step"] is None and len(res["history"]) == 1
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  with open(tmp_path / "run" / "bundle" / "bundle.json") as f:
+    assert json.load(f)["checkpoint_step"] is None
