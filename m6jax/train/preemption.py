@@ -10,7 +10,9 @@ A second signal while a stop is pending gets the signal's previous handler
 (Ctrl-C twice: KeyboardInterrupt at once).
 
 Handlers can only be installed from the main thread; elsewhere the flag is
-returned as is (a caller can still set it) and nothing is installed.
+returned as is (a caller can still set it) and nothing is installed. In a
+multi-host run the processes agree on a stop (`requested_anywhere`), so they
+all save the same step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import contextlib
 import os
 import signal
 import threading
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -93,6 +99,19 @@ def handle_signals(flag: StopFlag | None = None, signals=SIGNALS):
   finally:
     for s, h in previous.items():
       signal.signal(s, h)
+
+
+def requested_anywhere(flag: StopFlag) -> bool:
+  """Whether any process of the run was asked to stop; a multi-host run agrees on it
+  (one all-gather: every process calls this at the same epoch boundary, so all stop
+  together and save the same step), a single process just reads its flag."""
+  if jax.process_count() == 1:
+    return flag.requested
+  signums = multihost_utils.process_allgather(np.asarray(flag.signum or 0, np.int32))
+  signum = int(np.max(signums))
+  if signum:
+    flag.request(signum)
+  return bool(signum)
 
 
 def stopped_message(flag: StopFlag, epoch: int | None, saved: str | None,

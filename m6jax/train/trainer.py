@@ -137,7 +137,7 @@ class Trainer:
     bar = tqdm.trange(start, cfg.train.epochs, desc="train", disable=not progress,
                       leave=False, initial=start, total=cfg.train.epochs)
     for epoch in bar:
-      if stop.requested:   # a signal before the loop (a sweep between cells, say)
+      if epoch == start and preemption.requested_anywhere(stop):   # asked before the loop
         self._stop(stop, checkpoints, states, saved_epoch, history, saved_epoch)
       t0 = time.time()
       states, stats = self.run_epoch(states, epoch)
@@ -173,7 +173,7 @@ class Trainer:
         checkpoints.save_latest(checkpoint.state_step(states), states,
                                 {"epoch": epoch, "history": history})
         saved_epoch = epoch
-      if stop.requested:
+      if preemption.requested_anywhere(stop):
         self._stop(stop, checkpoints, states, epoch, history, saved_epoch)
     if checkpoints is not None:
       checkpoints.wait()
