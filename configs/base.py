@@ -97,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint = True                  # orbax: resume + each replica's best parameters
   t.checkpoint_every = 10              # epochs between saves (and the last epoch); a stopped
                                        # run resumes from the last save, bit-identically
+  t.allow_code_change = False          # True: resume a checkpoint written by other m6jax code
+                                       # (a change declared harmless); else refused
   t.log_every = 10
 
   # --- devices ----------------------------------------------------------------

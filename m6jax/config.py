@@ -153,6 +153,11 @@ def problems(cfg) -> list[str]:
   if isinstance(repeats, int) and repeats > 1 and not folds:
     errors.append(f"train.repeats={cfg.train.repeats!r}: repeats need train.folds >= 2")
   errors += _check_groups(cfg.train.groups)
+  if (not cfg.train.checkpoint and cfg.explain.enabled
+      and cfg.model.fusion in fusion.MODES and "image" in fusion.modalities(cfg.model.fusion)):
+    errors.append("train.checkpoint=False with explain.enabled=True: explain rebuilds the "
+                  "finished run from its checkpoint; set explain.enabled=False or keep "
+                  "train.checkpoint=True")
   return errors
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from m6jax import config as config_lib
 from m6jax import files, mesh
 from m6jax import workdir as workdir_lib
+from m6jax.data import tfds_builder
 from m6jax.evaluate import feasibility, results
 from m6jax.explain import run as explain_lib
 from m6jax.features import cache, prepare
@@ -54,23 +55,30 @@ def _locked(workdir: str):
   return workdir_lib.lock(workdir) if mesh.is_writer() else contextlib.nullcontext()
 
 
-def train_and_evaluate(cfg, workdir: str, on_epoch=None) -> dict:
+def train_and_evaluate(cfg, workdir: str, on_epoch=None, stop=None) -> dict:
   """config -> data -> (embeddings) -> K-seed training -> test scores in `workdir`.
 
   Validates `cfg`, locks `workdir` and resumes its checkpoint only when the run
   fingerprint matches (m6jax.workdir). Returns the results dict also written to
   `workdir/results.json`. on_epoch: optional callback for each epoch's history
-  record (tracking).
+  record (tracking). stop: the caller's m6jax.train.preemption.StopFlag (else
+  training installs its own SIGTERM/SIGINT handling).
   """
   config_lib.validate(cfg)
   with _locked(workdir):
-    return _train_and_evaluate(cfg, workdir, on_epoch, _Timer())
+    return _train_and_evaluate(cfg, workdir, on_epoch, _Timer(), stop)
 
 
-def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
+def _refuse_mismatch(cfg, workdir: str) -> None:
+  """Raises WorkdirMismatch (config, catalogue or code) before the workdir is written."""
+  workdir_lib.check(workdir, workdir_lib.fingerprint(cfg, tfds_builder.dataset_id(cfg.data)),
+                    record=False, allow_code_change=cfg.train.allow_code_change)
+
+
+def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer, stop=None) -> dict:
   guard = cfg.train.checkpoint and mesh.is_writer()
-  if guard:   # config and code first: refuse before any data work
-    workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
+  if guard:   # config, catalogue and code first: refuse before anything is written
+    _refuse_mismatch(cfg, workdir)
   if mesh.is_writer():
     files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
   with timer("setup"):
@@ -78,13 +86,14 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
     if mesh.is_writer():
       run.report.write(workdir)
   if guard:
-    workdir_lib.check(workdir, workdir_lib.fingerprint(cfg, run.dataset_id()))
+    workdir_lib.check(workdir, workdir_lib.fingerprint(cfg, run.dataset_id()),
+                      allow_code_change=cfg.train.allow_code_change)
   if run.report.bad:
     log.warning("%d bad rows skipped; see %s", len(run.report.bad),
                 os.path.join(workdir, "data_report.txt"))
   labels = {s: c["label"] for s, c in run.cols.items()}
   with timer("train"), checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint) as ckpt:
-    states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch)
+    states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch, stop=stop)
   bundle.save(workdir, run, states)   # what predict/explain/serve need besides the checkpoint
 
   mods = fusion.modalities(cfg.model.fusion)
@@ -105,6 +114,8 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
                                         cfg.train.get("select_by", "macro_f1")),
         "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
         "history": history,
+        # The step holding the scored parameters; predict/explain/serve read exactly it.
+        "checkpoint_step": checkpoint.state_step(states) if cfg.train.checkpoint else None,
         "devices": [str(d) for d in jax.devices()],
     }
     extra["best_val_macro_f1"] = extra["validation"].get("macro_f1", [])   # older readers
@@ -163,12 +174,13 @@ def use_xla_cache(cfg) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
+def run(cfg, workdir: str, restart: bool = False, stop=None, **tracker_kwargs) -> dict:
   """Trains and evaluates `cfg` into `workdir`, adds Grad-CAM (cfg.explain) and
   logs everything to MLflow (cfg.track). Returns the results dict.
 
   restart: discard the workdir's checkpoint, results and tracking state first
-  (a fresh run, also in a new MLflow run).
+  (a fresh run, also in a new MLflow run). stop: see train_and_evaluate; a
+  stop ends training at an epoch boundary with preemption.Preempted.
   """
   config_lib.validate(cfg)
   use_xla_cache(cfg)
@@ -178,9 +190,9 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
       if restart:
         workdir_lib.clear(workdir)
       elif cfg.train.checkpoint:   # refuse before a tracking run is opened
-        workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
+        _refuse_mismatch(cfg, workdir)
     with tracker_lib.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
-      res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch)
+      res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch, stop=stop)
       if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
         t = time.time()
         _explain(cfg, workdir, res)

@@ -7,7 +7,9 @@ or not with --config.track.enabled=False.
 Rerunning into a workdir resumes its checkpoint when the config, dataset and
 code version match; otherwise it refuses, naming what differs (--restart
 discards the old checkpoint). Config and workdir errors print one line and
-exit with status 2, before any data work.
+exit with status 2, before any data work. SIGTERM or Ctrl-C stops training at
+the next epoch boundary, saves the state and exits with 128 + the signal number
+after one line saying how to resume.
 """
 
 import sys
@@ -16,7 +18,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from m6jax import config as config_lib
-from m6jax import experiment, mesh, workdir
+from m6jax import experiment, files, mesh, workdir
+from m6jax.train import preemption
 
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "output folder for this run")
@@ -62,6 +65,17 @@ def main(argv):
                    overrides=config_flags.get_override_values(FLAGS["config"]))
   except workdir.WorkdirError as e:
     _fail(str(e))
+  except preemption.Preempted as e:   # SIGTERM/SIGINT: stopped at an epoch boundary
+    print(f"m6jax.main: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except OSError as e:
+    if e.errno not in files.DISK_FULL:
+      raise
+    # Disk full: one line naming the file (files.WriteError says what is still intact).
+    if not isinstance(e, files.WriteError):
+      e = files.WriteError(e.filename or "?", e.errno)
+    print(f"m6jax.main: error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,20 @@ Fingerprint: `<workdir>/checkpoints/fingerprint.json`, beside the checkpoint it
 describes: the config minus cosmetic keys (COSMETIC: naming, tracking,
 explanations, logging, where files live), the built dataset's id (a hash of the
 catalogue and every data setting, m6jax.features.prepare.Setup.dataset_id) and the code
-version. A workdir whose checkpoint was trained with another fingerprint is not
-resumed: `check` raises WorkdirMismatch naming the keys that differ.
+version: a hash of the package's source files (`code_version`), so a run resumed
+after the code changed is refused unless the user declares the change harmless
+(`train.allow_code_change=True`). A workdir whose checkpoint was trained with
+another fingerprint is not resumed: `check` raises WorkdirMismatch naming the
+keys that differ. `check` reads before it writes: a refused run leaves the
+workdir as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +30,6 @@ import shutil
 import socket
 import time
 
-import m6jax
 from m6jax import files
 
 log = logging.getLogger(__name__)
@@ -33,7 +38,8 @@ LOCK = ".lock"
 FINGERPRINT = os.path.join("checkpoints", "fingerprint.json")
 # Keys that do not change what is trained (prefixes of dotted config keys).
 COSMETIC = ("name", "track", "explain", "feasibility", "mesh", "train.log_every",
-            "train.cache_dir", "train.xla_cache_dir", "train.checkpoint", "data.manual_dir",
+            "train.cache_dir", "train.xla_cache_dir", "train.checkpoint", "train.allow_code_change",
+            "data.manual_dir",
             "data.tfds_dir", "data.csv", "data.images")
 # Outputs a fresh start removes (`--restart`): the checkpoint and what describes it.
 RUN_STATE = ("checkpoints", "bundle", "results.json", "metrics.jsonl", "tracking.json",
@@ -121,11 +127,28 @@ def _cosmetic(key: str) -> bool:
   return any(key == c or key.startswith(c + ".") for c in COSMETIC)
 
 
+@functools.cache
+def code_version(package_dir: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+  """'src-<16 hex>': sha256 over every `*.py` under the package (relative path and
+  content, sorted by path). Computed once per process: what this process runs."""
+  h = hashlib.sha256()
+  for root, dirs, names in os.walk(package_dir):
+    dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
+    for name in sorted(n for n in names if n.endswith(".py")):
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, package_dir).replace(os.sep, "/")
+      with open(path, "rb") as f:
+        data = f.read()
+      h.update(f"{rel}\0{len(data)}\0".encode())
+      h.update(data)
+  return "src-" + h.hexdigest()[:16]
+
+
 def fingerprint(cfg, dataset_id: str | None = None) -> dict:
-  """{'config': {dotted key: value} minus COSMETIC, 'dataset': id, 'code': version}."""
+  """{'config': {dotted key: value} minus COSMETIC, 'dataset': id, 'code': code_version()}."""
   flat = _flat(json.loads(json.dumps(cfg.to_dict(), default=str)))
   return {"config": {k: v for k, v in sorted(flat.items()) if not _cosmetic(k)},
-          "dataset": dataset_id, "code": m6jax.__version__}
+          "dataset": dataset_id, "code": code_version()}
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -146,13 +169,15 @@ def _has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(latest) and any(n.isdigit() for n in os.listdir(latest))
 
 
-def check(workdir: str, fp: dict, record: bool = True) -> None:
+def check(workdir: str, fp: dict, record: bool = True, allow_code_change: bool = False) -> None:
   """Refuses to resume a checkpoint trained with another fingerprint; records `fp`.
 
   A `fp` without a dataset id (before the dataset is built) checks config and
-  code only; record=False then leaves the stored fingerprint alone. Without a
-  checkpoint there is nothing to resume: `fp` is (re)written. With one and no
-  fingerprint (a run from before fingerprints) it warns and records `fp`.
+  code only; record=False leaves the workdir untouched (a refusal always does).
+  Without a checkpoint there is nothing to resume: `fp` is (re)written. With one
+  and no fingerprint (a run from before fingerprints) it warns and records `fp`.
+  allow_code_change: a differing code version alone is accepted with a warning
+  (`train.allow_code_change`: the user declares the change harmless).
   """
   path = os.path.join(workdir, FINGERPRINT)
   old = None
@@ -165,9 +190,16 @@ def check(workdir: str, fp: dict, record: bool = True) -> None:
                          "or rerun with --restart") from None
   if old is not None and _has_checkpoint(workdir):
     diff = differences(old, fp)
-    if diff:
+    code = [d for d in diff if d.startswith("code: ")]
+    if code and allow_code_change and len(code) == len(diff):
+      log.warning("workdir %s: resuming a checkpoint trained by other code (%s): "
+                  "train.allow_code_change=True", workdir, code[0])
+    elif diff:
+      hint = (" (the m6jax source changed since the checkpoint was written; if the change "
+              "cannot affect training, --config.train.allow_code_change=True resumes anyway)"
+              if code else "")
       raise WorkdirMismatch(
-          f"workdir {workdir} holds a checkpoint of a different run ({'; '.join(diff)}). "
+          f"workdir {workdir} holds a checkpoint of a different run ({'; '.join(diff)}){hint}. "
           "Rerun with --restart to discard it and train from scratch, or use a new --workdir.")
   elif old is None and _has_checkpoint(workdir) and record:
     log.warning("workdir %s: checkpoint without a fingerprint (an older run); resuming it "

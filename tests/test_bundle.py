@@ -76,10 +76,12 @@ def _fake_run(tmp_path, classes):
 
 def test_save_writes_a_complete_bundle_atomically(tmp_path):
   wd = str(tmp_path / "run")
-  states = types.SimpleNamespace(best_params={"head": {"w": np.zeros((3, 5, 2))}})
+  states = types.SimpleNamespace(best_params={"head": {"w": np.zeros((3, 5, 2))}},
+                                 step=np.full(3, 42, np.int32))
   path = bundle.save(wd, _fake_run(tmp_path, ["a", "b"]), states)
   b = bundle.load(path)
   assert b.class_names == ["a", "b"] and b.num_replicas == 3 and b.modalities == ("image", "text")
+  assert b.checkpoint_step == 42   # the step whose parameters were scored
   pre = b.preprocessing
   assert pre["image_size"] == 16 and pre["columns"]["name"] == "product_name"
   assert pre["text_fields"] == ["name", "description"] and pre["max_image_pixels"] == 500_000

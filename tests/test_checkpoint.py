@@ -123,6 +123,24 @@ def test_truncated_latest_step_falls_back_and_is_moved_aside(tmp_path, caplog):
   assert len(corrupt) == 1 and corrupt[0].startswith("2-")
 
 
+def test_restore_step_reads_exactly_that_step_or_refuses(tmp_path):
+  latest = _two_steps(tmp_path)
+  with Checkpoints(tmp_path, read_only=True) as ck:
+    state, extra = ck.restore_step(1, make_state())
+    assert extra == {"epoch": 1}
+    assert_same(state, make_state(seed=1, step=1))
+    with pytest.raises(CheckpointError, match=r"scored checkpoint step 3, but .* holds "
+                       r"step\(s\) \[1, 2\] \(newest 2\)"):
+      ck.restore_step(3, make_state())
+  for p in (latest / "2" / "state").rglob("*"):
+    if p.is_file() and p.parent.name == "d":
+      p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+  with Checkpoints(tmp_path, read_only=True) as ck:   # no fallback to step 1
+    with pytest.raises(CheckpointError, match=r"scored checkpoint step 2, which cannot be read"
+                       r".*other step\(s\) \[1\] are not what was scored"):
+      ck.restore_step(2, make_state())
+
+
 def test_no_readable_step_names_the_folder_to_delete(tmp_path):
   with Checkpoints(tmp_path) as ck:
     ck.save_latest(1, make_state(), {"epoch": 1})

@@ -76,6 +76,18 @@ def test_unknown_keys_and_bad_groups():
   assert any(p.startswith("data.split=") for p in config_lib.problems(cfg))
 
 
+def test_no_checkpoint_with_explain_is_refused_naming_both_keys():
+  cfg = smoke.get_config()
+  cfg.train.checkpoint = False
+  config_lib.validate(cfg)   # smoke: explain off
+  cfg.explain.enabled = True
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cfg)
+  assert "train.checkpoint=False with explain.enabled=True" in str(e.value)
+  cfg.model.fusion = "text"   # no image tower: nothing to explain, nothing refused
+  config_lib.validate(cfg)
+
+
 def test_finetune_groups_has_no_silent_fallback():
   with pytest.raises(ValueError, match="no layer groups for backbone 'effnet'"):
     base.finetune_groups("effnet")

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -211,7 +212,10 @@ def test_weights_change_means_new_tower_key(tmp_path):
   w.write_bytes(b"x" * 10)
   a = embed._weights_id(str(w), "tiny")
   assert embed._weights_id(str(w), "tiny") == a
-  os.utime(w, ns=(0, 123))
+  os.utime(w, ns=(0, 123))   # touched, same content: the same weights
+  assert embed._weights_id(str(w), "tiny") == a
+  w.write_bytes(b"y" * 10)   # same size, other content: other weights
+  os.utime(w, ns=(0, 123))   # even with the old mtime
   assert embed._weights_id(str(w), "tiny") != a
   assert embed._weights_id("none", "tiny") == "random"
   kw = dict(kind="image", image_size=16)
@@ -278,11 +282,40 @@ def test_processes_write_same_entries(tmp_path):
   assert not list((tmp_path / "c").rglob("*.tmp"))
 
 
-def test_unreadable_entry_is_a_miss(tmp_path):
+def test_bad_entries_are_misses_with_a_warning(tmp_path, caplog):
   store = cache_lib.FeatureCache(tmp_path, "t", {})
-  store.put_many({"ab12": np.ones(3), "cd34": np.zeros(3)})
-  (store.dir / "ab" / "ab12.npy").write_bytes(b"\x93NUMPY truncated")
-  assert list(store.get_many(["ab12", "cd34", "ef56"])) == ["cd34"]
+  keys = ["ab12", "cd34", "ef56", "ab78", "cd90"]
+  store.put_many({k: np.full(16, i) for i, k in enumerate(keys)})
+  path = {k: store.dir / k[:2] / f"{k}.npy" for k in keys}
+  path["ab12"].write_bytes(b"\x93NUMPY truncated")
+  blob = bytearray(path["cd34"].read_bytes())
+  blob[-50] ^= 1                                     # one bit of the data: np.load reads it
+  path["cd34"].write_bytes(bytes(blob))
+  np.load(path["cd34"])
+  path["ef56"].write_bytes(path["ef56"].read_bytes()[:-10])          # torn trailer
+  np.save(path["ab78"], np.full(16, 3.0, np.float32))                 # no checksum
+  got = store.get_many(keys + ["0000"])
+  assert list(got) == ["cd90"] and np.all(got["cd90"] == 4)
+  assert "4 bad entries recomputed" in caplog.text
+  # Rewritten entries read back.
+  store.put_many({k: np.full(16, i) for i, k in enumerate(keys)})
+  assert sorted(store.get_many(keys)) == sorted(keys)
+
+
+def test_corrupted_entry_is_recomputed(catalogue, tfds_dir, tmp_path, counts):
+  cfg = _cfg(catalogue, tfds_dir)
+  builder, _ = tfds_builder.prepare(cfg.data)
+  root = str(tmp_path / "c")
+  first = embed.image_embeddings(cfg, builder, SPLITS, root)
+  rows = counts["image_rows"]
+  entry = sorted(pathlib.Path(root).rglob("*.npy"))[0]
+  blob = bytearray(entry.read_bytes())
+  blob[-41] ^= 0x40                                  # last byte of the features
+  entry.write_bytes(bytes(blob))
+  again = embed.image_embeddings(cfg, builder, SPLITS, root)
+  assert counts["image_rows"] == rows + 1            # that product alone re-embedded
+  for s in SPLITS:
+    np.testing.assert_array_equal(first[s], again[s])
 
 
 def test_cli_lists_and_clears(tmp_path, capsys):

@@ -14,14 +14,15 @@ import pytest
 
 from m6jax import experiment, files
 from m6jax.evaluate import results
-from m6jax.inference import bundle, restore
+from m6jax.inference import bundle, restore, serve
+from m6jax.train import checkpoint
 from tests.conftest import REPO, tiny_config
 
 
 def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogue, tmp_path):
   cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"),
                     **{"train.epochs": 3, "model.fusion": "late", "seeds": 3,
-                       "train.select_by": "macro_f1"})
+                       "train.select_by": "macro_f1", "train.checkpoint_every": 1})
   wd = str(tmp_path / "run")
   res = experiment.train_and_evaluate(cfg, wd)
   f1 = np.array([h["val_macro_f1"] for h in res["history"]])   # (epochs, K)
@@ -64,6 +65,33 @@ def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogu
   assert meta["num_replicas"] == 3 and probs.shape[0] == 3
   files.write_json(meta_path, dict(meta, num_replicas=2))
   with pytest.raises(bundle.BundleError, match="holds 3 replicas"):
+    restore.restore(other)
+  files.write_json(meta_path, meta)
+
+  # The scored step is recorded and read, never another one.
+  steps = sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints", "latest")))
+  assert len(steps) == 2 and res["checkpoint_step"] == meta["checkpoint_step"] == steps[-1]
+  data = [os.path.join(d, n) for d, _, ns in
+          os.walk(os.path.join(other, "checkpoints", "latest", str(steps[-1]), "state"))
+          for n in ns if os.path.basename(d) == "d"]
+  for p in data:   # the scored step unreadable; the older one intact
+    with open(p, "r+b") as f:
+      f.truncate(os.path.getsize(p) // 2)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=f"scored checkpoint step {steps[-1]}, which cannot be read.*"
+                           rf"other step\(s\) \[{steps[0]}\]"):
+    restore.restore(other)
+  shutil.rmtree(os.path.join(other, "checkpoints", "latest", str(steps[-1])))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"scored checkpoint step {steps[-1]}, but .* \[{steps[0]}\]"):
+    restore.restore(other)
+  with pytest.raises(checkpoint.CheckpointError, match=f"scored checkpoint step {steps[-1]}"):
+    with serve.pyfunc_args(other):
+      pass
+  res_path = os.path.join(other, "results.json")
+  files.write_json(res_path, dict(res, checkpoint_step=steps[0]))
+  with pytest.raises(bundle.BundleError, match=f"scored checkpoint step {steps[0]}, the bundle "
+                     f".* names step {steps[-1]}"):
     restore.restore(other)
   shutil.rmtree(os.path.join(other, "bundle"))
   with pytest.raises(bundle.BundleError, match="no inference bundle"):

@@ -216,3 +216,49 @@ def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):
   assert c.get_run(run_id).info.status == "FINISHED"
   epochs = [json.loads(x)["epoch"] for x in (cell / "metrics.jsonl").read_text().splitlines()]
   assert epochs == [0, 1]   # epoch 0 was not trained again: resumed from its checkpoint
+
+
+def test_a_stop_ends_the_sweep_inside_and_between_cells(sweep_env, monkeypatch):
+  import signal
+  from m6jax import experiment
+  from m6jax.train import preemption
+  tmp, write = sweep_env
+  path = write("stopped", grid={"model.fusion": ["early", "late", "gated"]},
+               overrides={"train.epochs": 3, "train.checkpoint_every": 10})
+  root = tmp / "runs_stopped"
+  real_run, real_train = experiment.run, experiment.train_and_evaluate
+
+  def stop_after_first(cfg, workdir, **kw):   # a signal while cell 1 is being scored
+    out = real_run(cfg, workdir, **kw)
+    kw["stop"].request(signal.SIGTERM)
+    return out
+  monkeypatch.setattr(experiment, "run", stop_after_first)
+  with pytest.raises(preemption.Preempted, match="sweep stopped stopped by SIGTERM: 1/3 "
+                     "cells have results") as e:
+    sweep.run_sweep(path, str(root))
+  assert e.value.status == {"fusion=early": "done", "fusion=late": "not started (stopped)",
+                            "fusion=gated": "not started (stopped)"}
+  assert not (root / "stopped" / "fusion=late").exists()
+
+  def stop_in_epoch_0(cfg, workdir, on_epoch=None, stop=None):   # a signal during training
+    def cb(rec):
+      on_epoch(rec)
+      if rec["epoch"] == 0:
+        stop.request(signal.SIGINT)
+    return real_train(cfg, workdir, on_epoch=cb, stop=stop)
+  monkeypatch.setattr(experiment, "run", real_run)
+  monkeypatch.setattr(experiment, "train_and_evaluate", stop_in_epoch_0)
+  with pytest.raises(preemption.Preempted, match="by SIGINT: 1/3") as e:
+    sweep.run_sweep(path, str(root))
+  assert e.value.exit_code == 128 + signal.SIGINT
+  assert e.value.status["fusion=early"] == "skipped"
+  assert e.value.status["fusion=late"].startswith("stopped: stopped by SIGINT after epoch 0")
+  assert e.value.status["fusion=gated"] == "not started (stopped)"
+  late = root / "stopped" / "fusion=late"
+  assert not (late / "results.json").exists() and (late / "checkpoints" / "latest").is_dir()
+
+  monkeypatch.setattr(experiment, "train_and_evaluate", real_train)
+  assert sweep.run_sweep(path, str(root)) == {"fusion=early": "skipped", "fusion=late": "done",
+                                              "fusion=gated": "done"}
+  epochs = [json.loads(x)["epoch"] for x in (late / "metrics.jsonl").read_text().splitlines()]
+  assert epochs == [0, 1, 2]   # epoch 0 was saved at the stop and not trained again

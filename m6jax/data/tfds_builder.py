@@ -226,6 +226,34 @@ def _exclude_fingerprint(data_cfg) -> str:
   return hashlib.sha1(",".join(sorted(read_exclude_ids(path))).encode()).hexdigest()
 
 
+def dataset_name(data_cfg) -> str:
+  """'c<12 hex>': the built dataset's name, a hash of the catalogue (CSV content, image
+  files) and every data setting; computed without building anything."""
+  encoding = data_cfg.get("encoding", "utf-8")
+  limits = images.Limits.from_config(data_cfg)
+  manual_dir = os.path.abspath(data_cfg.manual_dir)
+  csv_path = os.path.join(manual_dir, data_cfg.csv)
+  if not os.path.isfile(csv_path):
+    raise catalogue.DataError(f"catalogue CSV not found: {csv_path}")
+  columns = dict(data_cfg.columns)
+  key = json.dumps(dict(
+      fp=_fingerprint(csv_path, os.path.join(manual_dir, data_cfg.images), columns["image"],
+                      encoding), columns=columns,
+      depth=data_cfg.label_depth, classes=list(data_cfg.classes), seed=data_cfg.split_seed,
+      split=dict(data_cfg.split), maxpix=limits.max_pixels, maxside=limits.max_side,
+      store=data_cfg.store_size, policy=data_cfg.on_bad_row, encoding=encoding,
+      rare=data_cfg.get("rare_classes", "drop"),
+      min_class=int(data_cfg.get("min_class_count", 0)),
+      exclude=_exclude_fingerprint(data_cfg), split_method=twins.METHOD), sort_keys=True)
+  return "c" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def dataset_id(data_cfg) -> str:
+  """'<name>/<version>' of the dataset `prepare(data_cfg)` builds or reuses (as
+  m6jax.features.prepare.Setup.dataset_id reads it from the built folder)."""
+  return f"{dataset_name(data_cfg)}/{ProductCatalogue.VERSION}"
+
+
 def prepare(data_cfg):
   """Builds (once) and returns (read-only builder, report) for `data_cfg`.
 
@@ -247,17 +275,8 @@ def prepare(data_cfg):
   manual_dir = os.path.abspath(data_cfg.manual_dir)
   csv_path = os.path.join(manual_dir, data_cfg.csv)
   image_dir = os.path.join(manual_dir, data_cfg.images)
-  if not os.path.isfile(csv_path):
-    raise catalogue.DataError(f"catalogue CSV not found: {csv_path}")
   columns = dict(data_cfg.columns)
-  key = json.dumps(dict(
-      fp=_fingerprint(csv_path, image_dir, columns["image"], encoding), columns=columns,
-      depth=data_cfg.label_depth, classes=list(data_cfg.classes), seed=data_cfg.split_seed,
-      split=dict(data_cfg.split), maxpix=limits.max_pixels, maxside=limits.max_side,
-      store=data_cfg.store_size, policy=data_cfg.on_bad_row, encoding=encoding,
-      rare=rare_policy, min_class=int(data_cfg.get("min_class_count", 0)),
-      exclude=_exclude_fingerprint(data_cfg), split_method=twins.METHOD), sort_keys=True)
-  name = "c" + hashlib.sha1(key.encode()).hexdigest()[:12]
+  name = dataset_name(data_cfg)
   data_dir = os.path.abspath(data_cfg.tfds_dir)
   built = os.path.join(data_dir, "product_catalogue", name, str(ProductCatalogue.VERSION))
   done = _reuse(built)

@@ -110,8 +110,7 @@ def write_outputs(workdir: str, scores: dict, class_names, ids, labels, probs,
                                     os.path.join(workdir, "confusion_matrix.png"),
                                     title="test, seed ensemble")
   report = metrics_lib.classification_report(ens, class_names)
-  with open(os.path.join(workdir, "report.txt"), "w") as f:
-    f.write(report + "\n")
+  files.write_text(os.path.join(workdir, "report.txt"), report + "\n")
   mean_probs = np.asarray(probs).mean(0)
 
   def write_predictions(f):

@@ -5,13 +5,17 @@ $M6JAX_FEATURE_CACHE, else `<m6jax cache>/features`, see weights.cache_dir):
 
   <tower>-<digest>/tower.json                 what the digest stands for (tower name,
                                               weights fingerprint, preprocessing)
-  <tower>-<digest>/<ab>/<content hash>.npy    float32 (D,) features of one product
+  <tower>-<digest>/<ab>/<content hash>.npy    float32 (D,) features of one product, then
+                                              a checksum trailer (CHECKSUM_MAGIC + the
+                                              sha256 of the .npy bytes before it)
 
 The content hash is the sha1 of what the tower reads for a product (the stored
 JPEG bytes, the UTF-8 text), so another experiment on the same catalogue finds
 every product, and a changed product misses only itself. Each entry is written
 to a temporary file and renamed into place, so runs writing the same entry at
-once never leave a torn file; an unreadable entry counts as a miss. A hit
+once never leave a torn file. An entry that does not match its checksum
+(truncated, corrupted, or written before checksums) counts as a miss: it is
+recomputed and rewritten, with one warning per lookup naming how many. A hit
 refreshes the entry's mtime, so `clear --older-than` removes what was not used.
 
   python -m m6jax.features.cache list  [--dir DIR]
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
+import logging
 import os
 import pathlib
 import re
@@ -35,8 +41,30 @@ import numpy as np
 from m6jax import files
 from m6jax.models.weights import sources as weights_lib
 
+log = logging.getLogger(__name__)
+
 ENV = "M6JAX_FEATURE_CACHE"
 _META = "tower.json"
+CHECKSUM_MAGIC = b"M6SUM256"   # 8 bytes, then the 32-byte sha256 of the .npy bytes before it
+_TRAILER = len(CHECKSUM_MAGIC) + 32
+
+
+def encode_entry(value: np.ndarray) -> bytes:
+  """An array -> .npy bytes followed by the checksum trailer."""
+  buf = io.BytesIO()
+  np.save(buf, value, allow_pickle=False)
+  data = buf.getvalue()
+  return data + CHECKSUM_MAGIC + hashlib.sha256(data).digest()
+
+
+def decode_entry(blob: bytes) -> np.ndarray:
+  """encode_entry's bytes -> the array; ValueError when the checksum does not match."""
+  data, magic, digest = blob[:-_TRAILER], blob[-_TRAILER:-32], blob[-32:]
+  if len(blob) < _TRAILER or magic != CHECKSUM_MAGIC:
+    raise ValueError("no checksum trailer (truncated, or written before checksums)")
+  if hashlib.sha256(data).digest() != digest:
+    raise ValueError("checksum mismatch (corrupted or truncated)")
+  return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def default_root() -> pathlib.Path:
@@ -72,19 +100,23 @@ class FeatureCache:
 
   def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
     """{key: array} for the keys present and readable; the rest are misses."""
-    out = {}
+    out, bad = {}, []
     for key in keys:
       path = self._path(key)
       try:
-        out[key] = np.load(path, allow_pickle=False)
+        out[key] = decode_entry(path.read_bytes())
       except FileNotFoundError:
         continue
-      except (OSError, ValueError, EOFError):
-        continue  # unreadable (e.g. a disk that filled up): recomputed and rewritten
+      except (OSError, ValueError, EOFError) as e:
+        bad.append(f"{path}: {e}")   # recomputed and rewritten by the caller
+        continue
       try:
         os.utime(path)  # last use, for clear --older-than
       except OSError:
         pass
+    if bad:
+      log.warning("feature cache %s: %d bad entr%s recomputed (first: %s)", self.dir, len(bad),
+                  "y" if len(bad) == 1 else "ies", bad[0])
     return out
 
   def missing(self, keys: Iterable[str]) -> list[str]:
@@ -106,8 +138,7 @@ class FeatureCache:
       for attempt in (0, 1):
         try:
           path.parent.mkdir(parents=True, exist_ok=True)
-          files.atomic_write(path, lambda f, v=value: np.save(f, v, allow_pickle=False),
-                             binary=True)
+          files.atomic_write(path, lambda f, v=value: f.write(encode_entry(v)), binary=True)
           break
         except FileNotFoundError:  # folder removed by a concurrent `clear`: once more
           if attempt:

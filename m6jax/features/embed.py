@@ -30,17 +30,16 @@ FEATURES_VERSION = 1
 
 
 def _weights_id(spec: str, tower: str) -> str:
-  """Weight spec -> fingerprint: resolved path, then (name, size, mtime) of each file."""
+  """Weight spec -> fingerprint: the sha256 of each file's content (weights_lib.file_digest:
+  hashed once per process and file version), so touched-but-equal files still match and
+  replaced ones of the same size do not."""
   if weights_lib.is_random(spec):
     return "random"
   path = weights_lib.resolve(spec, tower=tower)
   files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-  parts = []
-  for p in files:
-    st = p.stat()
-    parts.append(f"{p.relative_to(path) if path.is_dir() else p.name}:{st.st_size}:"
-                 f"{st.st_mtime_ns}")
-  return f"{spec}:{path}:" + cache_lib.content_key("|".join(parts))[:16]
+  parts = [f"{p.relative_to(path) if path.is_dir() else p.name}:{weights_lib.file_digest(p)}"
+           for p in files]
+  return f"{spec}:" + cache_lib.content_key("|".join(parts))[:16]
 
 
 def _store(cache_dir, tower: str, **spec) -> cache_lib.FeatureCache:

@@ -7,7 +7,9 @@ Saved at the end of training (m6jax.experiment) into `<workdir>/bundle/`:
                       columns and text fields, image decoding limits), towers (name, weights
                       spec, embedding size, fingerprint of the resolved weight files), text
                       features, the dataset it was trained on, the run fingerprint
-                      (m6jax.workdir) and the full run config
+                      (m6jax.workdir), the checkpoint step the run scored
+                      (`checkpoint_step`: predict, explain and serve read exactly that
+                      step) and the full run config
   text_features.npz   the fitted TF-IDF vocabulary, idf and SVD components (TF-IDF text
                       tower only), plain arrays: no pickle
 
@@ -36,6 +38,7 @@ from m6jax import workdir as workdir_lib
 from m6jax.data import images
 from m6jax.models import fusion
 from m6jax.models.weights import sources as weights_lib
+from m6jax.train import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +174,9 @@ def save(workdir: str, run, states) -> str | None:
       "dataset": {"id": run.dataset_id(), "dir": os.path.abspath(run.builder.data_dir)},
       # As checkpoints/fingerprint.json of the same run: restore refuses a mix of runs.
       "run_fingerprint": workdir_lib.fingerprint(cfg, run.dataset_id()),
+      # The checkpoint step holding these parameters, the one results.json scored:
+      # inference reads exactly this step (None: checkpointing was off).
+      "checkpoint_step": (checkpoint.state_step(states) if cfg.train.checkpoint else None),
       "config": cfg.to_dict(),
   }
   final = directory(workdir)
@@ -209,6 +215,12 @@ class Bundle:
   @property
   def num_replicas(self) -> int:
     return int(self.meta["num_replicas"])
+
+  @property
+  def checkpoint_step(self) -> int | None:
+    """The checkpoint step the run scored (None: a bundle from before steps were recorded)."""
+    step = self.meta.get("checkpoint_step")
+    return None if step is None else int(step)
 
   @property
   def folds(self) -> int:

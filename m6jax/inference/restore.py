@@ -2,14 +2,14 @@
 
   cfg, run, params, batch_stats = restore.restore(workdir)
 
-reads `<workdir>/bundle` (m6jax.inference.bundle) and the newest readable step of
-`<workdir>/checkpoints`: it never builds the dataset, re-embeds the catalogue
-or reads the training CSV, so a run keeps predicting the same way when its
-catalogue changes or moves. The weight files of the towers inference loads are
-checked against the fingerprints recorded at training (BundleError on a
-mismatch). Parameters carry the leading replica axis K, read from the
-checkpoint and checked against the bundle: each replica's best-validation
-parameters (`TrainState.best_*`), the ones results.json scored.
+reads `<workdir>/bundle` (m6jax.inference.bundle) and exactly the checkpoint step
+the bundle and results.json record as scored (no fallback to another step): it
+never builds the dataset, re-embeds the catalogue or reads the training CSV, so
+a run keeps predicting the same way when its catalogue changes or moves. The
+weight files of the towers inference loads are checked against the fingerprints
+recorded at training (BundleError on a mismatch). Parameters carry the leading
+replica axis K, read from the checkpoint and checked against the bundle: each
+replica's best-validation parameters (`TrainState.best_*`), the ones results.json scored.
 
 `run` is an :class:`Inference`: the model and feature extractors of the run
 (m6jax.inference.predict, m6jax.explain.run and m6jax.inference.serve use it). The run's own splits
@@ -221,16 +221,17 @@ class Inference:
     return (probs, weights) if with_weights else probs
 
 
-def _saved_tree(ckpt: checkpoint.Checkpoints):
+def _saved_tree(ckpt: checkpoint.Checkpoints, step: int | None = None):
   """The saved state's tree (nested dicts) as ShapeDtypeStructs on this process's
-  first device, from the newest step whose metadata reads; None when none does.
+  first device, from `step` or else the newest step whose metadata reads; None
+  when none does.
 
   A checkpoint saved on another device topology (a mesh of 8 devices, say)
   restores onto this machine with this target.
   """
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  for step in reversed(ckpt.all_steps()):
-    path = os.path.join(ckpt.directory, "latest", str(step), "state")
+  for s in [step] if step is not None else reversed(ckpt.all_steps()):
+    path = os.path.join(ckpt.directory, "latest", str(s), "state")
     try:
       tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
     except Exception:  # noqa: BLE001 - unreadable step: restore_latest reports it
@@ -254,8 +255,12 @@ def load(bundle_dir: str, run_dir: str, which: str = "best"):
   used = [m for m, t in b.meta["towers"].items()
           if t["name"] != "tfidf" and (b.meta["mode"] == "frozen" or m == "text")]
   b.verify_weights(used)
+  step = b.checkpoint_step   # what results.json scored; None: a bundle from before steps
   with checkpoint.Checkpoints(run_dir, read_only=True) as ckpt:
-    restored = ckpt.restore_latest(_saved_tree(ckpt))
+    if step is None:
+      restored = ckpt.restore_latest(_saved_tree(ckpt))
+    else:
+      restored = ckpt.restore_step(step, _saved_tree(ckpt, step))
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint.directory(run_dir)}")
   state = restored[0]
@@ -269,11 +274,26 @@ def load(bundle_dir: str, run_dir: str, which: str = "best"):
   return Inference(b), params, stats
 
 
+def _check_scored_step(workdir: str) -> None:
+  """BundleError when results.json and the bundle name different scored steps."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    scored = json.load(f).get("checkpoint_step")
+  bundled = bundle_lib.load(bundle_lib.directory(workdir)).checkpoint_step
+  if None not in (scored, bundled) and scored != bundled:
+    raise bundle_lib.BundleError(
+        f"{path} scored checkpoint step {scored}, the bundle {bundle_lib.directory(workdir)} "
+        f"names step {bundled}: the run was not finished consistently; rerun it to rescore")
+
+
 def restore(workdir: str, which: str = "best"):
   """A finished run -> (cfg, Inference, params, batch_stats); see the module docstring."""
   if which not in WHICH:
     raise ValueError(f"which must be one of {WHICH}, got {which!r}")
   if not os.path.isdir(bundle_lib.directory(workdir)):
     load_config(workdir)   # names a folder that is not a run at all
+  _check_scored_step(workdir)
   run, params, stats = load(bundle_lib.directory(workdir), workdir, which)
   return run.cfg, run, params, stats

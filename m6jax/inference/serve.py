@@ -6,8 +6,8 @@
   model.predict(frame, params={"images": "new_images/"})
 
 The logged model holds two artifacts: `bundle` (the run's inference bundle,
-m6jax.inference.bundle) and `run` (the newest checkpoint step, as `checkpoints/latest/
-<step>`), plus the m6jax code, so it loads on a machine that has neither the
+m6jax.inference.bundle) and `run` (the checkpoint step the run scored, as
+`checkpoints/latest/<step>`), plus the m6jax code, so it loads on a machine that has neither the
 workdir nor the training catalogue. `predict` takes a DataFrame of new
 products with the catalogue's columns (`image`: a file path, relative to the
 `images` param when given, else as is) and returns what the predict CLI
@@ -94,10 +94,15 @@ def pyfunc_args(workdir: str):
   or m6jax.track.tracker.Tracker.log_pyfunc; the staged checkpoint lives until the block exits."""
   b = bundle_lib.load(bundle_lib.directory(workdir))
   with checkpoint.Checkpoints(workdir, read_only=True) as ckpt:
-    step = ckpt.latest_step()
-    src = os.path.join(ckpt.directory, "latest", str(step)) if step is not None else None
-  if src is None:
+    steps = ckpt.all_steps()
+  step = b.checkpoint_step if b.checkpoint_step is not None else max(steps, default=None)
+  if step is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint.directory(workdir)}")
+  if step not in steps:   # the scored step or nothing: never another one
+    raise checkpoint.CheckpointError(
+        f"the run scored checkpoint step {step}, but {checkpoint.directory(workdir)} holds "
+        f"step(s) {steps or 'none'}: rerun the experiment to rescore before serving")
+  src = os.path.join(checkpoint.directory(workdir), "latest", str(step))
   with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
     # The signature is explicit; an input example would need a product photo.
     warnings.filterwarnings("ignore", ".*An input example was not provided")

@@ -14,6 +14,10 @@ A sweep file defines `get_sweep()` returning a dict:
 
 A cell whose workdir has results.json is skipped ("skipped: done"); an
 interrupted one resumes from its own checkpoints (train.py does that).
+SIGTERM / Ctrl-C stop the sweep cleanly (m6jax.train.preemption): inside a
+cell, training stops at the next epoch boundary with its state saved; between
+cells, no further cell starts. The sweep then exits with 128 + the signal
+number after one line saying how to resume (rerun the same command).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from m6jax import experiment, mesh
 from m6jax.files import write_json
 from m6jax.track import compare
 from m6jax.track import tracker as tracker_lib
+from m6jax.train import preemption
 
 log = logging.getLogger(__name__)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -135,11 +140,15 @@ def cell_config(sweep: dict, cell: dict):
   return apply_overrides(cfg, cell["overrides"])
 
 
-def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) -> dict:
+def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None,
+              stop=None) -> dict:
   """Runs the sweep's missing cells; returns {cell: 'done' | 'skipped' | 'failed: ...'}.
 
   The store defaults to sqlite:///<root>/mlflow.db (what `./launch.sh ui` shows). The
   parent run gets the comparison (table, plot, JSON), the best cell and its metrics.
+  stop: a m6jax.train.preemption.StopFlag (else SIGTERM/SIGINT set one); once set,
+  the running cell stops at an epoch boundary, no other starts, and
+  preemption.Preempted is raised after the parent run is updated.
   """
   sweep = load_sweep(path)
   names = [c["name"] for c in sweep["cells"]]
@@ -162,12 +171,16 @@ def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) 
            f"`{sweep['base']}`; the comparison table, plot and best cell are this run's "
            f"artifacts, the best cell's scores its metrics.")
   status = {}
-  with tracker_lib.Tracker(parent_cfg, sweep_dir, run_name=sweep["name"], uri=uri,
-                     store_dir=store_dir, resume="always", description=about,
-                     tags={"m6jax.role": "sweep", "m6jax.track.sweep": sweep["name"]}) as parent:
+  with preemption.handle_signals(stop) as stop, tracker_lib.Tracker(
+      parent_cfg, sweep_dir, run_name=sweep["name"], uri=uri, store_dir=store_dir,
+      resume="always", description=about,
+      tags={"m6jax.role": "sweep", "m6jax.track.sweep": sweep["name"]}) as parent:
     for cell in sweep["cells"]:
       name, cfg = cell["name"], cfgs[cell["name"]]
       if only and name not in only:
+        continue
+      if stop.requested:   # between cells: start no other
+        status[name] = "not started (stopped)"
         continue
       workdir = os.path.join(sweep_dir, name)
       if os.path.isfile(os.path.join(workdir, "results.json")):
@@ -180,8 +193,10 @@ def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) 
       try:
         experiment.run(cfg, workdir, parent_run_id=parent.run_id, run_name=name, uri=uri,
                        store_dir=store_dir, tags=tags, parent_workdir=sweep_dir,
-                       overrides=sweep["overrides"] | cell["overrides"])
+                       overrides=sweep["overrides"] | cell["overrides"], stop=stop)
         status[name] = "done"
+      except preemption.Preempted as e:   # inside the cell: its state is saved
+        status[name] = f"stopped: {e}"
       except Exception as e:  # noqa: BLE001 - one bad cell should not sink the others
         log.exception("cell %s failed", name)
         status[name] = f"failed: {type(e).__name__}: {e}"
@@ -189,6 +204,13 @@ def run_sweep(path: str, root: str = "runs", only=None, uri: str | None = None) 
     parent.set_tags({"m6jax.cells_done": f"{n_done}/{len(names)}"})
     if n_done:
       log_comparison(parent, sweep_dir, uri)
+    if stop.requested:   # inside the block: the parent run ends KILLED
+      e = preemption.Preempted(
+          f"sweep {sweep['name']} stopped by {stop.name}: {n_done}/{len(names)} cells have "
+          f"results in {sweep_dir}; rerun the same command to resume (finished cells are "
+          "skipped, a stopped cell resumes from its checkpoint)", stop.signum)
+      e.status = status
+      raise e
   log.info("sweep %s: %d/%d cells have results (%s)", sweep["name"], n_done, len(names),
            sweep_dir)
   return status
@@ -232,7 +254,11 @@ def main(argv=None):
     for c in load_sweep(args.sweep)["cells"]:
       print(f"{c['name']}\t{c['base']}\t{json.dumps(c['overrides'])}")
     return 0
-  status = run_sweep(args.sweep, args.root, args.only, args.uri)
+  try:
+    status = run_sweep(args.sweep, args.root, args.only, args.uri)
+  except preemption.Preempted as e:
+    print(f"m6jax.track.sweep: {e}", file=sys.stderr)
+    return e.exit_code
   for name, s in status.items():
     print(f"{name}: {s}")
   return 1 if any(s.startswith("failed") for s in status.values()) else 0

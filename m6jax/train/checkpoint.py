@@ -10,10 +10,11 @@ best-validation parameters (m6jax.train.steps.TrainState.best_*), so the newest 
 holds both what resume needs and what results.json scored and predict/explain
 serve: saved, scored and served are the same parameters by construction.
 
-Unreadable steps: `restore_latest` tries the newest step first and falls back
-to the newest intact one with a warning (the bad steps are moved to
+Unreadable steps: `restore_latest` (resume) tries the newest step first and
+falls back to the newest intact one with a warning (the bad steps are moved to
 `corrupt/` before the next save); when no step can be read it raises
-CheckpointError naming the folder to delete.
+CheckpointError naming the folder to delete. Inference reads exactly the step
+results.json and the bundle record as scored (`restore_step`): no fallback.
 
 Each step directory holds three orbax items:
   * `state`: the train-state pytree (orbax StandardSave, tensorstore/OCDBT).
@@ -44,9 +45,11 @@ is exposed for side effects outside orbax (logging, reports).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -56,6 +59,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from m6jax import files
 from m6jax import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
@@ -160,7 +164,26 @@ def _describe(error: Exception, step_dir: str) -> str:
 
 
 class CheckpointError(RuntimeError):
-  """No step of a checkpoint can be read."""
+  """No step of a checkpoint can be read (or not the step that was asked for)."""
+
+
+def state_step(states) -> int:
+  """The step of a (replicated) train state: what save_latest names its checkpoint."""
+  return int(mesh_lib.to_host(states.step)[0])
+
+
+def _os_error(error: BaseException) -> tuple[int, str] | None:
+  """(errno, path) of a disk-full error anywhere in `error`'s chain (orbax wraps
+  tensorstore's, which only names them in the text), else None."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in files.DISK_FULL:
+      return error.errno, error.filename or ""
+    m = re.search(r"os_error_code='?(\d+)", str(error))
+    if m and int(m.group(1)) in files.DISK_FULL:
+      path = re.findall(r'(?:Failed writing|file): "([^"]+)"', str(error))
+      return int(m.group(1)), path[-1] if path else ""
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def directory(workdir) -> str:
@@ -187,6 +210,7 @@ class Checkpoints:
     self.directory = directory(workdir)
     self._latest = None
     self._closed = False
+    self._saving: int | None = None   # the step of the last save started
     self._bad: dict[int, str] = {}   # unreadable step -> error, moved aside before saving
     if not self.enabled:
       return  # no directories, no managers
@@ -226,12 +250,37 @@ class Checkpoints:
       log.warning("checkpoint step %d already in %s; not overwritten", step, mngr.directory)
       return False
     data, impls = _keys_to_data(state_pytree)
-    return mngr.save(
-        step, force=True,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(data),
-            extra=ocp.args.JsonSave(_jsonable(extra)),
-            meta=ocp.args.JsonSave({"format": _FORMAT, "typed_keys": impls})))
+    with self._write_errors():   # also the previous async save's, reported here
+      started = mngr.save(
+          step, force=True,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(data),
+              extra=ocp.args.JsonSave(_jsonable(extra)),
+              meta=ocp.args.JsonSave({"format": _FORMAT, "typed_keys": impls})))
+    self._saving = step
+    return started
+
+  @contextlib.contextmanager
+  def _write_errors(self):
+    """A save that failed for lack of space -> files.WriteError: one line naming the
+    file, the OS error and the step a rerun resumes from (orbax renames a step into
+    place only once complete, so the ones before stay intact)."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+      found = _os_error(e)
+      if found is None:
+        raise
+      number, path = found
+      m = re.search(r"/(\d+)\.orbax-checkpoint-tmp", path)
+      step = int(m.group(1)) if m else self._saving
+      intact = [s for s in self._latest.all_steps() if s != step]
+      raise files.WriteError(
+          path or os.path.join(self._latest.directory, str(step)), number,
+          f"checkpoint step {step} not saved; "
+          + (f"step {max(intact)} in {self._latest.directory} is intact: free space and "
+             "rerun the same command to resume from it" if intact else
+             "no earlier step: free space and rerun")) from None
 
   def _move_bad_steps(self) -> None:
     """Moves the steps restore_latest could not read to checkpoints/corrupt/."""
@@ -306,24 +355,56 @@ class Checkpoints:
                           f"Delete {self.directory} to train from scratch "
                           "(or run with --restart).")
 
+  def restore_step(self, step: int, target_pytree) -> tuple[Any, dict]:
+    """Exactly `step` (the one results.json scored) -> (state like target, extra).
+
+    No fallback: raises CheckpointError naming the wanted step and the steps
+    present when it is missing or cannot be read.
+    """
+    if not self._on():
+      raise CheckpointError(f"no checkpoint in {self.directory}: step {step} was scored")
+    self._latest.wait_until_finished()
+    steps = sorted(self._latest.all_steps())
+    if int(step) not in steps:
+      raise CheckpointError(
+          f"the run scored checkpoint step {step}, but {self._latest.directory} holds "
+          f"step(s) {steps or 'none'} (newest {steps[-1] if steps else None}): the checkpoint "
+          "moved on or was lost after scoring; rerun the experiment to rescore it")
+    try:
+      return self._restore(int(step), target_pytree)
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+      raise CheckpointError(
+          f"the run scored checkpoint step {step}, which cannot be read ("
+          f"{_describe(e, os.path.join(self._latest.directory, str(step)))}); other step(s) "
+          f"{[s for s in steps if s != step] or 'none'} are not what was scored: rerun the "
+          "experiment (--restart) to train and score anew") from None
+
   # -- lifecycle --------------------------------------------------------------
 
   def wait(self) -> None:
     """Blocks until pending async saves (and deletions) are on disk."""
     if self._closed or self._latest is None:
       return
-    self._latest.wait_until_finished()
+    with self._write_errors():
+      self._latest.wait_until_finished()
 
   def close(self) -> None:
     """Finishes pending saves and releases orbax's threads; idempotent."""
     if self._closed:
       return
-    if self._latest is not None:
-      self._latest.close()
     self._closed = True
+    if self._latest is not None:
+      with self._write_errors():
+        self._latest.close()
 
   def __enter__(self) -> "Checkpoints":
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, *exc) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:   # already failing: the first error is the one to report
+      self.close()
+    except Exception as e:  # noqa: BLE001
+      log.warning("closing %s after an error: %s", self.directory, e)

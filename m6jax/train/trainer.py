@@ -27,7 +27,7 @@ import tqdm
 from m6jax import mesh as mesh_lib
 from m6jax.evaluate import metrics as metrics_lib
 from m6jax.models import fusion
-from m6jax.train import folds, optim, steps
+from m6jax.train import checkpoint, folds, optim, preemption, steps
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +93,37 @@ class Trainer:
     probs = np.asarray(self.predict(states.params, states.batch_stats, "validation"))
     return validation_scores(probs, val_labels, self.num_classes)
 
-  def fit(self, val_labels, checkpoints=None, progress: bool = True, on_epoch=None):
+  def fit(self, val_labels, checkpoints=None, progress: bool = True, on_epoch=None,
+          stop=None):
     """Runs the epochs; returns (states with best_* filled, history list).
 
     on_epoch(record) is called after each epoch with the history record
     (epoch, per-replica loss / grad_norm / val_macro_f1 / val_accuracy lists).
 
     Resumes from `checkpoints` (m6jax.train.checkpoint.Checkpoints) when it holds a
-    step, and saves the state there after every epoch (best_* included).
+    step, and saves the state there every `checkpoint_every` epochs (best_* included).
+    SIGTERM / SIGINT (or `stop`, a m6jax.train.preemption.StopFlag, set by the
+    caller's handler) stop the loop at the next epoch boundary: the state is
+    saved and preemption.Preempted raised.
     """
+    with preemption.handle_signals(stop) as stop:
+      return self._fit(val_labels, checkpoints, progress, on_epoch, stop)
+
+  def _stop(self, stop, checkpoints, states, epoch, history, saved_epoch):
+    """Saves the state of `epoch` (when not saved yet) and raises Preempted."""
+    saved, enabled = None, checkpoints is not None and checkpoints.enabled
+    if enabled:
+      if epoch is not None and saved_epoch != epoch:
+        checkpoints.save_latest(checkpoint.state_step(states), states,
+                                {"epoch": epoch, "history": history})
+      checkpoints.wait()
+      if checkpoints.latest_step() is not None:
+        saved = f"{checkpoints.directory} (step {checkpoints.latest_step()})"
+    msg = preemption.stopped_message(stop, epoch, saved, enabled)
+    log.warning("%s", msg)
+    raise preemption.Preempted(msg, stop.signum)
+
+  def _fit(self, val_labels, checkpoints, progress, on_epoch, stop):
     cfg = self.cfg
     states = self.init_states()
     history, start, saved_epoch = [], 0, None
@@ -115,6 +137,8 @@ class Trainer:
     bar = tqdm.trange(start, cfg.train.epochs, desc="train", disable=not progress,
                       leave=False, initial=start, total=cfg.train.epochs)
     for epoch in bar:
+      if epoch == start and preemption.requested_anywhere(stop):   # asked before the loop
+        self._stop(stop, checkpoints, states, saved_epoch, history, saved_epoch)
       t0 = time.time()
       states, stats = self.run_epoch(states, epoch)
       loss = np.asarray(stats["loss"], np.float64)
@@ -146,9 +170,11 @@ class Trainer:
                  val_f1.mean(), np.round(val_f1, 4).tolist())
       every = max(1, cfg.train.get("checkpoint_every", 1))
       if checkpoints is not None and ((epoch + 1) % every == 0 or epoch == cfg.train.epochs - 1):
-        checkpoints.save_latest(int(mesh_lib.to_host(states.step)[0]), states,
+        checkpoints.save_latest(checkpoint.state_step(states), states,
                                 {"epoch": epoch, "history": history})
         saved_epoch = epoch
+      if preemption.requested_anywhere(stop):
+        self._stop(stop, checkpoints, states, epoch, history, saved_epoch)
     if checkpoints is not None:
       checkpoints.wait()
     return states, history

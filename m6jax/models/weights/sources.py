@@ -210,10 +210,11 @@ _DIGESTS: dict[tuple, str] = {}
 
 
 def file_digest(path) -> str:
-  """sha256 of a file's content (remembered per path, size and mtime in this process)."""
+  """sha256 of a file's content, remembered in this process per path, inode, size, mtime
+  and ctime (ctime changes on every write and cannot be set back, unlike mtime)."""
   path = pathlib.Path(path).resolve()
   st = path.stat()
-  key = (str(path), st.st_size, st.st_mtime_ns)
+  key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
   if key not in _DIGESTS:
     _DIGESTS[key] = download.hash_file(path, "sha256")
   return _DIGESTS[key]
