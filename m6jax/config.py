@@ -7,7 +7,7 @@ raises ConfigError with ONE line per problem, e.g.
   seeds=0: must be an integer >= 1
   data.nonexistent: unknown key (known in data: augment, batch_size, ...)
 
-Known keys are those of configs.base.base_config(); `train.groups` holds free
+Known keys are those of m6jax.defaults.base_config(); `train.groups` holds free
 group names whose entries are checked here.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import codecs
 import re
 
-from configs import base
+from m6jax import defaults
 from m6jax.explain import gradcam
 from m6jax.models import fusion, towers
 
@@ -76,7 +76,7 @@ def _flat_keys(node, prefix="") -> dict:
 
 
 def _unknown_keys(cfg) -> list[str]:
-  known = _flat_keys(base.base_config())
+  known = _flat_keys(defaults.base_config())
   errors = []
   for key in _flat_keys(cfg):
     if key not in known:
