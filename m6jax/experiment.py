@@ -21,7 +21,7 @@ from m6jax import workdir as workdir_lib
 from m6jax.evaluate import feasibility, results
 from m6jax.explain import run as explain_lib
 from m6jax.features import cache, prepare
-from m6jax.inference import bundle, serve
+from m6jax.inference import bundle
 from m6jax.models import fusion
 from m6jax.models.weights import sources as weights_lib
 from m6jax.track import tracker as tracker_lib
@@ -64,13 +64,20 @@ def train_and_evaluate(cfg, workdir: str, on_epoch=None) -> dict:
   """
   config_lib.validate(cfg)
   with _locked(workdir):
+    _refuse_another_run(cfg, workdir)
     return _train_and_evaluate(cfg, workdir, on_epoch, _Timer())
 
 
-def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
-  guard = cfg.train.checkpoint and mesh.is_writer()
-  if guard:   # config and code first: refuse before any data work
+def _refuse_another_run(cfg, workdir: str) -> None:
+  """Config and code against the workdir's checkpoint, before any data work (the
+  dataset joins the fingerprint once it is built: `_train_and_evaluate`)."""
+  if cfg.train.checkpoint and mesh.is_writer():
     workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
+
+
+def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
+  """train_and_evaluate of a validated `cfg` in a locked, checked `workdir`."""
+  guard = cfg.train.checkpoint and mesh.is_writer()
   if mesh.is_writer():
     files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
   with timer("setup"):
@@ -182,20 +189,22 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
   """Trains and evaluates `cfg` into `workdir`, adds Grad-CAM (cfg.explain) and
   logs everything to MLflow (cfg.track). Returns the results dict.
 
+  The run's one config validation (a ConfigError before anything else, even
+  before multi-host JAX starts) and its one fingerprint check.
   restart: discard the workdir's checkpoint, results and tracking state first
   (a fresh run, also in a new MLflow run).
   """
   config_lib.validate(cfg)
+  mesh.initialize_distributed(cfg.mesh)
   use_xla_cache(cfg)
   t0 = time.time()
   with _locked(workdir):
-    if mesh.is_writer():
-      if restart:
-        workdir_lib.clear(workdir)
-      elif cfg.train.checkpoint:   # refuse before a tracking run is opened
-        workdir_lib.check(workdir, workdir_lib.fingerprint(cfg), record=False)
+    if restart and mesh.is_writer():
+      workdir_lib.clear(workdir)
+    elif not restart:   # refuse before a tracking run is opened
+      _refuse_another_run(cfg, workdir)
     with tracker_lib.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
-      res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch)
+      res = _train_and_evaluate(cfg, workdir, tracker.log_epoch, _Timer())
       if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
         t = time.time()
         _explain(cfg, workdir, res)
@@ -203,8 +212,10 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
         if mesh.is_writer():
           files.write_json(os.path.join(workdir, "results.json"), res)
       tracker.log_results(res, workdir)
-      if cfg.track.log_model and cfg.train.checkpoint:   # all: orbax syncs processes
-        # The served model: bundle + the checkpoint results.json scored (m6jax.inference.serve).
+      if cfg.track.enabled and cfg.track.log_model and cfg.train.checkpoint:
+        # All processes (orbax syncs them). The served model: bundle + the checkpoint
+        # results.json scored. serve imports mlflow: only a tracked run loads it.
+        from m6jax.inference import serve
         serve.log_to(tracker, workdir)
   mesh.barrier("run_end")   # the others wait for the writer, not jax's 5-min shutdown barrier
   return res
