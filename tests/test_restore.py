@@ -31,7 +31,7 @@ def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogu
   np.testing.assert_allclose(res["best_val_macro_f1"], f1.max(0), atol=1e-6)
 
   _, run, params, stats = restore.restore(wd)
-  probs = np.asarray(run.trainer.predict(params, stats, "test"))
+  probs = np.asarray(run.predict(params, stats, "test"))
   with open(os.path.join(wd, "predictions_test.csv")) as f:
     saved = list(csv.DictReader(f))
   ids = run.cols["test"]["uniq_id"]
@@ -44,7 +44,7 @@ def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogu
 
   # The last epoch's parameters are a different model: serving them would differ.
   _, _, last, last_stats = restore.restore(wd, "latest")
-  assert not np.allclose(np.asarray(run.trainer.predict(last, last_stats, "test")), probs)
+  assert not np.allclose(np.asarray(run.predict(last, last_stats, "test")), probs)
 
   # K comes from the checkpoint; a bundle that disagrees is from another run.
   other = str(tmp_path / "other")
@@ -95,7 +95,7 @@ def test_a_run_trained_on_a_device_mesh_restores_on_one_device(tiny_catalogue, t
   assert r.returncode == 0, r.stderr[-3000:]
   assert len(jax.devices()) == 1
   _, run, params, stats = restore.restore(wd)
-  probs = np.asarray(run.trainer.predict(params, stats, "test")).mean(0)
+  probs = np.asarray(run.predict(params, stats, "test")).mean(0)
   with open(os.path.join(wd, "predictions_test.csv")) as f:
     saved = list(csv.DictReader(f))
   for row, p in zip(saved, probs):

@@ -149,8 +149,7 @@ def save(workdir: str, run, states) -> str | None:
   cfg = run.cfg
   mods = fusion.modalities(cfg.model.fusion)
   num_replicas = int(jax.tree.leaves(states.best_params)[0].shape[0])
-  plan = getattr(run.trainer, "plan", None)   # cross-validation: R = folds x seeds replicas
-  folds = int(np.max(plan.fold_of_replica)) + 1 if plan is not None else 1
+  folds = run.trainer.folds   # cross-validation: R = folds x seeds replicas
   dims = _feature_dims(run)
   towers = {}
   for m in mods:
