@@ -17,6 +17,7 @@ import codecs
 import re
 
 from m6jax import defaults
+from m6jax.evaluate import evals
 from m6jax.explain import gradcam
 from m6jax.models import fusion, towers
 
@@ -149,6 +150,11 @@ def problems(cfg) -> list[str]:
   elif folds and cfg.train.mode != "frozen":
     errors.append(f"train.folds={folds}: cross-validation needs train.mode='frozen'")
   errors += _check_groups(cfg.train.groups)
+  names = list(cfg.evals) if isinstance(cfg.evals, (list, tuple)) else [cfg.evals]
+  unknown = [n for n in names if n not in evals.EVALS]
+  if unknown or "test_scores" not in names or len(set(names)) != len(names):
+    errors.append(f"evals={tuple(names)!r}: a list of distinct names from "
+                  f"{', '.join(evals.EVALS)}, with test_scores")
   return errors
 
 

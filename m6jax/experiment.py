@@ -1,8 +1,11 @@
-"""One experiment, end to end: features -> train -> evaluate -> feasibility -> explain -> track.
+"""One experiment, end to end: features -> train -> the evaluations of cfg.evals -> track.
 
 The entry points (m6jax.main, m6jax.track.sweep) call `run`; it is the one place
 that strings the steps together, so a sweep cell and a main job produce the
-same outputs. results.json records each phase's wall time under `timings`.
+same outputs. The evaluations (m6jax.evaluate.evals: test scores, curves,
+importance, CV, feasibility, Grad-CAM) run in the order `cfg.evals` names them on
+the states just trained; results.json (schema: m6jax.evaluate.evals.Results) is
+written once, after the last, with each phase's wall time under `timings`.
 """
 
 from __future__ import annotations
@@ -13,16 +16,13 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from m6jax import config as config_lib
 from m6jax import files, mesh
 from m6jax import workdir as workdir_lib
-from m6jax.evaluate import feasibility, results
-from m6jax.explain import run as explain_lib
-from m6jax.features import cache, prepare
+from m6jax.evaluate import curves, evals
+from m6jax.features import prepare
 from m6jax.inference import bundle
-from m6jax.models import fusion
 from m6jax.models.weights import sources as weights_lib
 from m6jax.track import tracker as tracker_lib
 from m6jax.train import checkpoint
@@ -89,51 +89,18 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
   if run.report.bad:
     log.warning("%d bad rows skipped; see %s", len(run.report.bad),
                 os.path.join(workdir, "data_report.txt"))
-  labels = {s: c["label"] for s, c in run.cols.items()}
   with timer("train"), checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint) as ckpt:
-    states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch)
+    states, history = run.trainer.fit(run.cols["validation"]["label"], ckpt, on_epoch=on_epoch)
   bundle.save(workdir, run, states)   # what predict/explain/serve need besides the checkpoint
-
-  mods = fusion.modalities(cfg.model.fusion)
-  with timer("evaluate"):
-    # Each replica's best-validation parameters: the ones the checkpoint holds.
-    probs, weights = run.trainer.predict(states.best_params, states.best_batch_stats, "test",
-                                         with_weights=True)
-    # One model per seed (with folds: that seed's fold ensemble), scored per seed.
-    probs = run.trainer.seed_models(probs)
-    scores = results.score(labels["test"], probs, run.class_names)
-    extra = {
-        "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
-        "seeds": [cfg.seed + k for k in range(cfg.seeds)],
-        "replicas": run.trainer.num_replicas,
-        "modality_weights_mean": dict(zip(mods,
-                                          np.asarray(weights).mean(axis=(0, 1)).tolist())),
-        "validation": best_validation(history, cfg.train.get("select_by", "macro_f1")),
-        "best_val_macro_f1": best_validation(history).get("macro_f1", []),
-        "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
-        "history": history,
-        "devices": [str(d) for d in jax.devices()],
-    }
-    if getattr(run.trainer, "plan", None) is not None:
-      extra["cross_validation"] = run.trainer.out_of_fold_scores(states.best_params)
-      log.info("cross-validation (%d folds x %d seeds, out-of-fold): %s", cfg.train.folds,
-               cfg.seeds, {k: round(v, 4) for k, v in extra["cross_validation"].items()
-                           if isinstance(v, float)})
-    if cfg.train.mode == "frozen" and len(mods) > 1:
-      extra["modality_importance"] = run.trainer.modality_importance(states.best_params)
-      log.info("modality importance (test, ensemble accuracy): %s",
-               {k: round(v, 4) for k, v in extra["modality_importance"].items()})
-  if cfg.get("feasibility") and run.feats and mesh.is_writer():
-    with timer("feasibility"):
-      extra["feasibility"] = feasibility.feasibility_study(
-          {m: np.concatenate([f[s] for s in prepare.SPLITS]) for m, f in run.feats.items()},
-          np.concatenate([labels[s] for s in prepare.SPLITS]),
-          run.class_names, workdir, seed=cfg.seed,
-          cache_dir=cfg.train.get("cache_dir") or cache.default_root())
-  with timer("evaluate"):
-    extra["timings"] = timer.total()
-    out = results.write_outputs(workdir, scores, run.class_names, run.cols["test"]["uniq_id"],
-                                labels["test"], probs, extra)
+  out: evals.Results = run_record(cfg, run, history)
+  ctx = evals.Context(cfg, workdir, run, states, history)
+  for name in cfg.evals:   # each evaluation adds its part (m6jax.evaluate.evals)
+    fn, phase = evals.EVALS[name]
+    with timer(phase):
+      out.update(fn(ctx))
+  out["timings"] = timer.total()
+  if mesh.is_writer():
+    files.write_json(os.path.join(workdir, "results.json"), out)
   s = out["test"]["summary"]
   log.info("test accuracy %.4f +- %.4f, macro-F1 %.4f +- %.4f over %d seeds; "
            "ensemble accuracy %.4f (%.0f s)", s["accuracy"]["mean"], s["accuracy"]["std"],
@@ -142,33 +109,18 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer) -> dict:
   return out
 
 
-def best_validation(history: list, select_by: str = "macro_f1") -> dict:
-  """Each replica's selected epoch (the first best by `select_by`, as keep_best picks it)
-  and its validation scores: {'select_by', 'best_epoch': [R], '<metric>': [R], ...}."""
-  if not history:
-    return {}
-  key = "val_log_loss" if select_by == "log_loss" else "val_macro_f1"
-  sign = -1.0 if select_by == "log_loss" else 1.0
-  score = sign * np.asarray([h[key] for h in history], np.float64)       # (E, R)
-  best = score.argmax(0)
-  out = {"select_by": select_by,
-         "best_epoch": [int(history[e]["epoch"]) for e in best]}
-  for name in ("macro_f1", "accuracy", "log_loss"):
-    if f"val_{name}" in history[0]:
-      vals = np.asarray([h[f"val_{name}"] for h in history], np.float64)
-      out[name] = vals[best, np.arange(vals.shape[1])].tolist()
-      out[f"{name}_mean"] = float(np.mean(out[name]))
-  return out
-
-
-def _explain(cfg, workdir: str, results_dict: dict) -> None:
-  """Grad-CAM gallery and stability of the finished run into results_dict['gradcam']."""
-  ex = cfg.explain
-  out = explain_lib.explain_run(workdir, n_per_class=ex.n_per_class, method=ex.method)
-  results_dict["gradcam"] = {"method": ex.method, "stability": out["stability"],
-                             "gallery": os.path.relpath(out["gallery"], workdir),
-                             "timings": out["timings"]}
-  log.info("Grad-CAM: replica stability %.3f, gallery %s", out["stability"], out["gallery"])
+def run_record(cfg, run, history: list) -> dict:
+  """results.json's description of the run (m6jax.evaluate.evals.Results)."""
+  return {
+      "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
+      "seeds": [cfg.seed + k for k in range(cfg.seeds)],
+      "replicas": run.trainer.num_replicas,
+      "validation": curves.best_validation(history, cfg.train.select_by),
+      "best_val_macro_f1": curves.best_validation(history).get("macro_f1", []),
+      "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
+      "history": history,
+      "devices": [str(d) for d in jax.devices()],
+  }
 
 
 def use_xla_cache(cfg) -> None:
@@ -197,7 +149,6 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
   config_lib.validate(cfg)
   mesh.initialize_distributed(cfg.mesh)
   use_xla_cache(cfg)
-  t0 = time.time()
   with _locked(workdir):
     if restart and mesh.is_writer():
       workdir_lib.clear(workdir)
@@ -205,12 +156,6 @@ def run(cfg, workdir: str, restart: bool = False, **tracker_kwargs) -> dict:
       _refuse_another_run(cfg, workdir)
     with tracker_lib.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
       res = _train_and_evaluate(cfg, workdir, tracker.log_epoch, _Timer())
-      if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
-        t = time.time()
-        _explain(cfg, workdir, res)
-        res["timings"] = dict(res["timings"], explain=time.time() - t, total=time.time() - t0)
-        if mesh.is_writer():
-          files.write_json(os.path.join(workdir, "results.json"), res)
       tracker.log_results(res, workdir)
       if cfg.track.enabled and cfg.track.log_model and cfg.train.checkpoint:
         # All processes (orbax syncs them). The served model: bundle + the checkpoint

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from m6jax.evaluate import evals
 from m6jax.train import folds
 from m6jax.train import trainer as trainer_lib
 from tests.conftest import learnable_features, tiny_config
@@ -92,7 +93,7 @@ def test_cross_validated_trainer_learns_and_scores_out_of_fold():
   trainer, labels = _cv_trainer(plan, epochs=10)
   states, hist = trainer.fit(labels["validation"], progress=False)
   assert len(hist[-1]["val_accuracy"]) == 10
-  cv = trainer.out_of_fold_scores(states.best_params)
+  cv = evals.out_of_fold_scores(trainer, states.best_params)
   assert cv["folds"] == 5 and cv["rows"] == 60
   assert cv["accuracy"] > 0.8, cv          # chance is 1/3
   test = trainer.seed_models(trainer.predict(states.best_params, None, "test"))

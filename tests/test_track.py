@@ -198,6 +198,8 @@ def test_results_analysis_curves_and_dataset_in_store(tmp_path, capsys):
   with tracker_lib.Tracker(cfg, str(wd)) as t:
     for rec in res["history"]:
       t.log_epoch(rec)
+    # The run's curves evaluation draws it (m6jax.evaluate.evals); the tracker records it.
+    curves.plot_training_curves(res["history"], wd / "training_curves.png")
     t.log_results(res)
   c = _client(t.uri)
   run = c.get_run(t.run_id)

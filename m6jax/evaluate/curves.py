@@ -32,6 +32,25 @@ def best_epochs(history: Sequence[dict]) -> list[int]:
   return [int(epochs[i]) for i in np.argmax(f1, axis=0)]   # argmax keeps the first maximum
 
 
+def best_validation(history: Sequence[dict], select_by: str = "macro_f1") -> dict:
+  """Each replica's selected epoch (the first best by `select_by`, as keep_best picks it)
+  and its validation scores: {'select_by', 'best_epoch': [R], '<metric>': [R], ...}."""
+  if not history:
+    return {}
+  key = "val_log_loss" if select_by == "log_loss" else "val_macro_f1"
+  sign = -1.0 if select_by == "log_loss" else 1.0
+  score = sign * np.asarray([h[key] for h in history], np.float64)       # (E, R)
+  best = score.argmax(0)
+  out = {"select_by": select_by,
+         "best_epoch": [int(history[e]["epoch"]) for e in best]}
+  for name in ("macro_f1", "accuracy", "log_loss"):
+    if f"val_{name}" in history[0]:
+      vals = np.asarray([h[f"val_{name}"] for h in history], np.float64)
+      out[name] = vals[best, np.arange(vals.shape[1])].tolist()
+      out[f"{name}_mean"] = float(np.mean(out[name]))
+  return out
+
+
 def plot_training_curves(history: Sequence[dict], path, seeds: Sequence[int] | None = None,
                          title: str | None = None, best: Sequence[int] | None = None,
                          select_by: str = "macro_f1"):

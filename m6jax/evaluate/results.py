@@ -15,15 +15,11 @@ import os
 
 import numpy as np
 
-from m6jax import files
 from m6jax import mesh as mesh_lib
 from m6jax.evaluate import metrics as metrics_lib
 
 SCALARS = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision",
            "macro_recall")
-
-
-
 
 
 def score(labels, probs, class_names) -> dict:
@@ -46,13 +42,13 @@ def score(labels, probs, class_names) -> dict:
   }
 
 
-def write_outputs(workdir: str, scores: dict, class_names, ids, labels, probs,
-                  extra: dict) -> dict:
-  """Writes results.json, report.txt, confusion_matrix.png, predictions_test.csv."""
+def write_outputs(workdir: str, scores: dict, class_names, ids, labels, probs) -> None:
+  """Writes report.txt, confusion_matrix.png, predictions_test.csv of the test scores
+  (`score`; its private ensemble metrics are taken out of `scores` here). results.json
+  is written once, by m6jax.experiment."""
   ens = scores.pop("_ensemble_metrics")
-  results = {"classes": list(class_names), "split": "test", "test": scores, **extra}
   if not mesh_lib.is_writer():
-    return results
+    return
   metrics_lib.plot_confusion_matrix(np.asarray(ens["confusion_matrix"]), class_names,
                                     os.path.join(workdir, "confusion_matrix.png"),
                                     title="test, seed ensemble")
@@ -66,5 +62,3 @@ def write_outputs(workdir: str, scores: dict, class_names, ids, labels, probs,
     for uid, y, p in zip(ids, labels, mean_probs):
       w.writerow([uid, class_names[y], class_names[int(p.argmax())]] +
                  [f"{v:.6f}" for v in p])
-  files.write_json(os.path.join(workdir, "results.json"), results)
-  return results
