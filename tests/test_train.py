@@ -88,14 +88,14 @@ def test_fusion_modes_train(fusion):
 def test_best_epoch_is_kept_per_replica():
   _, states, hist = _fit(2, epochs=4, select_by="macro_f1")
   best = np.array([max(h["val_macro_f1"][k] for h in hist) for k in range(2)])
-  np.testing.assert_allclose(np.asarray(states.best_f1), best, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(states.best_score), best, atol=1e-6)
 
 
 def test_selection_by_log_loss_keeps_each_replicas_lowest_validation_loss():
   _, states, hist = _fit(2, epochs=4, select_by="log_loss")
   best = np.array([min(h["val_log_loss"][k] for h in hist) for k in range(2)])
-  # best_f1 holds the selection score: minus the log-loss here.
-  np.testing.assert_allclose(-np.asarray(states.best_f1), best, rtol=1e-5)
+  # best_score holds the selection score: minus the log-loss here.
+  np.testing.assert_allclose(-np.asarray(states.best_score), best, rtol=1e-5)
 
 
 def test_finetune_frozen_group_does_not_move(tiny_catalogue, tmp_path):

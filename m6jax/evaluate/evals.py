@@ -109,8 +109,8 @@ def training_curves(ctx: Context) -> dict:
 
 
 def modality_importance(trainer, params, split: str = "test") -> dict:
-  """Accuracy of the seed ensemble with each modality's embedding zeroed (what
-  modality dropout trains a head to cope with): {'full': acc, 'without_<m>': acc,
+  """Accuracy of the seed ensemble with each modality's embedding zeroed (as predict
+  treats a missing input; model.modality_dropout trains for it): {'full': acc, 'without_<m>': acc,
   'drop_<m>': full - without}. trainer: a m6jax.train.trainer.FrozenTrainer."""
   labels = np.asarray(trainer.labels[split])
 

@@ -12,9 +12,10 @@ checkpoint and checked against the bundle: each replica's best-validation
 parameters (`TrainState.best_*`), the ones results.json scored.
 
 `run` is an :class:`Inference`: the model and feature extractors of the run
-(m6jax.inference.predict, m6jax.explain.run and m6jax.inference.serve use it). The run's own splits
-(`builder`, `cols`, `predict(params, stats, split)`) are read from the built
-dataset the bundle names, and only when asked for.
+(m6jax.inference.predict, m6jax.explain.run and m6jax.inference.serve use it),
+predicting through m6jax.train.predictions exactly as the trainers do. The run's
+own splits (`builder`, `cols`, `predict(params, stats, split)`) are read from the
+built dataset the bundle names, and only when asked for.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Inference:
   mode: `predict_batch(params, batch_stats, batch, split)` runs towers + head on
   a pipeline batch. Both return (K, N, C) probabilities and (K, N, M) modality
   weights. A batch may carry `<modality>_embedding` arrays in place of the raw
-  input: zeros there stand for a missing modality, as modality dropout trained.
+  input: zeros there stand for a missing modality (m6jax.inference.predict).
   """
 
   def __init__(self, bundle: bundle_lib.Bundle):

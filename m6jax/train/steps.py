@@ -22,7 +22,7 @@ class TrainState:
   """One replica's state (a leading K axis on every leaf when vmapped).
 
   best_* hold the parameters of the epoch with the best validation score
-  (`best_f1`: macro-F1, or minus the log-loss with train.select_by='log_loss'),
+  (`best_score`: macro-F1, or minus the log-loss with train.select_by='log_loss'),
   so each replica's selection travels with it through the checkpoint: what is
   saved, scored and served is the same thing.
   """
@@ -32,12 +32,7 @@ class TrainState:
   opt_state: Any
   best_params: Any
   best_batch_stats: Any
-  best_f1: jax.Array
-
-
-def replica_keys(seed: int, num: int) -> jax.Array:
-  """(K,) typed keys; replica k uses `jax.random.key(seed + k)`."""
-  return jax.vmap(jax.random.key)(jnp.arange(num) + seed)
+  best_score: jax.Array
 
 
 def epoch_key(key, epoch, salt: int):
@@ -46,7 +41,7 @@ def epoch_key(key, epoch, salt: int):
 
 
 def new_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
-  """A fresh state: step 0, best_* = the initial parameters, best_f1 = -inf.
+  """A fresh state: step 0, best_* = the initial parameters, best_score = -inf.
 
   -inf, not -1: with select_by=log_loss the score is -log_loss, which stays below
   -1 for a weak model; any finite first score must replace the initial parameters.
@@ -55,16 +50,16 @@ def new_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainSta
                     params, batch_stats, jnp.full((), -jnp.inf, jnp.float32))
 
 
-def keep_best(state: TrainState, f1) -> TrainState:
-  """Copies params/batch_stats into best_* where `f1` beats best_f1 (strictly)."""
-  better = f1 > state.best_f1
+def keep_best(state: TrainState, score) -> TrainState:
+  """Copies params/batch_stats into best_* where `score` beats best_score (strictly)."""
+  better = score > state.best_score
 
   def pick(new, old):
     return jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
 
   return state.replace(best_params=pick(state.params, state.best_params),
                        best_batch_stats=pick(state.batch_stats, state.best_batch_stats),
-                       best_f1=jnp.where(better, f1, state.best_f1))
+                       best_score=jnp.where(better, score, state.best_score))
 
 
 def loss_fn(logits, labels, mask, num_classes: int, smoothing: float = 0.0):

@@ -135,7 +135,7 @@ class Trainer:
                             f"({saved})")
       val = self.validate(states, val_labels)
       val_f1 = val["macro_f1"]
-      score = -val["log_loss"] if cfg.train.get("select_by") == "log_loss" else val_f1
+      score = -val["log_loss"] if cfg.train.select_by == "log_loss" else val_f1
       states = self._keep_best(states, jnp.asarray(score, jnp.float32))
       rec = {"epoch": epoch, "loss": loss.tolist(),
              "grad_norm": np.asarray(stats["grad_norm"], np.float64).tolist(),
@@ -150,7 +150,7 @@ class Trainer:
       if epoch % max(1, cfg.train.log_every) == 0 or epoch == cfg.train.epochs - 1:
         log.info("epoch %d loss %.4f val macro-F1 %.4f (per seed %s)", epoch, loss.mean(),
                  val_f1.mean(), np.round(val_f1, 4).tolist())
-      every = max(1, cfg.train.get("checkpoint_every", 1))
+      every = cfg.train.checkpoint_every
       if checkpoints is not None and ((epoch + 1) % every == 0 or epoch == cfg.train.epochs - 1):
         checkpoints.save_latest(int(mesh_lib.to_host(states.step)[0]), states,
                                 {"epoch": epoch, "history": history})
