@@ -41,7 +41,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
   # Defined only when run as a script: m6jax.main (which imports this module through
-  # m6jax.inference.serve) owns a flag of the same name.
+  # m6jax.inference.serve when a tracked run logs its model) owns a flag of the same name.
   flags.DEFINE_string("workdir", None, "a finished training run")
   flags.DEFINE_string("csv", None, "catalogue CSV of the products to classify")
   flags.DEFINE_string("images", None, "folder with their images (models that read images)")
