@@ -469,12 +469,14 @@ def _snapshot(folder):
   return out
 
 
-def test_the_run_explains_the_states_it_scored(tiny_catalogue, tmp_path):
+@pytest.mark.parametrize("mode", ["frozen", pytest.param("finetune", marks=pytest.mark.slow)])
+def test_the_run_explains_the_states_it_scored(tiny_catalogue, tmp_path, mode):
   """The gradcam evaluation (in memory, m6jax.evaluate.evals) and explain_run (restored
   from the bundle and checkpoint) explain the same model: the same maps and predictions."""
   from m6jax import experiment
   cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"),
-                    **{"train.epochs": 2, "explain.enabled": True, "explain.n_per_class": 1})
+                    **{"train.epochs": 2, "explain.enabled": True, "explain.n_per_class": 1,
+                       "train.mode": mode})
   wd = str(tmp_path / "run")
   res = experiment.train_and_evaluate(cfg, wd)
   assert res["gradcam"]["gallery"] == os.path.join("gradcam", "gallery.png")
