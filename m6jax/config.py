@@ -7,7 +7,7 @@ raises ConfigError with ONE line per problem, e.g.
   seeds=0: must be an integer >= 1
   data.nonexistent: unknown key (known in data: augment, batch_size, ...)
 
-Known keys are those of configs.base.base_config(); `train.groups` holds free
+Known keys are those of m6jax.defaults.base_config(); `train.groups` holds free
 group names whose entries are checked here.
 """
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 import codecs
 import re
 
-from configs import base
+from m6jax import defaults
+from m6jax.evaluate import evals
 from m6jax.explain import gradcam
 from m6jax.models import fusion, towers
 
@@ -77,7 +78,7 @@ def _flat_keys(node, prefix="") -> dict:
 
 
 def _unknown_keys(cfg) -> list[str]:
-  known = _flat_keys(base.base_config())
+  known = _flat_keys(defaults.base_config())
   errors = []
   for key in _flat_keys(cfg):
     if key not in known:
@@ -153,11 +154,11 @@ def problems(cfg) -> list[str]:
   if isinstance(repeats, int) and repeats > 1 and not folds:
     errors.append(f"train.repeats={cfg.train.repeats!r}: repeats need train.folds >= 2")
   errors += _check_groups(cfg.train.groups)
-  if (not cfg.train.checkpoint and cfg.explain.enabled
-      and cfg.model.fusion in fusion.MODES and "image" in fusion.modalities(cfg.model.fusion)):
-    errors.append("train.checkpoint=False with explain.enabled=True: explain rebuilds the "
-                  "finished run from its checkpoint; set explain.enabled=False or keep "
-                  "train.checkpoint=True")
+  names = list(cfg.evals) if isinstance(cfg.evals, (list, tuple)) else [cfg.evals]
+  unknown = [n for n in names if n not in evals.EVALS]
+  if unknown or "test_scores" not in names or len(set(names)) != len(names):
+    errors.append(f"evals={tuple(names)!r}: a list of distinct names from "
+                  f"{', '.join(evals.EVALS)}, with test_scores")
   return errors
 
 

@@ -1,8 +1,11 @@
-"""One experiment, end to end: features -> train -> evaluate -> feasibility -> explain -> track.
+"""One experiment, end to end: features -> train -> the evaluations of cfg.evals -> track.
 
 The entry points (m6jax.main, m6jax.track.sweep) call `run`; it is the one place
 that strings the steps together, so a sweep cell and a main job produce the
-same outputs. results.json records each phase's wall time under `timings`.
+same outputs. The evaluations (m6jax.evaluate.evals: test scores, curves,
+importance, CV, feasibility, Grad-CAM) run in the order `cfg.evals` names them on
+the states just trained; results.json (schema: m6jax.evaluate.evals.Results) is
+written once, after the last, with each phase's wall time under `timings`.
 """
 
 from __future__ import annotations
@@ -13,17 +16,14 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from m6jax import config as config_lib
 from m6jax import files, mesh
 from m6jax import workdir as workdir_lib
 from m6jax.data import tfds_builder
-from m6jax.evaluate import feasibility, results
-from m6jax.explain import run as explain_lib
-from m6jax.features import cache, prepare
-from m6jax.inference import bundle, serve
-from m6jax.models import fusion
+from m6jax.evaluate import evals, results
+from m6jax.features import prepare
+from m6jax.inference import bundle
 from m6jax.models.weights import sources as weights_lib
 from m6jax.track import tracker as tracker_lib
 from m6jax.train import checkpoint
@@ -44,7 +44,10 @@ class _Timer:
     try:
       yield
     finally:
-      self.timings[phase] = self.timings.get(phase, 0.0) + time.time() - t
+      self.add(phase, time.time() - t)
+
+  def add(self, phase: str, seconds: float) -> None:
+    self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
   def total(self) -> dict:
     return dict(self.timings, total=time.time() - self.t0)
@@ -66,19 +69,21 @@ def train_and_evaluate(cfg, workdir: str, on_epoch=None, stop=None) -> dict:
   """
   config_lib.validate(cfg)
   with _locked(workdir):
+    _refuse_mismatch(cfg, workdir)
     return _train_and_evaluate(cfg, workdir, on_epoch, _Timer(), stop)
 
 
 def _refuse_mismatch(cfg, workdir: str) -> None:
-  """Raises WorkdirMismatch (config, catalogue or code) before the workdir is written."""
-  workdir_lib.check(workdir, workdir_lib.fingerprint(cfg, tfds_builder.dataset_id(cfg.data)),
-                    record=False, allow_code_change=cfg.train.allow_code_change)
+  """Raises WorkdirMismatch (config, catalogue or code) before the workdir is written:
+  the run's one fingerprint check (the dataset id is computed without building it)."""
+  if cfg.train.checkpoint and mesh.is_writer():
+    workdir_lib.check(workdir, workdir_lib.fingerprint(cfg, tfds_builder.dataset_id(cfg.data)),
+                      record=False, allow_code_change=cfg.train.allow_code_change)
 
 
 def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer, stop=None) -> dict:
+  """train_and_evaluate of a validated `cfg` in a locked, checked `workdir`."""
   guard = cfg.train.checkpoint and mesh.is_writer()
-  if guard:   # config, catalogue and code first: refuse before anything is written
-    _refuse_mismatch(cfg, workdir)
   if mesh.is_writer():
     files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
   with timer("setup"):
@@ -91,55 +96,22 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer, stop=None) -
   if run.report.bad:
     log.warning("%d bad rows skipped; see %s", len(run.report.bad),
                 os.path.join(workdir, "data_report.txt"))
-  labels = {s: c["label"] for s, c in run.cols.items()}
   with timer("train"), checkpoint.Checkpoints(workdir, enabled=cfg.train.checkpoint) as ckpt:
-    states, history = run.trainer.fit(labels["validation"], ckpt, on_epoch=on_epoch, stop=stop)
+    states, history = run.trainer.fit(run.cols["validation"]["label"], ckpt,
+                                      on_epoch=on_epoch, stop=stop)
   bundle.save(workdir, run, states)   # what predict/explain/serve need besides the checkpoint
-
-  mods = fusion.modalities(cfg.model.fusion)
-  with timer("evaluate"):
-    # Each replica's best-validation parameters: the ones the checkpoint holds.
-    probs, weights = run.trainer.predict(states.best_params, states.best_batch_stats, "test",
-                                         with_weights=True)
-    # One model per seed (with folds: that seed's fold ensemble), scored per seed.
-    probs = run.trainer.seed_models(probs)
-    scores = results.score(labels["test"], probs, run.class_names, cfg.get("evaluate"))
-    extra = {
-        "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
-        "seeds": [cfg.seed + k for k in range(cfg.seeds)],
-        "replicas": run.trainer.num_replicas,
-        "modality_weights_mean": dict(zip(mods,
-                                          np.asarray(weights).mean(axis=(0, 1)).tolist())),
-        "validation": results.selection(history, mesh.to_host(states.best_epoch),
-                                        cfg.train.get("select_by", "macro_f1")),
-        "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
-        "history": history,
-        # The step holding the scored parameters; predict/explain/serve read exactly it.
-        "checkpoint_step": checkpoint.state_step(states) if cfg.train.checkpoint else None,
-        "devices": [str(d) for d in jax.devices()],
-    }
-    extra["best_val_macro_f1"] = extra["validation"].get("macro_f1", [])   # older readers
-    if getattr(run.trainer, "plan", None) is not None:
-      extra["cross_validation"] = run.trainer.out_of_fold_scores(states.best_params)
-      log.info("cross-validation (%d folds x %d repeats x %d seeds, out-of-fold): %s",
-               cfg.train.folds, cfg.train.get("repeats", 1), cfg.seeds,
-               {k: round(v, 4) for k, v in extra["cross_validation"].items()
-                if isinstance(v, float)})
-    if cfg.train.mode == "frozen" and len(mods) > 1:
-      extra["modality_importance"] = run.trainer.modality_importance(states.best_params)
-      log.info("modality importance (test, ensemble accuracy): %s",
-               {k: round(v, 4) for k, v in extra["modality_importance"].items()})
-  if cfg.get("feasibility") and run.feats and mesh.is_writer():
-    with timer("feasibility"):
-      extra["feasibility"] = feasibility.feasibility_study(
-          {m: np.concatenate([f[s] for s in prepare.SPLITS]) for m, f in run.feats.items()},
-          np.concatenate([labels[s] for s in prepare.SPLITS]),
-          run.class_names, workdir, seed=cfg.seed,
-          cache_dir=cfg.train.get("cache_dir") or cache.default_root())
-  with timer("evaluate"):
-    extra["timings"] = timer.total()
-    out = results.write_outputs(workdir, scores, run.class_names, run.cols["test"]["uniq_id"],
-                                labels["test"], probs, extra)
+  out: evals.Results = run_record(cfg, run, states, history)
+  ctx = evals.Context(cfg, workdir, run, states, history)
+  for name in cfg.evals:   # each evaluation adds its part (m6jax.evaluate.evals)
+    fn, phase = evals.EVALS[name]
+    t = time.time()
+    part = fn(ctx)
+    if part or phase == "evaluate":   # an analysis that does not apply takes no phase
+      timer.add(phase, time.time() - t)
+    out.update(part)
+  out["timings"] = timer.total()
+  if mesh.is_writer():
+    files.write_json(os.path.join(workdir, "results.json"), out)
   s = out["test"]["summary"]
   b = out["test"]["bootstrap"]["accuracy"]
   log.info("test accuracy %.4f +- %.4f, macro-F1 %.4f +- %.4f (seed spread, %d seeds); "
@@ -150,14 +122,21 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer, stop=None) -
   return out
 
 
-def _explain(cfg, workdir: str, results_dict: dict) -> None:
-  """Grad-CAM gallery and stability of the finished run into results_dict['gradcam']."""
-  ex = cfg.explain
-  out = explain_lib.explain_run(workdir, n_per_class=ex.n_per_class, method=ex.method)
-  results_dict["gradcam"] = {"method": ex.method, "stability": out["stability"],
-                             "gallery": os.path.relpath(out["gallery"], workdir),
-                             "timings": out["timings"]}
-  log.info("Grad-CAM: replica stability %.3f, gallery %s", out["stability"], out["gallery"])
+def run_record(cfg, run, states, history: list) -> dict:
+  """results.json's description of the run (m6jax.evaluate.evals.Results)."""
+  validation = results.selection(history, mesh.to_host(states.best_epoch), cfg.train.select_by)
+  return {
+      "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
+      "seeds": [cfg.seed + k for k in range(cfg.seeds)],
+      "replicas": run.trainer.num_replicas,
+      "validation": validation,
+      "best_val_macro_f1": validation.get("macro_f1", []),   # older readers
+      "data": run.report.to_dict() | {"skipped": len(run.report.bad)},
+      "history": history,
+      # The step holding the scored parameters; predict/explain/serve read exactly it.
+      "checkpoint_step": checkpoint.state_step(states) if cfg.train.checkpoint else None,
+      "devices": [str(d) for d in jax.devices()],
+  }
 
 
 def use_xla_cache(cfg) -> None:
@@ -178,30 +157,27 @@ def run(cfg, workdir: str, restart: bool = False, stop=None, **tracker_kwargs) -
   """Trains and evaluates `cfg` into `workdir`, adds Grad-CAM (cfg.explain) and
   logs everything to MLflow (cfg.track). Returns the results dict.
 
+  The run's one config validation (a ConfigError before anything else, even
+  before multi-host JAX starts) and its one fingerprint check.
   restart: discard the workdir's checkpoint, results and tracking state first
   (a fresh run, also in a new MLflow run). stop: see train_and_evaluate; a
   stop ends training at an epoch boundary with preemption.Preempted.
   """
   config_lib.validate(cfg)
+  mesh.initialize_distributed(cfg.mesh)
   use_xla_cache(cfg)
-  t0 = time.time()
   with _locked(workdir):
-    if mesh.is_writer():
-      if restart:
-        workdir_lib.clear(workdir)
-      elif cfg.train.checkpoint:   # refuse before a tracking run is opened
-        _refuse_mismatch(cfg, workdir)
+    if restart and mesh.is_writer():
+      workdir_lib.clear(workdir)
+    elif not restart:   # refuse before a tracking run is opened
+      _refuse_mismatch(cfg, workdir)
     with tracker_lib.Tracker(cfg, workdir, **tracker_kwargs) as tracker:
-      res = train_and_evaluate(cfg, workdir, on_epoch=tracker.log_epoch, stop=stop)
-      if cfg.explain.enabled and "image" in fusion.modalities(cfg.model.fusion):
-        t = time.time()
-        _explain(cfg, workdir, res)
-        res["timings"] = dict(res["timings"], explain=time.time() - t, total=time.time() - t0)
-        if mesh.is_writer():
-          files.write_json(os.path.join(workdir, "results.json"), res)
+      res = _train_and_evaluate(cfg, workdir, tracker.log_epoch, _Timer(), stop)
       tracker.log_results(res, workdir)
-      if cfg.track.log_model and cfg.train.checkpoint:   # all: orbax syncs processes
-        # The served model: bundle + the checkpoint results.json scored (m6jax.inference.serve).
+      if cfg.track.enabled and cfg.track.log_model and cfg.train.checkpoint:
+        # All processes (orbax syncs them). The served model: bundle + the checkpoint
+        # results.json scored. serve imports mlflow: only a tracked run loads it.
+        from m6jax.inference import serve
         serve.log_to(tracker, workdir)
   mesh.barrier("run_end")   # the others wait for the writer, not jax's 5-min shutdown barrier
   return res

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from m6jax import config as config_lib
-from m6jax import experiment, files, mesh, workdir
+from m6jax import experiment, files, workdir
 from m6jax.train import preemption
 
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
@@ -55,15 +55,10 @@ def parse_flags(argv):
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  try:
-    config_lib.validate(FLAGS.config)
-  except config_lib.ConfigError as e:
-    _fail(str(e))
-  mesh.initialize_distributed(FLAGS.config.get("mesh"))
-  try:
+  try:   # experiment.run validates the config first, then starts multi-host JAX
     experiment.run(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart,
                    overrides=config_flags.get_override_values(FLAGS["config"]))
-  except workdir.WorkdirError as e:
+  except (config_lib.ConfigError, workdir.WorkdirError) as e:
     _fail(str(e))
   except preemption.Preempted as e:   # SIGTERM/SIGINT: stopped at an epoch boundary
     print(f"m6jax.main: {e}", file=sys.stderr)

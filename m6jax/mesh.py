@@ -42,10 +42,12 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
   """
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # the client has no public accessor in jax 0.10
+  # orbax's public barrier: the distributed client's wait_at_barrier (jax has no
+  # public accessor of the client). Only multi-process runs load it here.
+  from orbax.checkpoint import multihost
   # Every process passes the same sequence of barriers, so the counter agrees.
-  distributed.global_state.client.wait_at_barrier(f"m6jax:{name}:{next(_BARRIERS)}",
-                                                  timeout_in_ms=timeout_s * 1000)
+  multihost.get_barrier_sync_fn()(key=f"m6jax:{name}:{next(_BARRIERS)}",
+                                  timeout_ms=timeout_s * 1000)
 
 
 def resolve_replica_loop(choice: str, backend: str | None = None) -> str:

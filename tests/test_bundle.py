@@ -68,7 +68,7 @@ def _fake_run(tmp_path, classes):
   cfg = tiny_config(str(tmp_path / "cat"), str(tmp_path / "tfds"))
   feats = tfidf.TfidfFeatures(dim=4).fit(TEXTS)
   return types.SimpleNamespace(
-      cfg=cfg, class_names=classes, text_features=feats, trainer=None,
+      cfg=cfg, class_names=classes, text_features=feats, trainer=types.SimpleNamespace(folds=1),
       feats={"image": {"train": np.zeros((2, 32))}, "text": {"train": np.zeros((2, 4))}},
       builder=types.SimpleNamespace(data_dir=str(tmp_path / "tfds" / "x" / "1.0.0")),
       dataset_id=lambda: "x/1.0.0")

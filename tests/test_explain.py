@@ -469,6 +469,34 @@ def _snapshot(folder):
   return out
 
 
+@pytest.mark.parametrize("mode", ["frozen", pytest.param("finetune", marks=pytest.mark.slow)])
+def test_the_run_explains_the_states_it_scored(tiny_catalogue, tmp_path, mode):
+  """The gradcam evaluation (in memory, m6jax.evaluate.evals) and explain_run (restored
+  from the bundle and checkpoint) explain the same model: the same maps and predictions."""
+  from m6jax import experiment
+  cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"),
+                    **{"train.epochs": 2, "explain.enabled": True, "explain.n_per_class": 1,
+                       "train.mode": mode})
+  wd = str(tmp_path / "run")
+  res = experiment.train_and_evaluate(cfg, wd)
+  assert res["gradcam"]["gallery"] == os.path.join("gradcam", "gallery.png")
+  assert "explain" in res["timings"]
+  with open(os.path.join(wd, "results.json")) as f:
+    assert json.load(f)["gradcam"]["stability"] == pytest.approx(res["gradcam"]["stability"])
+  with open(os.path.join(wd, "gradcam", "stability.json")) as f:
+    mem = json.load(f)
+  out = explain_lib.explain_run(wd, n_per_class=1, out_dir=str(tmp_path / "restored"))
+  with open(out["report"]) as f:
+    disk = json.load(f)
+  assert [r["uniq_id"] for r in mem["per_image"]] == [r["uniq_id"] for r in disk["per_image"]]
+  assert [r["pred"] for r in mem["per_image"]] == [r["pred"] for r in disk["per_image"]]
+  np.testing.assert_allclose([r["stability"] for r in mem["per_image"]],
+                             [r["stability"] for r in disk["per_image"]], atol=1e-5)
+  want = _run_predictions(wd)
+  for uid, p in zip(out["uniq_id"], out["probs"]):
+    np.testing.assert_allclose(p, want[uid], atol=1e-5)
+
+
 def test_explain_new_products_and_cli(tiny_catalogue, frozen_run, tmp_path):
   cfg, wd = frozen_run
   want = _run_predictions(wd)

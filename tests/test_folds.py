@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from m6jax import config as config_lib
+from m6jax.evaluate import evals
 from m6jax.train import folds
 from m6jax.train import trainer as trainer_lib
 from tests.conftest import learnable_features, tiny_config
@@ -95,7 +96,7 @@ def test_cross_validated_trainer_learns_and_scores_out_of_fold():
   trainer, labels = _cv_trainer(plan, epochs=10)
   states, hist = trainer.fit(labels["validation"], progress=False)
   assert len(hist[-1]["val_accuracy"]) == 10
-  cv = trainer.out_of_fold_scores(states.best_params)
+  cv = evals.out_of_fold_scores(trainer, states.best_params)
   assert cv["folds"] == 5 and cv["rows"] == 60
   assert cv["accuracy"] > 0.8, cv          # chance is 1/3
   # Per fold: the folds' rows add up, and their row-weighted mean is the pooled accuracy.
@@ -168,7 +169,7 @@ def test_repeated_cv_learns_and_each_replica_equals_a_solo_run_on_its_partition(
   trainer, labels = _cv_trainer(plan, epochs=10)
   assert trainer.num_replicas == 20
   many, _ = trainer.fit(labels["validation"], progress=False)
-  cv = trainer.out_of_fold_scores(many.best_params)
+  cv = evals.out_of_fold_scores(trainer, many.best_params)
   assert cv["repeats"] == 2 and len(cv["per_repeat"]["accuracy"]) == 2
   assert min(cv["per_repeat"]["accuracy"]) > 0.8, cv          # chance is 1/3
   test = trainer.seed_models(trainer.predict(many.best_params, None, "test"))

@@ -200,3 +200,30 @@ def test_finetune_run_predicts_as_scored(tmp_path_factory, tmp_path):
   res = predict.predict(run["workdir"], path, run["new_images"], out)
   assert res.notes == ["", "missing image: no such file: text only"]
   assert np.isfinite(res.probs).all() and not np.array_equal(res.probs[0], res.probs[1])
+
+
+def test_the_prediction_path_of_predict_is_the_trainers_on_the_same_states(tiny_catalogue,
+                                                                           tmp_path):
+  """m6jax.train.predictions is the one path: the trainer's test ensemble (as scored)
+  equals what predict / serve (predict_products) and a split of the restored run give
+  with the same in-memory states, fold ensembles included."""
+  import jax
+
+  from m6jax.inference import bundle
+  from tests.conftest import tiny_config
+  from tests.trained import new_products
+  cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"),
+                    **{"train.epochs": 2, "train.folds": 2, "train.checkpoint": False})
+  wd = str(tmp_path / "run")
+  run = prepare.setup(cfg, wd)
+  states, _ = run.trainer.fit(run.cols["validation"]["label"], progress=False)
+  bundle.save(wd, run, states)
+  params = jax.tree.map(np.asarray, states.best_params)
+  want = run.trainer.ensemble(run.trainer.predict(params, None, "test"))
+  assert run.trainer.folds == 2 and want.shape == (len(run.cols["test"]["label"]), 3)
+  inf = restore.Inference(bundle.load(bundle.directory(wd)))
+  np.testing.assert_allclose(inf.ensemble(inf.predict(params, None, "test")), want, atol=1e-6)
+  new_csv, images = str(tmp_path / "new.csv"), str(tmp_path / "img")
+  new_products(tiny_catalogue, run.cols["test"]["uniq_id"], new_csv, images)
+  got = predict.predict_products(inf, params, {}, predict.read_csv(inf, new_csv, images))
+  np.testing.assert_allclose(got, want, atol=1e-6)

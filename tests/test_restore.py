@@ -33,7 +33,7 @@ def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogu
   assert res["validation"]["best_epoch"] == best_epoch.tolist()   # the state's own epoch
 
   _, run, params, stats = restore.restore(wd)
-  probs = np.asarray(run.trainer.predict(params, stats, "test"))
+  probs = np.asarray(run.predict(params, stats, "test"))
   with open(os.path.join(wd, "predictions_test.csv")) as f:
     saved = list(csv.DictReader(f))
   ids = run.cols["test"]["uniq_id"]
@@ -46,7 +46,7 @@ def test_replicas_peaking_at_different_epochs_are_served_as_scored(tiny_catalogu
 
   # The last epoch's parameters are a different model: serving them would differ.
   _, _, last, last_stats = restore.restore(wd, "latest")
-  assert not np.allclose(np.asarray(run.trainer.predict(last, last_stats, "test")), probs)
+  assert not np.allclose(np.asarray(run.predict(last, last_stats, "test")), probs)
 
   # K comes from the checkpoint; a bundle that disagrees is from another run.
   other = str(tmp_path / "other")
@@ -124,7 +124,7 @@ def test_a_run_trained_on_a_device_mesh_restores_on_one_device(tiny_catalogue, t
   assert r.returncode == 0, r.stderr[-3000:]
   assert len(jax.devices()) == 1
   _, run, params, stats = restore.restore(wd)
-  probs = np.asarray(run.trainer.predict(params, stats, "test")).mean(0)
+  probs = np.asarray(run.predict(params, stats, "test")).mean(0)
   with open(os.path.join(wd, "predictions_test.csv")) as f:
     saved = list(csv.DictReader(f))
   for row, p in zip(saved, probs):

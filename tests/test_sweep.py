@@ -191,18 +191,18 @@ def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):
   path = write("killed", cells=[{"model.fusion": "late"}],
                overrides={"train.epochs": 2, "train.checkpoint_every": 1})
   root = tmp / "runs_killed"
-  real = experiment.train_and_evaluate
+  real = experiment._train_and_evaluate   # what experiment.run calls inside its tracker
 
-  def killed_in_epoch_1(cfg, workdir, on_epoch=None, **kw):
+  def killed_in_epoch_1(cfg, workdir, on_epoch, timer):
     def cb(rec):
       if rec["epoch"] == 1:
         raise KeyboardInterrupt   # Ctrl-C after epoch 0 was logged and checkpointed
       on_epoch(rec)
-    return real(cfg, workdir, on_epoch=cb, **kw)
-  monkeypatch.setattr(experiment, "train_and_evaluate", killed_in_epoch_1)
+    return real(cfg, workdir, cb, timer)
+  monkeypatch.setattr(experiment, "_train_and_evaluate", killed_in_epoch_1)
   with pytest.raises(KeyboardInterrupt):
     sweep.run_sweep(path, str(root))
-  monkeypatch.setattr(experiment, "train_and_evaluate", real)
+  monkeypatch.setattr(experiment, "_train_and_evaluate", real)
   cell = root / "killed" / "fusion=late"
   assert not (cell / "results.json").exists() and (cell / "checkpoints" / "latest").is_dir()
   run_id = json.loads((cell / tracker_lib.STATE).read_text())["run_id"]

@@ -59,6 +59,48 @@ def test_import_does_not_load_mlflow():
   subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
+# Runs m6jax.main in-process and prints which files were on the stack when mlflow was
+# first imported (null: never).
+_MLFLOW_PROBE = """
+import json, sys, traceback
+first = []
+class Probe:
+  def find_spec(self, name, path=None, target=None):
+    if not first and name.split(".")[0] == "mlflow":
+      first.append([f.filename for f in traceback.extract_stack()])
+sys.meta_path.insert(0, Probe())
+from absl import app
+from m6jax import main
+try:
+  app.run(main.main, flags_parser=main.parse_flags)
+except SystemExit as e:
+  assert not e.code, e.code
+print("MLFLOW " + json.dumps(first[0] if first else None))
+"""
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_a_run_imports_mlflow_only_through_tracking(tiny_catalogue, tmp_path, track):
+  """experiment.run with tracking off never imports mlflow (nor pandas through serve); with
+  tracking on, the first import comes from m6jax.track."""
+  script = tmp_path / "probe.py"
+  script.write_text(_MLFLOW_PROBE)
+  args = [sys.executable, str(script), "--config", os.path.join(REPO, "configs/smoke.py"),
+          "--workdir", str(tmp_path / "run"), f"--config.data.manual_dir={tiny_catalogue}",
+          f"--config.data.tfds_dir={tmp_path / 'tfds'}", "--config.data.max_image_pixels=500000",
+          "--config.data.image_size=16", "--config.train.epochs=1",
+          f"--config.track.enabled={track}", "--config.track.log_model=False",
+          f"--config.track.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+  r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  stack = json.loads(r.stdout.split("MLFLOW ", 1)[1])
+  if not track:
+    assert stack is None, stack
+    return
+  ours = [f for f in stack if os.sep + "m6jax" + os.sep in f]
+  assert ours and os.path.join("m6jax", "track") in ours[-1], ours
+
+
 def test_tracked_run_reads_back_from_sqlite(tiny_catalogue, tfds_dir, tmp_path):
   cfg = tiny_config(tiny_catalogue, tfds_dir, **{"train.epochs": 2})
   wd = str(tmp_path / "runs" / "a")
@@ -173,6 +215,8 @@ def test_results_analysis_curves_and_dataset_in_store(tmp_path, capsys):
   with tracker_lib.Tracker(cfg, str(wd)) as t:
     for rec in res["history"]:
       t.log_epoch(rec)
+    # The run's curves evaluation draws it (m6jax.evaluate.evals); the tracker records it.
+    curves.plot_training_curves(res["history"], wd / "training_curves.png")
     t.log_results(res)
   c = _client(t.uri)
   run = c.get_run(t.run_id)

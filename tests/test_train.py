@@ -88,7 +88,7 @@ def test_fusion_modes_train(fusion):
 def test_best_epoch_is_kept_per_replica():
   _, states, hist = _fit(2, epochs=4, select_by="macro_f1")
   f1 = np.array([h["val_macro_f1"] for h in hist])   # (epochs, K)
-  np.testing.assert_allclose(np.asarray(states.best_f1), f1.max(0), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(states.best_score), f1.max(0), atol=1e-6)
   # The state's epoch is the first best one (strict improvement only).
   np.testing.assert_array_equal(np.asarray(states.best_epoch), f1.argmax(0))
 
@@ -119,8 +119,8 @@ def test_weak_model_is_scored_with_its_selected_epoch_not_its_initial_parameters
 def test_selection_by_log_loss_keeps_each_replicas_lowest_validation_loss():
   _, states, hist = _fit(2, epochs=4, select_by="log_loss")
   best = np.array([min(h["val_log_loss"][k] for h in hist) for k in range(2)])
-  # best_f1 holds the selection score: minus the log-loss here.
-  np.testing.assert_allclose(-np.asarray(states.best_f1), best, rtol=1e-5)
+  # best_score holds the selection score: minus the log-loss here.
+  np.testing.assert_allclose(-np.asarray(states.best_score), best, rtol=1e-5)
 
 
 def test_finetune_frozen_group_does_not_move(tiny_catalogue, tmp_path):

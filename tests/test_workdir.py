@@ -194,9 +194,11 @@ def test_a_code_change_in_a_copied_checkout_is_refused_on_resume(tiny_catalogue,
 
 def test_a_run_without_checkpoints_runs_end_to_end(tiny_catalogue, tmp_path):
   cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"),
-                    **{"train.checkpoint": False, "track.enabled": False})
+                    **{"train.checkpoint": False, "track.enabled": False,
+                       "explain.enabled": True, "explain.n_per_class": 1})
   res = experiment.run(cfg, str(tmp_path / "run"))
   assert res["checkpoint_step"] is None and len(res["history"]) == 1
+  assert os.path.isfile(tmp_path / "run" / res["gradcam"]["gallery"])   # in-memory states
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
   with open(tmp_path / "run" / "bundle" / "bundle.json") as f:
     assert json.load(f)["checkpoint_step"] is None

@@ -237,6 +237,25 @@ def read_records(csv_path: str, encoding: str = "utf-8") -> tuple[list[str], Ite
   return header, records()
 
 
+def _checked_image(image_dir: str, name: str, limits, check_images: bool
+                   ) -> tuple[str, tuple, str]:
+  """A row's image file name -> (its path inside `image_dir`, photo, '') or ('', (), why it
+  is unusable). photo: (file digest, dHash of a 64-px thumbnail) when the image is decoded
+  (check_images), else () (m6jax.data.twins groups rows by it)."""
+  try:
+    path = images.confined_path(image_dir, name)
+    if not check_images:
+      with Image.open(path) as img:   # header only: the size caps
+        images.check_size(*img.size, limits)
+      return path, (), ""
+    thumb = images.load_image(path, limits, short_side=64)
+    return path, (images.file_digest(path), images.photo_hash(thumb)), ""
+  except images.ImageError as e:
+    return "", (), str(e)
+  except Exception as e:  # noqa: BLE001  (header unreadable with check_images=False)
+    return "", (), f"corrupt image: {type(e).__name__}: {e}"
+
+
 def read_catalogue(csv_path: str, image_dir: str, columns: dict, label_depth: int = 1,
                    classes: Iterable[str] = (), max_image_pixels: int = images.DEFAULT_MAX_PIXELS,
                    check_images: bool = True, require_label: bool = True,
@@ -303,20 +322,9 @@ def read_catalogue(csv_path: str, image_dir: str, columns: dict, label_depth: in
       continue
     image_name = fields[columns["image"]].strip()
     shown = os.path.join(image_dir, image_name) if image_name else ""
-    photo = ()
-    try:
-      image_path = images.confined_path(image_dir, image_name)
-      if check_images:
-        thumb = images.load_image(image_path, limits, short_side=64)
-        photo = (images.file_digest(image_path), images.photo_hash(thumb))
-      else:
-        with Image.open(image_path) as img:   # header only: the size caps
-          images.check_size(*img.size, limits)
-    except images.ImageError as e:
-      bad(columns["image"], str(e), shown)
-      continue
-    except Exception as e:  # noqa: BLE001  (header unreadable with check_images=False)
-      bad(columns["image"], f"corrupt image: {type(e).__name__}: {e}", shown)
+    image_path, photo, problem = _checked_image(image_dir, image_name, limits, check_images)
+    if problem:
+      bad(columns["image"], problem, shown)
       continue
     rows.append(Row(line, uid, text, category, image_path, report.total_rows, photo))
   for r in rows:

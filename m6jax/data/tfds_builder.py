@@ -254,6 +254,33 @@ def dataset_id(data_cfg) -> str:
   return f"{dataset_name(data_cfg)}/{ProductCatalogue.VERSION}"
 
 
+def _exclude(parts: dict, report, exclude_path: str) -> None:
+  """Takes the products listed in `exclude_path` out of their splits (in place),
+  listing each in the report."""
+  excluded = read_exclude_ids(exclude_path)
+  for s in _SPLITS:
+    keep = []
+    for r in parts[s]:
+      if r.uniq_id in excluded:
+        report.bad.append(catalogue.BadRow(r.row, r.line, r.uniq_id, "uniq_id", exclude_path,
+                                           EXCLUDED.format(split=s)))
+      else:
+        keep.append(r)
+    parts[s] = keep
+
+
+def _write_split_csv(data_dir: str, parts: dict, group_of: dict) -> None:
+  """split.csv beside the built dataset: uniq_id, split, category, line and twin group
+  (group_of: uniq_id -> group key) of every product."""
+  buf = io.StringIO(newline="")
+  w = csv.writer(buf)
+  w.writerow(["uniq_id", "split", "category", "line", "group"])
+  for s in _SPLITS:
+    for r in parts[s]:
+      w.writerow([r.uniq_id, s, r.category, r.line, group_of[r.uniq_id]])
+  files.write_text(os.path.join(data_dir, "split.csv"), buf.getvalue())
+
+
 def prepare(data_cfg):
   """Builds (once) and returns (read-only builder, report) for `data_cfg`.
 
@@ -310,16 +337,7 @@ def prepare(data_cfg):
   # keeps its split and runs with and without an exclusion list stay comparable.
   exclude_path = data_cfg.get("exclude_ids", "")
   if exclude_path:
-    excluded = read_exclude_ids(exclude_path)
-    for s in _SPLITS:
-      keep = []
-      for r in parts[s]:
-        if r.uniq_id in excluded:
-          report.bad.append(catalogue.BadRow(r.row, r.line, r.uniq_id, "uniq_id", exclude_path,
-                                             EXCLUDED.format(split=s)))
-        else:
-          keep.append(r)
-      parts[s] = keep
+    _exclude(parts, report, exclude_path)
     check_test_exclusion(data_cfg, report)   # before anything is written
   report.split_counts = {s: len(parts[s]) for s in _SPLITS}
   cfg = CatalogueConfig(
@@ -339,13 +357,7 @@ def prepare(data_cfg):
                                rows_by_split=parts)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(["uniq_id", "split", "category", "line", "group"])
-    for s in _SPLITS:
-      for r in parts[s]:
-        w.writerow([r.uniq_id, s, r.category, r.line, found.key_of[r.uniq_id]])
-    files.write_text(os.path.join(builder.data_dir, "split.csv"), buf.getvalue())
+    _write_split_csv(builder.data_dir, parts, found.key_of)
     report.write(builder.data_dir)          # data_report.json last: marks the build done
   log.info("built %s: %s", builder.data_dir, report.split_counts)
   return tfds.builder_from_directory(builder.data_dir), report

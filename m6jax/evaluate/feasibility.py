@@ -228,6 +228,28 @@ def _store_study(store, key, results, projections):
                  dtype=None)
 
 
+def _study_all(sets, labels, num_classes, seed, method, num_threads, workers):
+  """Every set's study, `workers` sets at once -> (results, projections, timings)."""
+  # sklearn (1.6 s to import) only when a study is computed; imported here,
+  # before the worker threads need it.
+  for module in ("sklearn.cluster", "sklearn.decomposition", "sklearn.manifold",
+                 "sklearn.metrics"):
+    importlib.import_module(module)
+  # One thread limit for the whole pool: the per-call limits inside then
+  # set and restore the same value, whatever the threads' interleaving.
+  with threadpool_limits(limits=num_threads), \
+       ThreadPoolExecutor(max_workers=1 if num_threads is None else
+                          max(1, min(workers, len(sets)))) as pool:
+    futures = {name: pool.submit(_study_one, x, labels, num_classes, seed, method,
+                                 num_threads) for name, x in sets.items()}
+    done = {name: f.result() for name, f in futures.items()}
+  results = {name: d[0] for name, d in done.items()}
+  projections = {name: d[1] for name, d in done.items()}
+  timings = {phase: sum(d[2][phase] for d in done.values())
+             for phase in ("kmeans", "projection")}
+  return results, projections, timings
+
+
 def feasibility_study(embs, labels, class_names, out_dir, seed=0,
                       method="tsne", num_threads=1, workers=3, cache_dir=None):
   """KMeans ARI + 2-D projections for each {name: (N, D)} set (+ 'fused').
@@ -273,23 +295,8 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
     results, projections = hit
     timings = {"kmeans": 0.0, "projection": 0.0, "cached": 1.0}
   else:
-    # sklearn (1.6 s to import) only when a study is computed; imported here,
-    # before the worker threads need it.
-    for module in ("sklearn.cluster", "sklearn.decomposition", "sklearn.manifold",
-                   "sklearn.metrics"):
-      importlib.import_module(module)
-    # One thread limit for the whole pool: the per-call limits inside then
-    # set and restore the same value, whatever the threads' interleaving.
-    with threadpool_limits(limits=num_threads), \
-         ThreadPoolExecutor(max_workers=1 if num_threads is None else
-                            max(1, min(workers, len(sets)))) as pool:
-      futures = {name: pool.submit(_study_one, x, labels, num_classes, seed, method,
-                                   num_threads) for name, x in sets.items()}
-      done = {name: f.result() for name, f in futures.items()}
-    results = {name: d[0] for name, d in done.items()}
-    projections = {name: d[1] for name, d in done.items()}
-    timings = {phase: sum(d[2][phase] for d in done.values())
-               for phase in ("kmeans", "projection")}
+    results, projections, timings = _study_all(sets, labels, num_classes, seed, method,
+                                               num_threads, workers)
     if store is not None:
       _store_study(store, key, results, projections)
 

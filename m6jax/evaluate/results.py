@@ -55,7 +55,6 @@ def selection(history: list, best_epoch, select_by: str) -> dict:
   return out
 
 
-
 def bootstrap(labels, probs, num_classes: int, resamples: int = 2000, seed: int = 0) -> dict:
   """labels (N,), probs (K, N, C) -> results.json's `test.bootstrap`:
   {'accuracy': {point, low, high}, 'macro_f1': {...}} of the seed ensemble,
@@ -99,13 +98,13 @@ def score(labels, probs, class_names, evaluate_cfg=None) -> dict:
   }
 
 
-def write_outputs(workdir: str, scores: dict, class_names, ids, labels, probs,
-                  extra: dict) -> dict:
-  """Writes results.json, report.txt, confusion_matrix.png, predictions_test.csv."""
+def write_outputs(workdir: str, scores: dict, class_names, ids, labels, probs) -> None:
+  """Writes report.txt, confusion_matrix.png, predictions_test.csv of the test scores
+  (`score`; its private ensemble metrics are taken out of `scores` here). results.json
+  is written once, by m6jax.experiment."""
   ens = scores.pop("_ensemble_metrics")
-  results = {"classes": list(class_names), "split": "test", "test": scores, **extra}
   if not mesh_lib.is_writer():
-    return results
+    return
   metrics_lib.plot_confusion_matrix(np.asarray(ens["confusion_matrix"]), class_names,
                                     os.path.join(workdir, "confusion_matrix.png"),
                                     title="test, seed ensemble")
@@ -121,5 +120,3 @@ def write_outputs(workdir: str, scores: dict, class_names, ids, labels, probs,
                  [f"{v:.6f}" for v in p])
 
   files.atomic_write(os.path.join(workdir, "predictions_test.csv"), write_predictions)
-  files.write_json(os.path.join(workdir, "results.json"), results)
-  return results

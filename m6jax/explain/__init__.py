@@ -1,1 +1,2 @@
-"""Grad-CAM for the conv towers, its gallery, and the explain CLI over a finished run."""
+"""Grad-CAM for the conv towers, its gallery, and explaining a run's states (in memory or
+restored; the explain CLI)."""

@@ -69,6 +69,28 @@ def _note(ax, text, color="0.4"):
           style="italic", transform=ax.transAxes)
 
 
+def _header(fig, gs, cols, text, note, color) -> None:
+  """A column group's header over grid columns `cols` (first grid row)."""
+  ax = fig.add_subplot(gs[0, cols[0]:cols[-1] + 1])
+  ax.axis("off")
+  width = int(len(cols) * CELL * 72 / (FONT * 0.6))
+  ax.text(0.5, 0.35, text + ("\n" + _wrap(note, width) if note else ""), ha="center",
+          va="center", fontsize=FONT, color=color, transform=ax.transAxes, linespacing=1.3)
+
+
+def _row_label(ax, name: str, count, has_labels: bool) -> None:
+  """A class row's label cell: its name and, given (n_correct, n_wrong), the counts."""
+  ax.axis("off")
+  text = _wrap(name, 15)
+  ax.text(0.04, 0.55, text, ha="left", va="center", fontsize=FONT + 1, weight="bold",
+          transform=ax.transAxes)
+  if count is not None:
+    right, wrong = count
+    note = f"{right}/{right + wrong} correct" if has_labels else f"{right} predicted"
+    ax.text(0.04, 0.55 - 0.09 * (text.count("\n") + 1) - 0.06, note, ha="left",
+            va="top", fontsize=FONT, color="0.3", transform=ax.transAxes)
+
+
 def gallery(images, cams, labels, preds, class_names, path: str, per_class: int = 3,
             title: str | None = None, alpha: float = 0.45, probs=None, counts=None,
             dpi: int = 100) -> str:
@@ -105,32 +127,17 @@ def gallery(images, cams, labels, preds, class_names, path: str, per_class: int 
   ok_cols = list(range(1, 1 + n_ok))
   bad_cols = list(range(2 + n_ok, 2 + n_ok + n_bad))
 
-  def header(cols, text, note, color):
-    ax = fig.add_subplot(gs[0, cols[0]:cols[-1] + 1])
-    ax.axis("off")
-    width = int(len(cols) * CELL * 72 / (FONT * 0.6))
-    ax.text(0.5, 0.35, text + ("\n" + _wrap(note, width) if note else ""), ha="center",
-            va="center", fontsize=FONT, color=color, transform=ax.transAxes, linespacing=1.3)
-
   p_note = "p: ensemble probability" if probs is not None else ""
   if has_labels:
-    header(ok_cols, "CORRECT", p_note, CORRECT)
+    _header(fig, gs, ok_cols, "CORRECT", p_note, CORRECT)
     if n_bad:
-      header(bad_cols, "WRONG", "title: predicted class", WRONG)
+      _header(fig, gs, bad_cols, "WRONG", "title: predicted class", WRONG)
   else:
-    header(ok_cols, "BY PREDICTED CLASS", p_note, "0.2")
+    _header(fig, gs, ok_cols, "BY PREDICTED CLASS", p_note, "0.2")
 
   for r, (c, ok, bad) in enumerate(rows, start=1):
-    lab_ax = fig.add_subplot(gs[r, 0])
-    lab_ax.axis("off")
-    text = _wrap(class_names[c], 15)
-    lab_ax.text(0.04, 0.55, text, ha="left", va="center", fontsize=FONT + 1, weight="bold",
-                transform=lab_ax.transAxes)
-    if counts is not None and c in counts:
-      right, wrong = counts[c]
-      note = f"{right}/{right + wrong} correct" if has_labels else f"{right} predicted"
-      lab_ax.text(0.04, 0.55 - 0.09 * (text.count("\n") + 1) - 0.06, note, ha="left",
-                  va="top", fontsize=FONT, color="0.3", transform=lab_ax.transAxes)
+    _row_label(fig.add_subplot(gs[r, 0]), class_names[c],
+               None if counts is None else counts.get(c), has_labels)
     for j, col in enumerate(ok_cols):
       ax = fig.add_subplot(gs[r, col])
       if j >= len(ok):

@@ -73,7 +73,12 @@ def _frozen_head(head, mods):
 
 
 def _rows(cfg, run, mods, csv, images):
-  """-> (split name, ids, labels (N,) or None, batches, text features (N, D) or None)."""
+  """-> (split name, ids, labels (N,) or None, batches, text features (N, D) or None).
+
+  run: the run's data side (m6jax.features.prepare.Setup in memory, or a restored
+  m6jax.inference.restore.Inference): class_names, cols, builder, feats, and for new
+  products text_features / text_features_for.
+  """
   bs, size = cfg.data.batch_size, cfg.data.image_size
   if csv is None:
     ids, labels = run.cols["test"]["uniq_id"], np.asarray(run.cols["test"]["label"])
@@ -93,27 +98,27 @@ def _rows(cfg, run, mods, csv, images):
   index = {c: i for i, c in enumerate(run.class_names)}
   known = [r.category in index for r in rows]
   labels = np.asarray([index[r.category] for r in rows]) if all(known) else None
-  text = None
-  if "text" in mods and (cfg.train.mode == "frozen" or run.text_features is not None):
-    text = run.text_features_for([r.text for r in rows])
-    if cfg.train.mode == "finetune":
-      run.trainer.text_lookup["new"] = dict(zip(ids, text))
+  # Finetune runs compute a new row's TF-IDF features in model.inputs, row by row.
+  text = (run.text_features_for([r.text for r in rows])
+          if "text" in mods and cfg.train.mode == "frozen" else None)
   return "new", ids, labels, pipeline.row_batches(rows, cfg.data, bs), text
 
 
-def _cam_model(cfg, run, params, stats, mods, split, text):
-  """-> (make_logits_fn, replica params, shared, perturbations or None, inputs_of(batch, start)).
+def _cam_model(cfg, model, params, stats, mods, split, text):
+  """-> (make_logits_fn, replica params, shared, inputs_of(batch, start)).
 
-  Frozen runs: the image tower's feature map (one program for every head,
-  ImageTower.feature_map) feeds each replica's head, with the product's text
-  embedding held fixed; perturbations are then made from the first batch's
-  feature map. Finetune runs: each replica's whole Classifier.
+  model: the run's model side (the trainer in memory, or the restored Inference):
+  `head` (frozen) or `model` and `inputs(batch, split)` (finetune), the same
+  prediction path (m6jax.train.predictions) either way. Frozen runs: the image
+  tower's feature map (one program for every head, ImageTower.feature_map) feeds
+  each replica's head, with the product's text embedding held fixed. Finetune
+  runs: each replica's whole Classifier.
   """
   bs, size = cfg.data.batch_size, cfg.data.image_size
   if cfg.train.mode == "frozen":
     tower = towers.image_tower(cfg.model.image.name, cfg.model.image.weights, size,
                                seed=cfg.seed)
-    head_apply = _frozen_head(run.trainer.head, mods)
+    head_apply = _frozen_head(model.head, mods)
     feature_map = tower.feature_map
     make = lambda p, _: gradcam.pooled_logits_fn(  # noqa: E731
         tower, functools.partial(head_apply, p))
@@ -126,24 +131,123 @@ def _cam_model(cfg, run, params, stats, mods, split, text):
         t[:n] = text[start:start + n]
         out["text_embedding"] = t
       return out
-    return make, params, None, None, inputs_of
-  model = run.trainer.model
-  make = lambda v, _: gradcam.classifier_logits_fn(model, v)  # noqa: E731
-  return (make, {"params": params, "batch_stats": stats}, None, None,
-          lambda b, start: run.trainer.inputs(b, split))
+    return make, params, None, inputs_of
+  make = lambda v, _: gradcam.classifier_logits_fn(model.model, v)  # noqa: E731
+  return (make, {"params": params, "batch_stats": stats}, None,
+          lambda b, start: model.inputs(b, split))
 
 
-def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv=None,
-                images=None, which: str = "best", maps: str = "mean",
-                out_dir: str | None = None) -> dict:
-  """Grad-CAM gallery and replica stability for a finished run.
+class _Maps:
+  """Every replica's maps of a stream of batches, with the ensemble prediction as target:
+  per-image stability, predictions, probabilities and the gallery's picks."""
 
-  Rebuilds the run like m6jax.inference.predict, takes the test split (or new products
-  from `csv` + `images`), computes every replica's map with the ensemble
-  prediction as target, and writes `<out_dir>/gallery.png` (maps: 'mean' over
-  replicas or 'replica0') and `<out_dir>/stability.json`. out_dir None:
-  `<workdir>/gradcam` for the test split (the run's own outputs), a new
-  folder (`output_dir`) for new products.
+  def __init__(self, model, cam, labels, method: str, maps: str, n_per_class: int):
+    self.make, self.params, self.shared, self.inputs_of = cam
+    self.model, self.labels, self.method = model, labels, method
+    self.maps, self.n_per_class = maps, n_per_class
+    self.pert = None
+    self.per_image, self.preds, self.probs = [], [], []
+    self.picks = {}   # (class, correct?) -> [(image, cam, row)], up to n_per_class
+    self.t_stab = 0.0
+
+  def dispatch(self, b, start):
+    inp = self.inputs_of(b, start)
+    if self.pert is None and "feature_map" in inp:   # frozen: zeros like the feature map
+      self.pert = jnp.zeros(inp["feature_map"].shape, inp["feature_map"].dtype)
+    elif self.pert is None:  # finetune: the Classifier's perturbations, for this batch shape
+      first = jax.tree.map(lambda a: a[0], self.params)
+      self.pert = gradcam.zero_perturbations(self.model.model, first,
+                                             jax.tree.map(jnp.asarray, inp), train=False)
+    return gradcam.replica_cams(self.make, self.params, self.pert, inp, targets="ensemble",
+                                method=self.method, shared=self.shared, details=True)
+
+  def consume(self, b, start, out):
+    m = np.asarray(b["mask"])
+    cams = np.asarray(out["cams"])[:, m]  # waits for this batch's device work
+    ts = time.perf_counter()
+    self.per_image.append(gradcam.cam_stability(cams)["per_image"])
+    self.t_stab += time.perf_counter() - ts
+    pr = np.asarray(out["targets"])[0, m]
+    self.preds.append(pr)
+    self.probs.append(np.asarray(out["probs"])[m])
+    shown = np.asarray(out["mean_cams"])[m] if self.maps == "mean" else cams[0]
+    imgs = np.asarray(b["image"])[m]
+    labels = self.labels
+    for i in range(int(m.sum())):
+      row = start + i
+      key = (int(pr[i]), True) if labels is None else (
+          int(labels[row]), bool(labels[row] == pr[i]))
+      bucket = self.picks.setdefault(key, [])
+      if len(bucket) < self.n_per_class:
+        bucket.append((imgs[i], shown[i], row))
+
+  def run(self, batches) -> None:
+    """Batch i+1 is dispatched before batch i's host work (stability, picks), so
+    the two overlap: JAX returns before the device has finished."""
+    pending, start = None, 0
+    for b in batches:
+      out = self.dispatch(b, start)
+      if pending is not None:
+        self.consume(*pending)
+      pending = (b, start, out)
+      start += int(np.asarray(b["mask"]).sum())
+    if pending is not None:
+      self.consume(*pending)
+    self.per_image = np.concatenate(self.per_image)
+    self.preds = np.concatenate(self.preds)
+    self.probs = np.concatenate(self.probs)
+
+
+def _draw_gallery(cfg, class_names, mp: _Maps, labels, path, title) -> None:
+  """gallery.png of the picked images (correct and wrong per class), by row order."""
+  preds = mp.preds
+  by = labels if labels is not None else preds
+  counts = {c: (int(np.sum((by == c) & (preds == c))), int(np.sum((by == c) & (preds != c))))
+            for c in range(len(class_names))}
+  sel = sorted((r for bucket in mp.picks.values() for r in bucket), key=lambda t: t[2])
+  rows = [s[2] for s in sel]
+  gallery_lib.gallery(
+      np.stack([s[0] for s in sel]), np.stack([s[1] for s in sel]),
+      None if labels is None else labels[rows], preds[rows], class_names,
+      path, per_class=mp.n_per_class, title=title, probs=mp.probs[rows, preds[rows]],
+      counts=counts)
+
+
+def _report(cfg, class_names, mp: _Maps, ids, labels, split, which, timings) -> dict:
+  """stability.json: the method, per-class and per-image replica stability."""
+  finite = lambda v: None if not np.isfinite(v) else float(v)  # noqa: E731
+  per_image, preds = mp.per_image, mp.preds
+  by = labels if labels is not None else preds
+  stab = float(np.mean(per_image)) if len(per_image) else float("nan")
+  return {
+      "method": mp.method, "target": "ensemble prediction", "maps_in_gallery": mp.maps,
+      "replicas": cfg.seeds, "split": split, "image_tower": cfg.model.image.name,
+      "mode": cfg.train.mode, "checkpoint": which, "n_images": int(len(per_image)),
+      "stability_mean_spearman": finite(stab),
+      "ensemble_accuracy": None if labels is None else float(np.mean(preds == labels)),
+      "per_class": {c: finite(np.mean(per_image[by == i]))
+                    for i, c in enumerate(class_names) if np.any(by == i)},
+      # seconds; 'stability' is host time inside 'gradcam' (overlapped with the maps)
+      "timings": timings,
+      "per_image": [{"uniq_id": u, "pred": class_names[int(p)],
+                     "label": None if labels is None else class_names[int(labels[j])],
+                     "stability": finite(s)}
+                    for j, (u, p, s) in enumerate(zip(ids, preds, per_image))],
+  }
+
+
+def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 3,
+            method: str = "gradcam", csv=None, images=None, which: str = "best",
+            maps: str = "mean", t0: float | None = None) -> dict:
+  """Grad-CAM gallery and replica stability of a run's states into `out_dir`.
+
+  run / model: the run's data and model sides (`_rows`, `_cam_model`): a
+  m6jax.features.prepare.Setup and its trainer (the states just trained, as the
+  experiment scores them), or a restored Inference twice. params / stats: the
+  replicas' parameters (K, ...) (host or single-device arrays). Takes the test
+  split (or new products from `csv` + `images`), computes every replica's map with
+  the ensemble prediction as target, and writes `<out_dir>/gallery.png` (maps:
+  'mean' over replicas or 'replica0') and `<out_dir>/stability.json`.
   Returns {'stability': mean over images, 'gallery': path, 'report': path,
   'accuracy': ensemble accuracy (None without labels), 'n': images explained,
   'probs': (n, C) ensemble probabilities, 'uniq_id': their ids,
@@ -153,116 +257,56 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
     raise ValueError(f"maps must be one of {MAPS}, got {maps!r}")
   if method not in gradcam.METHODS:
     raise ValueError(f"unknown CAM method {method!r}; choose from {gradcam.METHODS}")
-  t0 = time.perf_counter()
-  cfg, run, params, stats = restore(workdir, which)
+  t0 = time.perf_counter() if t0 is None else t0
   mods = fusion.modalities(cfg.model.fusion)
   if "image" not in mods:
-    raise ValueError(f"run {workdir} has no image tower (fusion {cfg.model.fusion!r})")
+    raise ValueError(f"the run has no image tower (fusion {cfg.model.fusion!r})")
   split, ids, labels, batches, text = _rows(cfg, run, mods, csv, images)
-  make, replica_params, shared, pert, inputs_of = _cam_model(
-      cfg, run, params, stats, mods, split, text)
+  cam = _cam_model(cfg, model, params, stats, mods, split, text)
   t_restore = time.perf_counter()
-
-  k = cfg.seeds
-  per_image, preds, probs_all = [], [], []
-  picks = {}  # (class, correct?) -> [(image, cam, row)], filled up to n_per_class
-  t_stab = 0.0
-
-  def dispatch(b, start):
-    nonlocal pert
-    inp = inputs_of(b, start)
-    if pert is None and "feature_map" in inp:   # frozen: zeros like the feature map
-      pert = jnp.zeros(inp["feature_map"].shape, inp["feature_map"].dtype)
-    elif pert is None:  # finetune: the Classifier's perturbations, for this batch shape
-      first = jax.tree.map(lambda a: a[0], replica_params)
-      pert = gradcam.zero_perturbations(run.trainer.model, first,
-                                        jax.tree.map(jnp.asarray, inp), train=False)
-    return gradcam.replica_cams(make, replica_params, pert, inp, targets="ensemble",
-                                method=method, shared=shared, details=True)
-
-  def consume(b, start, out):
-    nonlocal t_stab
-    m = np.asarray(b["mask"])
-    cams = np.asarray(out["cams"])[:, m]  # waits for this batch's device work
-    ts = time.perf_counter()
-    per_image.append(gradcam.cam_stability(cams)["per_image"])
-    t_stab += time.perf_counter() - ts
-    pr = np.asarray(out["targets"])[0, m]
-    preds.append(pr)
-    probs_all.append(np.asarray(out["probs"])[m])
-    shown = np.asarray(out["mean_cams"])[m] if maps == "mean" else cams[0]
-    imgs = np.asarray(b["image"])[m]
-    for i in range(int(m.sum())):
-      row = start + i
-      key = (int(pr[i]), True) if labels is None else (
-          int(labels[row]), bool(labels[row] == pr[i]))
-      bucket = picks.setdefault(key, [])
-      if len(bucket) < n_per_class:
-        bucket.append((imgs[i], shown[i], row))
-
-  # Batch i+1 is dispatched before batch i's host work (stability, picks), so
-  # the two overlap: JAX returns before the device has finished.
-  pending, start = None, 0
-  for b in batches:
-    out = dispatch(b, start)
-    if pending is not None:
-      consume(*pending)
-    pending = (b, start, out)
-    start += int(np.asarray(b["mask"]).sum())
-  if pending is not None:
-    consume(*pending)
+  mp = _Maps(model, cam, labels, method, maps, n_per_class)
+  mp.run(batches)
   t_maps = time.perf_counter()
-
-  per_image = np.concatenate(per_image)
-  preds = np.concatenate(preds)
-  probs = np.concatenate(probs_all)
-  acc = None if labels is None else float(np.mean(preds == labels))
-  if out_dir is None:
-    out_dir = os.path.join(workdir, "gradcam") if csv is None else output_dir(workdir)
-  if mesh_lib.is_writer():   # every process computes the maps; one writes them
-    os.makedirs(out_dir, exist_ok=True)
-  stab = float(np.mean(per_image)) if len(per_image) else float("nan")
+  stab = float(np.mean(mp.per_image)) if len(mp.per_image) else float("nan")
+  k = cfg.seeds
   which_maps = f"mean of {k} replicas' maps" if maps == "mean" else f"replica 0 of {k}"
   title = (f"{method} ({which_maps}), target = ensemble prediction; {cfg.model.image.name}, "
            f"{split} split; replica stability (Spearman) {stab:.3f}")
-  by = labels if labels is not None else preds
-  counts = {c: (int(np.sum((by == c) & (preds == c))), int(np.sum((by == c) & (preds != c))))
-            for c in range(len(run.class_names))}
-  sel = sorted((r for bucket in picks.values() for r in bucket), key=lambda t: t[2])
-  rows = [s[2] for s in sel]
   g = os.path.join(out_dir, "gallery.png")
-  if mesh_lib.is_writer():
-    gallery_lib.gallery(
-        np.stack([s[0] for s in sel]), np.stack([s[1] for s in sel]),
-        None if labels is None else labels[rows], preds[rows], run.class_names,
-        g, per_class=n_per_class, title=title, probs=probs[rows, preds[rows]], counts=counts)
+  if mesh_lib.is_writer():   # every process computes the maps; one writes them
+    os.makedirs(out_dir, exist_ok=True)
+    _draw_gallery(cfg, run.class_names, mp, labels, g, title)
   t_gallery = time.perf_counter()
-
-  finite = lambda v: None if not np.isfinite(v) else float(v)  # noqa: E731
   timings = {"restore": t_restore - t0, "gradcam": t_maps - t_restore,
-             "stability": t_stab, "gallery": t_gallery - t_maps,
-             "total": t_gallery - t0}
-  rep = {
-      "method": method, "target": "ensemble prediction", "maps_in_gallery": maps,
-      "replicas": k, "split": split, "image_tower": cfg.model.image.name,
-      "mode": cfg.train.mode, "checkpoint": which, "n_images": int(len(per_image)),
-      "stability_mean_spearman": finite(stab), "ensemble_accuracy": acc,
-      "per_class": {c: finite(np.mean(per_image[by == i]))
-                    for i, c in enumerate(run.class_names) if np.any(by == i)},
-      # seconds; 'stability' is host time inside 'gradcam' (overlapped with the maps)
-      "timings": timings,
-      "per_image": [{"uniq_id": u, "pred": run.class_names[int(p)],
-                     "label": None if labels is None else run.class_names[int(labels[j])],
-                     "stability": finite(s)}
-                    for j, (u, p, s) in enumerate(zip(ids, preds, per_image))],
-  }
+             "stability": mp.t_stab, "gallery": t_gallery - t_maps, "total": t_gallery - t0}
+  rep = _report(cfg, run.class_names, mp, ids, labels, split, which, timings)
   rpath = os.path.join(out_dir, "stability.json")
   if mesh_lib.is_writer():
     files.write_json(rpath, rep)
   log.info("Grad-CAM (%s) of %d images: replica stability %.4f; gallery %s (%.1f s)", method,
-           len(per_image), stab, g, timings["total"])
-  return {"stability": stab, "gallery": g, "report": rpath, "accuracy": acc,
-          "n": int(len(per_image)), "probs": probs, "uniq_id": ids, "timings": timings}
+           len(mp.per_image), stab, g, timings["total"])
+  return {"stability": stab, "gallery": g, "report": rpath, "accuracy": rep["ensemble_accuracy"],
+          "n": int(len(mp.per_image)), "probs": mp.probs, "uniq_id": ids, "timings": timings}
+
+
+def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv=None,
+                images=None, which: str = "best", maps: str = "mean",
+                out_dir: str | None = None) -> dict:
+  """`explain` of a finished run, rebuilt from its bundle and checkpoint like
+  m6jax.inference.predict. out_dir None: `<workdir>/gradcam` for the test split
+  (the run's own outputs), a new folder (`output_dir`) for new products."""
+  if maps not in MAPS:
+    raise ValueError(f"maps must be one of {MAPS}, got {maps!r}")
+  if method not in gradcam.METHODS:
+    raise ValueError(f"unknown CAM method {method!r}; choose from {gradcam.METHODS}")
+  t0 = time.perf_counter()
+  cfg, run, params, stats = restore(workdir, which)
+  if "image" not in fusion.modalities(cfg.model.fusion):
+    raise ValueError(f"run {workdir} has no image tower (fusion {cfg.model.fusion!r})")
+  if out_dir is None:
+    out_dir = os.path.join(workdir, "gradcam") if csv is None else output_dir(workdir)
+  return explain(cfg, run, run, params, stats, out_dir, n_per_class=n_per_class,
+                 method=method, csv=csv, images=images, which=which, maps=maps, t0=t0)
 
 
 # --- CLI -----------------------------------------------------------------------

@@ -137,16 +137,15 @@ def embed_image_batches(tower, batches) -> np.ndarray:
   return np.concatenate(chunks).astype(np.float32)
 
 
-def text_embeddings(cfg, texts: dict, cache_dir=None, data_id: str = "", tower=None):
+def text_embeddings(cfg, texts: dict, cache_dir=None, tower=None):
   """({split: float32 (N, D)}, fitted TfidfFeatures or None) from the text tower.
 
   `texts` is {split: list[str]}. TF-IDF is fit on the 'train' texts only and
   never cached (it depends on the whole training split, and is fast). BERT
   features come from bert_features: the texts of all splits that the cache
-  misses are embedded in one packed pass (tower: as for bert_features).
-  data_id is unused (kept for callers; the cache is keyed by content).
+  misses are embedded in one packed pass (tower: as for bert_features); the
+  cache is keyed by content.
   """
-  del data_id
   if cfg.model.text.name == "tfidf":
     from m6jax.models import tfidf
     feats = tfidf.TfidfFeatures(dim=cfg.model.text.tfidf_dim, seed=cfg.seed).fit(texts["train"])
@@ -213,7 +212,7 @@ def embed_texts(cfg, tower, texts) -> np.ndarray:
   # Parameters are an argument of the jitted function, not constants baked
   # into the compiled program.
   fn = bert.make_embed_fn(tower.module, tower.params["params"])
-  bs = cfg.data.get("embed_batch_size") or cfg.data.batch_size
+  bs = cfg.data.batch_size
   return np.asarray(tokenize.embed_texts(fn, tower.tokenizer, list(texts), bs,
                                          cfg.data.max_text_length), np.float32)
 

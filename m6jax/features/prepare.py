@@ -73,7 +73,7 @@ def setup(cfg, workdir: str) -> Setup:
       feats["image"] = embed.image_embeddings(cfg, builder, SPLITS, cache, seed=cfg.seed)
     if text_features_needed(cfg):
       feats["text"], text_features = embed.text_embeddings(
-          cfg, texts, cache, data_id=builder.data_dir, tower=text_tower)
+          cfg, texts, cache, tower=text_tower)
   if cfg.train.mode == "frozen":
     plan = None
     if cfg.train.get("folds", 0) >= 2:

@@ -152,8 +152,7 @@ def save(workdir: str, run, states) -> str | None:
   cfg = run.cfg
   mods = fusion.modalities(cfg.model.fusion)
   num_replicas = int(jax.tree.leaves(states.best_params)[0].shape[0])
-  plan = getattr(run.trainer, "plan", None)   # cross-validation: R = models x seeds replicas
-  folds = plan.models_per_seed if plan is not None else 1   # fold models (x repeats) per seed
+  folds = run.trainer.folds   # cross-validation: fold models (x repeats) per seed
   dims = _feature_dims(run)
   towers = {}
   for m in mods:

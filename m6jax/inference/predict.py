@@ -10,10 +10,11 @@ is written into the run unless --out points there.
 Every CSV row gets one output row, in input order: uniq_id, predicted
 category, one probability column per category (the ensemble of all replicas
 of the checkpoint, as results.json scored it) and a `note`. A fused model
-predicts a row whose image is missing or unusable from its text alone (and a
-row without text from its image): modality dropout trained it for that, and
-the note says so. A
-text-only model never reads images. A row that cannot be predicted (an
+predicts a row whose image is missing or unusable with that embedding zeroed,
+i.e. from its text alone (and a row without text from its image), and the note
+says so. Only a model trained with model.modality_dropout > 0 has seen such
+inputs (the default, 0, has not: m6jax.evaluate.evals.importance measures the
+cost). A text-only model never reads images. A row that cannot be predicted (an
 unreadable record, or no usable input for the model) keeps its reason in
 `note` and empty probabilities. Every noted row is also listed in
 `<out>.data_report.txt` / `<out>.data_report.json`; with --on_bad_row=fail any
@@ -40,7 +41,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
   # Defined only when run as a script: m6jax.main (which imports this module through
-  # m6jax.inference.serve) owns a flag of the same name.
+  # m6jax.inference.serve when a tracked run logs its model) owns a flag of the same name.
   flags.DEFINE_string("workdir", None, "a finished training run")
   flags.DEFINE_string("csv", None, "catalogue CSV of the products to classify")
   flags.DEFINE_string("images", None, "folder with their images (models that read images)")

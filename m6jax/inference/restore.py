@@ -12,9 +12,10 @@ replica axis K, read from the checkpoint and checked against the bundle: each
 replica's best-validation parameters (`TrainState.best_*`), the ones results.json scored.
 
 `run` is an :class:`Inference`: the model and feature extractors of the run
-(m6jax.inference.predict, m6jax.explain.run and m6jax.inference.serve use it). The run's own splits
-(`builder`, `cols`, `predict(params, stats, split)`) are read from the built
-dataset the bundle names, and only when asked for.
+(m6jax.inference.predict, m6jax.explain.run and m6jax.inference.serve use it),
+predicting through m6jax.train.predictions exactly as the trainers do. The run's
+own splits (`builder`, `cols`, `predict(params, stats, split)`) are read from the
+built dataset the bundle names, and only when asked for.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from m6jax.data import pipeline
 from m6jax.features import embed
 from m6jax.inference import bundle as bundle_lib
 from m6jax.models import fusion, towers
-from m6jax.train import checkpoint, steps
+from m6jax.train import checkpoint, predictions
 from m6jax.train import trainer as trainer_lib
 
 WHICH = ("best", "latest")
@@ -69,7 +70,7 @@ class Inference:
   mode: `predict_batch(params, batch_stats, batch, split)` runs towers + head on
   a pipeline batch. Both return (K, N, C) probabilities and (K, N, M) modality
   weights. A batch may carry `<modality>_embedding` arrays in place of the raw
-  input: zeros there stand for a missing modality, as modality dropout trained.
+  input: zeros there stand for a missing modality (m6jax.inference.predict).
   """
 
   def __init__(self, bundle: bundle_lib.Bundle):
@@ -82,12 +83,11 @@ class Inference:
     self.data_cfg = bundle.data_config()
     self.feature_dims = {m: t["feature_dim"] for m, t in bundle.meta["towers"].items()}
     self.text_features = bundle.text_features()       # fitted TF-IDF, or None
-    self.text_lookup = {} if self.text_features is not None else None  # {split: {id: feature}}
+    self.folds = bundle.folds                         # replicas per seed model
     self.head = trainer_lib.head_module(cfg, len(self.class_names))
     self.model = None
     if self.mode == "frozen":
-      predict = functools.partial(steps.predict_step, apply_fn=self.head.apply)
-      self._predict = jax.jit(jax.vmap(lambda p, f: predict(p, None, f), in_axes=(0, None)))
+      self._predict = predictions.replica_predict(self.head.apply, frozen=True)
     else:
       dtype = trainer_lib.compute_dtype(cfg)
       image = None
@@ -101,13 +101,7 @@ class Inference:
           text=bert.module if bert else None,
           image_preprocess=image.preprocess if image else None,
           tower_train=cfg.train.bn == "update")
-      predict = functools.partial(steps.predict_step, apply_fn=self.model.apply)
-      self._predict = jax.jit(jax.vmap(predict, in_axes=(0, 0, None)))
-
-  @property
-  def trainer(self) -> "Inference":
-    """Itself: the prediction side of m6jax.train.trainer's trainer interface."""
-    return self
+      self._predict = predictions.replica_predict(self.model.apply, frozen=False)
 
   # --- towers (built on first use) ---------------------------------------------
   @functools.cached_property
@@ -141,37 +135,26 @@ class Inference:
 
   # --- prediction -----------------------------------------------------------------
   def ensemble(self, probs) -> np.ndarray:
-    """(R, N, C) replica probabilities -> (N, C), as results.json scored them: with
-    cross-validation each seed's folds are averaged first, then the seeds."""
-    probs = np.asarray(probs)
-    if self.bundle.folds > 1:
-      probs = probs.reshape(self.bundle.folds, -1, *probs.shape[1:]).mean(0)
-    return probs.mean(0)
+    """(R, N, C) replica probabilities -> (N, C), as results.json scored them
+    (m6jax.train.predictions.ensemble: fold ensembles first, then the seeds)."""
+    return predictions.ensemble(probs, self.folds)
 
   def predict_features(self, params, feats: dict):
     """Embeddings {modality: (N, D)} -> (K, N, C) probabilities, (K, N, M) weights."""
     return self._predict(params, {m: np.asarray(feats[m], np.float32) for m in self.mods})
 
-  def inputs(self, batch: dict, split: str) -> dict:
-    """A pipeline batch -> the Classifier's input dict (finetune mode)."""
-    out = {"label": batch["label"], "mask": batch["mask"]}
-    for m in self.mods:
-      if f"{m}_embedding" in batch:
-        out[f"{m}_embedding"] = np.asarray(batch[f"{m}_embedding"], np.float32)
-      elif m == "image":
-        out["image"] = batch["image"]
-      elif self.text_features is None:
-        from m6jax.data import tokenize
-        toks = tokenize.tokenize(self.text_tower.tokenizer, [str(t) for t in batch["text"]],
-                                 self.cfg.data.max_text_length)
-        out["input_ids"], out["attention_mask"] = toks["input_ids"], toks["attention_mask"]
-      elif split in self.text_lookup:
-        table, dim = self.text_lookup[split], self.feature_dims["text"]
-        out["text_embedding"] = np.stack([table.get(u, np.zeros(dim, np.float32))
-                                          for u in batch["uniq_id"]]).astype(np.float32)
-      else:   # TF-IDF is computed row by row: a batch gives each row's own features
-        out["text_embedding"] = self.text_features_for([str(t) for t in batch["text"]])
-    return out
+  def inputs(self, batch: dict, split: str = "new") -> dict:
+    """A pipeline batch -> the Classifier's input dict (finetune mode), as the trainer
+    builds it (m6jax.train.predictions.inputs); TF-IDF text features are computed
+    row by row, so every split gets each row's own."""
+    tok = None
+    if "text" in self.mods and self.text_features is None:
+      from m6jax.data import tokenize
+      tok = functools.partial(tokenize.tokenize, self.text_tower.tokenizer,
+                              max_length=self.cfg.data.max_text_length)
+    return predictions.inputs(
+        batch, self.mods, tokenize=tok,
+        text_rows=lambda b: self.text_features_for([str(t) for t in b["text"]]))
 
   def predict_batch(self, params, batch_stats, batch: dict, split: str = "new"):
     """A pipeline batch -> (K, B, C) probabilities, (K, B, M) modality weights (finetune)."""
@@ -212,12 +195,9 @@ class Inference:
         feats["text"] = self.feats["text"][split]
       probs, weights = self.predict_features(params, feats)
     else:
-      probs, weights = [], []
-      for b in pipeline.batches(src, bs, size):
-        pr, w = self.predict_batch(params, batch_stats, b, split)
-        probs.append(np.asarray(pr)[:, b["mask"]])
-        weights.append(np.asarray(w)[:, b["mask"]])
-      probs, weights = np.concatenate(probs, 1), np.concatenate(weights, 1)
+      probs, weights = predictions.over_batches(
+          lambda b: self.predict_batch(params, batch_stats, b, split),
+          pipeline.batches(src, bs, size))
     return (probs, weights) if with_weights else probs
 
 

@@ -1,12 +1,14 @@
 """Experiment tracking: one writer per run; metrics.jsonl always, MLflow when enabled.
 
   with Tracker(cfg, workdir, overrides={"seeds": 3}) as t:   # parent_run_id= nests it
-    res = train.train_and_evaluate(cfg, workdir, on_epoch=t.log_epoch)
+    res = experiment.train_and_evaluate(cfg, workdir, on_epoch=t.log_epoch)
     t.log_results(res, workdir)
 
 Store: cfg.track.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<workdir/..>/mlflow.db.
-Nothing here raises into training: a store that is down or lost mid-run turns the
-tracker "degraded" and its events go to <workdir>/tracking_buffer.jsonl, which
+The tracker only records: the files it logs are made by the run's evaluations
+(m6jax.evaluate.evals). Nothing here raises into training but a failure to write
+metrics.jsonl (a contracted output): a store that is down or lost mid-run turns
+the tracker "degraded" and its events go to <workdir>/tracking_buffer.jsonl, which
 `python -m m6jax.track.tracker replay WORKDIR` pushes later. mlflow is imported lazily.
 
 Metric names (step = epoch for per-epoch series, 0 for final values):
@@ -30,7 +32,6 @@ import logging
 import os
 import time
 
-from m6jax.evaluate import curves
 from m6jax.evaluate import metrics as metrics_lib
 from m6jax.files import write_json
 from m6jax.track import mlflow_store
@@ -285,9 +286,10 @@ class Tracker:
     """on_epoch callback: a metrics.jsonl line, and per-seed / mean metrics at step=epoch."""
     if not self.writer:
       return
+    # metrics.jsonl is a contracted output: failing to write it fails the run.
+    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(record, default=float) + "\n")
     try:
-      with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")
       if self.enabled and int(record["epoch"]) not in self._logged_steps:
         self._queue({"event": "metrics", "metrics": epoch_metrics(record, self.seeds),
                      "step": int(record["epoch"]), "timestamp": int(time.time() * 1000)})
@@ -310,17 +312,12 @@ class Tracker:
       self._emit({"event": "tags", "tags": {k: param_str(v) for k, v in tags.items()}})
 
   def log_results(self, results: dict, workdir: str | None = None):
-    """Final metrics, training_curves.png, the dataset input and the run's files."""
+    """Final metrics, the dataset input and the run's files (made by its evaluations,
+    m6jax.evaluate.evals: the tracker only records)."""
     workdir = os.path.abspath(workdir or self.workdir)
+    if not self.enabled:
+      return
     try:
-      if results.get("history") and self.writer:
-        curves.plot_training_curves(
-            results["history"], os.path.join(workdir, "training_curves.png"),
-            results.get("seeds"), self.run_name,
-            (results.get("validation") or {}).get("best_epoch"),
-            (results.get("validation") or {}).get("select_by", "macro_f1"))
-      if not self.enabled:
-        return
       self.log_metrics(final_metrics(results))
       ev = dataset_event(results.get("data") or {})
       if ev:

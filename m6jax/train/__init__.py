@@ -1,1 +1,2 @@
-"""Pure steps, the K-replica trainers (frozen / fine-tuning), optimizers, checkpoints, folds."""
+"""Pure steps, the K-replica trainers (frozen / fine-tuning), the one prediction path,
+optimizers, checkpoints, folds."""

@@ -17,7 +17,7 @@ import tqdm
 from m6jax import mesh as mesh_lib
 from m6jax.data import pipeline, tokenize
 from m6jax.models import fusion
-from m6jax.train import optim, steps
+from m6jax.train import optim, predictions, steps
 from m6jax.train.trainer import Trainer, head_module
 
 log = logging.getLogger(__name__)
@@ -61,26 +61,20 @@ class FinetuneTrainer(Trainer):
     self.eval_batch_sharding = mesh_lib.batch_sharding(self.mesh, False)
     self._step = jax.jit(self._replicated_step(per_seed), donate_argnums=(0,),
                          out_shardings=(self.replicas, self.outputs))
-    predict = functools.partial(steps.predict_step, apply_fn=self.model.apply)
-    self._predict = jax.jit(jax.vmap(predict, in_axes=(0, 0, None), spmd_axis_name="seed"),
-                            out_shardings=self.outputs)
+    self._predict = predictions.replica_predict(self.model.apply, frozen=False,
+                                                out_shardings=self.outputs,
+                                                spmd_axis_name="seed")
 
   # --- model inputs -----------------------------------------------------------
   def inputs(self, batch: dict, split: str) -> dict:
-    """A pipeline batch -> the Classifier's input dict (numpy)."""
-    out = {"label": batch["label"], "mask": batch["mask"]}
-    if self.image_tower is not None:
-      out["image"] = batch["image"]
+    """A pipeline batch -> the Classifier's input dict (numpy; m6jax.train.predictions)."""
+    tok = None
     if self.text_tower is not None:
-      toks = tokenize.tokenize(self.text_tower.tokenizer, [str(t) for t in batch["text"]],
-                               self.cfg.data.max_text_length)
-      out["input_ids"], out["attention_mask"] = toks["input_ids"], toks["attention_mask"]
-    elif self.text_lookup is not None:
-      table = self.text_lookup[split]
-      dim = len(next(iter(table.values())))
-      out["text_embedding"] = np.stack([table.get(u, np.zeros(dim, np.float32))
-                                        for u in batch["uniq_id"]]).astype(np.float32)
-    return out
+      tok = functools.partial(tokenize.tokenize, self.text_tower.tokenizer,
+                              max_length=self.cfg.data.max_text_length)
+    return predictions.inputs(
+        batch, self.mods, tokenize=tok,
+        text_rows=lambda b: predictions.lookup_rows(self.text_lookup[split], b, split))
 
   def _dummy(self):
     b = {"label": jnp.zeros((1,), jnp.int32), "mask": jnp.ones((1,), bool)}
@@ -185,11 +179,8 @@ class FinetuneTrainer(Trainer):
 
   def predict(self, params, batch_stats, split, with_weights=False):
     """(K, N, C) probabilities (and (K, N, M) modality weights) for a split."""
-    probs, weights = [], []
-    for batch in pipeline.batches(self.sources[split], self.cfg.data.batch_size,
-                                  self.cfg.data.image_size):
-      pr, w = self.predict_batch(params, batch_stats, batch, split)
-      probs.append(np.asarray(pr)[:, batch["mask"]])
-      weights.append(np.asarray(w)[:, batch["mask"]])
-    probs, weights = np.concatenate(probs, 1), np.concatenate(weights, 1)
+    probs, weights = predictions.over_batches(
+        lambda b: self.predict_batch(params, batch_stats, b, split),
+        pipeline.batches(self.sources[split], self.cfg.data.batch_size,
+                         self.cfg.data.image_size))
     return (probs, weights) if with_weights else probs

@@ -22,7 +22,7 @@ class TrainState:
   """One replica's state (a leading K axis on every leaf when vmapped).
 
   best_* hold the parameters of the epoch with the best validation score
-  (`best_f1`: macro-F1, or minus the log-loss with train.select_by='log_loss'),
+  (`best_score`: macro-F1, or minus the log-loss with train.select_by='log_loss'),
   so each replica's selection travels with it through the checkpoint: what is
   saved, scored and served is the same thing. `best_epoch` is the epoch they come
   from (-1 until the first selection): the one definition of "the selected epoch"
@@ -34,13 +34,8 @@ class TrainState:
   opt_state: Any
   best_params: Any
   best_batch_stats: Any
-  best_f1: jax.Array
+  best_score: jax.Array
   best_epoch: jax.Array
-
-
-def replica_keys(seed: int, num: int) -> jax.Array:
-  """(K,) typed keys; replica k uses `jax.random.key(seed + k)`."""
-  return jax.vmap(jax.random.key)(jnp.arange(num) + seed)
 
 
 def epoch_key(key, epoch, salt: int):
@@ -49,7 +44,7 @@ def epoch_key(key, epoch, salt: int):
 
 
 def new_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
-  """A fresh state: step 0, best_* = the initial parameters, best_f1 = -inf,
+  """A fresh state: step 0, best_* = the initial parameters, best_score = -inf,
   best_epoch = -1 (nothing selected yet).
 
   -inf, not -1: with select_by=log_loss the score is -log_loss, which stays below
@@ -60,17 +55,17 @@ def new_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainSta
                     jnp.full((), -1, jnp.int32))
 
 
-def keep_best(state: TrainState, f1, epoch) -> TrainState:
-  """Copies params/batch_stats into best_* and `epoch` into best_epoch where `f1`
-  beats best_f1 (strictly: ties keep the earlier epoch)."""
-  better = f1 > state.best_f1
+def keep_best(state: TrainState, score, epoch) -> TrainState:
+  """Copies params/batch_stats into best_* and `epoch` into best_epoch where `score`
+  beats best_score (strictly: ties keep the earlier epoch)."""
+  better = score > state.best_score
 
   def pick(new, old):
     return jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
 
   return state.replace(best_params=pick(state.params, state.best_params),
                        best_batch_stats=pick(state.batch_stats, state.best_batch_stats),
-                       best_f1=jnp.where(better, f1, state.best_f1),
+                       best_score=jnp.where(better, score, state.best_score),
                        best_epoch=jnp.where(better, jnp.asarray(epoch, jnp.int32),
                                             state.best_epoch))
 

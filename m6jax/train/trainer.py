@@ -27,7 +27,7 @@ import tqdm
 from m6jax import mesh as mesh_lib
 from m6jax.evaluate import metrics as metrics_lib
 from m6jax.models import fusion
-from m6jax.train import checkpoint, folds, optim, preemption, steps
+from m6jax.train import checkpoint, optim, predictions, preemption, steps
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Trainer:
     self.seed_offsets = np.asarray(np.arange(cfg.seeds) if seed_offsets is None
                                    else seed_offsets, np.int32)
     self.num_replicas = len(self.seed_offsets)
+    self.folds = 1   # replicas per seed model (cross-validation: its fold ensemble)
     mcfg = cfg.get("mesh") or {}
     self.mesh = mesh_lib.make_mesh(self.num_replicas, mcfg.get("seed", 0), mcfg.get("data", 0))
     self.replicas = mesh_lib.replica_sharding(self.mesh)
@@ -85,8 +86,13 @@ class Trainer:
                                self.replicas)
 
   def seed_models(self, probs):
-    """(K, N, C) replica probabilities -> (S, N, C), one per seed's model (see FrozenTrainer)."""
-    return np.asarray(probs)
+    """(R, N, C) replica probabilities -> (S, N, C), one per seed's model (with folds:
+    its fold ensemble; m6jax.train.predictions.seed_models)."""
+    return predictions.seed_models(probs, self.folds)
+
+  def ensemble(self, probs):
+    """(R, N, C) replica probabilities -> (N, C), the run's ensemble."""
+    return predictions.ensemble(probs, self.folds)
 
   def validate(self, states, val_labels) -> dict:
     """Per-replica validation scores {'macro_f1', 'accuracy', 'log_loss'}: (K,) each."""
@@ -153,7 +159,7 @@ class Trainer:
                             f"({saved})")
       val = self.validate(states, val_labels)
       val_f1 = val["macro_f1"]
-      score = -val["log_loss"] if cfg.train.get("select_by") == "log_loss" else val_f1
+      score = -val["log_loss"] if cfg.train.select_by == "log_loss" else val_f1
       states = self._keep_best(states, jnp.asarray(score, jnp.float32), epoch)
       rec = {"epoch": epoch, "loss": loss.tolist(),
              "grad_norm": np.asarray(stats["grad_norm"], np.float64).tolist(),
@@ -168,7 +174,7 @@ class Trainer:
       if epoch % max(1, cfg.train.log_every) == 0 or epoch == cfg.train.epochs - 1:
         log.info("epoch %d loss %.4f val macro-F1 %.4f (per seed %s)", epoch, loss.mean(),
                  val_f1.mean(), np.round(val_f1, 4).tolist())
-      every = max(1, cfg.train.get("checkpoint_every", 1))
+      every = cfg.train.checkpoint_every
       if checkpoints is not None and ((epoch + 1) % every == 0 or epoch == cfg.train.epochs - 1):
         checkpoints.save_latest(checkpoint.state_step(states), states,
                                 {"epoch": epoch, "history": history})
@@ -226,6 +232,8 @@ class FrozenTrainer(Trainer):
     super().__init__(cfg, num_classes,
                      plan.min_train if plan is not None else len(labels["train"]),
                      None if plan is None else plan.seed_of_replica)
+    if plan is not None:
+      self.folds = plan.models_per_seed   # fold models (x repeats) per seed
     self.head = head_module(cfg, num_classes)
     self.mods = fusion.modalities(cfg.model.fusion)
     # Cached embeddings are small: every device holds all of them.
@@ -240,13 +248,12 @@ class FrozenTrainer(Trainer):
                              num_classes=num_classes, smoothing=cfg.train.label_smoothing)
     epoch = functools.partial(steps.scan_epoch, step_fn=step, steps=self.steps_per_epoch,
                               batch_size=self.batch_size, constrain=self._constrain)
-    predict = functools.partial(steps.predict_step, apply_fn=self.head.apply)
     self._init = jax.jit(jax.vmap(self._init_one), out_shardings=self.replicas)
     self._epoch = jax.jit(
         self._replicate(epoch, in_axes=(0, None, 0, 0, None, None if plan is None else 0)),
         donate_argnums=(0,), out_shardings=(self.replicas, self.outputs))
-    self._predict = jax.jit(jax.vmap(lambda p, f: predict(p, None, f), in_axes=(0, None)),
-                            out_shardings=self.outputs)
+    self._predict = predictions.replica_predict(self.head.apply, frozen=True,
+                                                out_shardings=self.outputs)
 
   def validate(self, states, val_labels) -> dict:
     """Per-replica validation scores; with folds, each replica on its selection rows
@@ -256,23 +263,6 @@ class FrozenTrainer(Trainer):
     probs = np.asarray(self.predict(states.params, None, "pool"))
     return validation_scores(probs, self.labels["pool"], self.num_classes,
                              self.plan.select_mask)
-
-  def out_of_fold_scores(self, params) -> dict:
-    """Cross-validation scores of the pooled rows, each predicted by the replicas that did
-    not train on it, per repeat, as mean and std over repeats, and per fold model
-    ('per_fold_accuracy', 'fold_rows': [repeats * folds], for a corrected t-test)
-    (folds.cv_scores)."""
-    return folds.cv_scores(self.predict(params, None, "pool"), np.asarray(self.labels["pool"]),
-                           self.plan, functools.partial(validation_scores,
-                                                        num_classes=self.num_classes))
-
-  def seed_models(self, probs):
-    """(R, N, C) replica probabilities -> (S, N, C): with folds, each seed's model is the
-    mean of its fold (x repeat) replicas (a fold ensemble); without, the replicas."""
-    probs = np.asarray(probs)
-    if self.plan is None:
-      return probs
-    return probs.reshape(self.plan.models_per_seed, -1, *probs.shape[1:]).mean(0)
 
   @staticmethod
   def _replicate(fn, in_axes):
@@ -311,20 +301,3 @@ class FrozenTrainer(Trainer):
     """(K, N, C) probabilities (and (K, N, M) modality weights) for a split."""
     probs, weights = self._predict(params, self.feats[split])
     return (probs, weights) if with_weights else probs
-
-  def modality_importance(self, params, split="test") -> dict:
-    """Accuracy of the seed ensemble with each modality's embedding zeroed (what
-    modality dropout trains the head to cope with): {'full': acc, 'without_<m>': acc,
-    'drop_<m>': full - without}."""
-    labels = np.asarray(self.labels[split])
-
-    def acc(f):
-      probs = np.asarray(self.predict_features(params, f)[0])
-      return float((probs.mean(0).argmax(-1) == labels).mean())
-
-    feats = {m: np.asarray(v) for m, v in self.feats[split].items()}
-    out = {"full": acc(feats)}
-    for m in self.mods:
-      out[f"without_{m}"] = acc(dict(feats, **{m: np.zeros_like(feats[m])}))
-      out[f"drop_{m}"] = out["full"] - out[f"without_{m}"]
-    return out
