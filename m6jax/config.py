@@ -49,7 +49,8 @@ MIN = {   # key -> smallest allowed value
     "data.label_depth": 1, "data.max_image_pixels": 1, "data.max_image_side": 1,
     "data.min_class_count": 0, "data.split_seed": 0,
     "train.log_every": 1, "train.checkpoint_every": 1, "train.warmup_steps": 0, "model.hidden": 0,
-    "model.text.tfidf_dim": 1, "explain.n_per_class": 1, "explain.ig_steps": 1, "mesh.seed": 0, "mesh.data": 0,
+    "model.text.tfidf_dim": 1, "explain.n_per_class": 1, "mesh.seed": 0, "mesh.data": 0,
+    "explain.ig_steps": 1,
 }
 UNIT = ("model.dropout", "model.modality_dropout", "train.label_smoothing")   # in [0, 1)
 GROUP_KEYS = ("regex", "lr_mult", "unfreeze_at", "unfreeze_at_epoch")

@@ -161,6 +161,8 @@ def _explain(cfg, workdir: str, results_dict: dict) -> None:
   results_dict["gradcam"] = {"method": ex.method, "stability": out["stability"],
                              "gallery": os.path.relpath(out["gallery"], workdir),
                              "timings": out["timings"]}
+  if out.get("explain"):   # words, modality split, deletion curves (m6jax.explain.multimodal)
+    results_dict["explain"] = out["explain"]
   log.info("Grad-CAM: replica stability %.3f, gallery %s", out["stability"], out["gallery"])
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 
 import numpy as np
 
 from m6jax import files
+from m6jax import mesh as mesh_lib
 from m6jax.data import pipeline
 from m6jax.explain import faithfulness, modality
 from m6jax.explain import text as text_lib
@@ -197,3 +199,33 @@ def write_predict_explanations(cfg, run, params, products, probs, path: str) -> 
 
   files.atomic_write(path, write)
   return path
+
+
+def explain_split(cfg, run, params, split: str, ids, labels, preds, images, maps,
+                  text_feats, out_dir: str):
+  """m6jax.explain.run's hook: words, modality split and faithfulness of the
+  test split of a frozen two-tower-or-text run, after its Grad-CAM pass.
+
+  images uint8 (N, S, S, 3), maps (N, S, S) the gallery's Grad-CAM maps, preds
+  (N,) ensemble predictions, text_feats (N, Dt) the run's text embeddings or
+  None. Writes `<out_dir>/explanations.json` (per product) and returns
+  (results.json 'explain' entry, gallery captions (N,)); (None, None) when
+  the run or split is not explained (finetune runs, new products).
+  """
+  if run.mode != "frozen" or split != "test":
+    log.info("word/modality explanations: frozen runs' test split only (mode %s, split %s)",
+             run.mode, split)
+    return None, None
+  texts = [str(t) for t in run.cols["test"]["text"]]
+  res = explain_products(cfg, run, params, texts, preds, images=images, maps=maps,
+                         text_feats=text_feats, faithful=True)
+  caps = [caption(res["items"][i], shares(res, i)) for i in range(len(ids))]
+  if mesh_lib.is_writer():
+    files.write_json(os.path.join(out_dir, "explanations.json"),
+                     {"summary": res["summary"],
+                      "products": per_product(res, ids, labels, preds, run.class_names)})
+  s = res["summary"]
+  log.info("explanations: text deletion %s; image deletion %s; completeness %s",
+           (s.get("text") or {}).get("deletion"), (s.get("image") or {}).get("deletion"),
+           (s.get("text") or {}).get("completeness"))
+  return s, caps

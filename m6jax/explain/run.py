@@ -28,7 +28,7 @@ from m6jax import files
 from m6jax import mesh as mesh_lib
 from m6jax.data import catalogue, pipeline
 from m6jax.explain import gallery as gallery_lib
-from m6jax.explain import gradcam
+from m6jax.explain import gradcam, multimodal  # multimodal: words, modality split (issue 26)
 from m6jax.inference.restore import restore  # the one call into "rebuild a finished run"
 from m6jax.models import fusion, towers
 
@@ -167,6 +167,7 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
   per_image, preds, probs_all = [], [], []
   picks = {}  # (class, correct?) -> [(image, cam, row)], filled up to n_per_class
   t_stab = 0.0
+  kept = []  # (images, maps) of every batch, for the word/modality explanations
 
   def dispatch(b, start):
     nonlocal pert
@@ -192,6 +193,7 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
     probs_all.append(np.asarray(out["probs"])[m])
     shown = np.asarray(out["mean_cams"])[m] if maps == "mean" else cams[0]
     imgs = np.asarray(b["image"])[m]
+    kept.append((imgs, shown))
     for i in range(int(m.sum())):
       row = start + i
       key = (int(pr[i]), True) if labels is None else (
@@ -230,17 +232,22 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
             for c in range(len(run.class_names))}
   sel = sorted((r for bucket in picks.values() for r in bucket), key=lambda t: t[2])
   rows = [s[2] for s in sel]
+  expl, caps = multimodal.explain_split(
+      cfg, run, params, split, ids, labels, preds, np.concatenate([k[0] for k in kept]),
+      np.concatenate([k[1] for k in kept]), text, out_dir)
+  t_words = time.perf_counter()
   g = os.path.join(out_dir, "gallery.png")
   if mesh_lib.is_writer():
     gallery_lib.gallery(
         np.stack([s[0] for s in sel]), np.stack([s[1] for s in sel]),
         None if labels is None else labels[rows], preds[rows], run.class_names,
-        g, per_class=n_per_class, title=title, probs=probs[rows, preds[rows]], counts=counts)
+        g, per_class=n_per_class, title=title, probs=probs[rows, preds[rows]], counts=counts,
+        captions=None if caps is None else [caps[r] for r in rows])
   t_gallery = time.perf_counter()
 
   finite = lambda v: None if not np.isfinite(v) else float(v)  # noqa: E731
   timings = {"restore": t_restore - t0, "gradcam": t_maps - t_restore,
-             "stability": t_stab, "gallery": t_gallery - t_maps,
+             "stability": t_stab, "words": t_words - t_maps, "gallery": t_gallery - t_words,
              "total": t_gallery - t0}
   rep = {
       "method": method, "target": "ensemble prediction", "maps_in_gallery": maps,
@@ -262,7 +269,8 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
   log.info("Grad-CAM (%s) of %d images: replica stability %.4f; gallery %s (%.1f s)", method,
            len(per_image), stab, g, timings["total"])
   return {"stability": stab, "gallery": g, "report": rpath, "accuracy": acc,
-          "n": int(len(per_image)), "probs": probs, "uniq_id": ids, "timings": timings}
+          "n": int(len(per_image)), "probs": probs, "uniq_id": ids, "timings": timings,
+          "explain": expl}
 
 
 # --- CLI -----------------------------------------------------------------------
