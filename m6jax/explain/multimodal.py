@@ -101,7 +101,8 @@ def explain_products(cfg, run, params, texts, targets, images=None, maps=None,
     out["items"] = explainer.explain(texts, image_emb if "image" in mods else None, targets)
     s = out["summary"]["text"] = {"method": type(explainer).__name__}
     if isinstance(explainer, text_lib.BertText):
-      s |= {"steps": int(cfg.explain.ig_steps), "baseline": cfg.explain.ig_baseline}
+      s |= {"steps": int(cfg.explain.get("ig_steps", 32)),
+            "baseline": cfg.explain.get("ig_baseline", "pad")}
     if faithful:
       if isinstance(explainer, text_lib.BertText):
         s["completeness"] = faithfulness.completeness(out["items"])
