@@ -226,3 +226,14 @@ def test_deletion_prefers_attributed_words_and_pixels():
   p = lambda x: np.stack([x.mean((1, 2, 3)) / 255, 1 - x.mean((1, 2, 3)) / 255], 1)  # noqa: E731
   d = faithfulness.image_deletion(imgs, maps, p, np.zeros(4, int))
   assert d["attributed"] > d["random"]
+
+
+def test_deletion_goes_to_mlflow_metrics():
+  from m6jax.track import tracker
+  res = {"explain": {"text": {"deletion": {"1": {"attributed": 0.2, "random": 0.05},
+                                           "3": {"attributed": 0.3, "random": 0.1}}},
+                     "image": {"deletion": {"attributed": 0.04, "random": 0.01, "fraction": 0.1}}}}
+  m = tracker.final_metrics(res)
+  assert m["explain/text/deletion/top3/attributed"] == 0.3
+  assert m["explain/text/deletion/top1/random"] == 0.05
+  assert m["explain/image/deletion/random"] == 0.01 and "explain/image/deletion/fraction" not in m
