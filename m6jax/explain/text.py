@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 BASELINES = ("pad", "zero")
 BUCKET = 64    # token rows are padded to a multiple of this: few compiled shapes
@@ -215,6 +218,7 @@ class BertText:
         img = np.zeros((self.bs, image_emb.shape[1]), np.float32)
         img[:len(rows)] = image_emb[rows]
       res = jax.device_get(self._ig(tp, self.head_params, ids, mask, special, img, tgt))
+      log.info("integrated gradients: %d of %d texts", idx[-1] + 1, len(seqs))
       for j, r in enumerate(rows):
         n = len(seqs[r])
         toks = self.tower.tokenizer.convert_ids_to_tokens(seqs[r])
