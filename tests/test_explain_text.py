@@ -225,8 +225,12 @@ def test_deletion_prefers_attributed_words_and_pixels():
   maps = np.zeros((4, 10, 10))
   maps[:, :3, :4] = 1.0
   p = lambda x: np.stack([x.mean((1, 2, 3)) / 255, 1 - x.mean((1, 2, 3)) / 255], 1)  # noqa: E731
-  d = faithfulness.image_deletion(imgs, maps, p, np.zeros(4, int))
-  assert d["attributed"] > d["random"]
+  d = faithfulness.image_deletion(imgs, maps, p, np.zeros(4, int), (5, 5))
+  assert d["attributed"] > d["random"] and d["attributed"] > d["random_pixels"]
+  # The random regions are smooth blobs at the map's grid, of the same area.
+  noise = faithfulness.random_maps(2, (5, 5), (10, 10), seed=0)
+  assert noise.shape == (2, 10, 10)
+  assert np.sum(faithfulness.delete_pixels(imgs[:2], noise) != imgs[:2]) > 0
 
 
 def test_deletion_goes_to_mlflow_metrics():

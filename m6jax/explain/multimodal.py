@@ -15,6 +15,7 @@ import csv
 import logging
 import os
 
+import jax
 import numpy as np
 
 from m6jax import files
@@ -112,8 +113,10 @@ def explain_products(cfg, run, params, texts, targets, images=None, maps=None,
   if faithful and images is not None and maps is not None and "image" in mods:
     def of_images(imgs):
       return probs_of(dict(feats, image=image_embeddings(run, imgs)))
+    tower = run.image_tower
+    grid = jax.eval_shape(tower.feature_map, tower.variables, images[:1]).shape[1:3]
     out["summary"]["image"] = {"deletion": faithfulness.image_deletion(
-        images, maps, of_images, targets, seed=cfg.seed)}
+        images, maps, of_images, targets, grid, seed=cfg.seed)}
   return out
 
 
