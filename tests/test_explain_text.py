@@ -136,6 +136,13 @@ def test_word_pieces_merge_into_words():
   assert where == [[1], [2, 3, 4], [5], [6, 7]]
   # A stray continuation at the start is its own word.
   assert text_lib.merge_word_pieces(["##x", "y"], [1.0, 2.0])[0] == ["x", "y"]
+  # Occurrences of one word become one word: scores summed, positions joined.
+  toks = ["[CLS]", "mug", "set", "mug", "##s", "mug", "[SEP]"]
+  w, s, p = text_lib.group_words(*text_lib.merge_word_pieces(toks, np.arange(7.0), {"[CLS]",
+                                                                                     "[SEP]"}))
+  assert w == ["mug", "set", "mugs"]
+  np.testing.assert_allclose(s, [1 + 5, 2, 3 + 4])
+  assert p == [[1, 5], [2], [3, 4]]
 
 
 def test_tfidf_terms_add_up_exactly():

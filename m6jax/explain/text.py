@@ -20,8 +20,9 @@ contributes t_j (P^T v)_j / ||f||: the contributions add up exactly to
 logit(text, image) - logit(no text, image).
 
 Word level: BERT word pieces ('##' continuations) are merged into words by
-summing their scores; a TF-IDF bigram's contribution is split evenly between
-its two words.
+summing their scores, and a word's occurrences into one score (as TF-IDF
+counts a term once per text); a TF-IDF bigram's contribution is split evenly
+between its two words.
 """
 
 from __future__ import annotations
@@ -154,6 +155,21 @@ def merge_word_pieces(tokens, scores, special=()) -> tuple[list[str], np.ndarray
   return words, np.asarray(sums, np.float64), where
 
 
+def group_words(words, scores, where) -> tuple[list[str], np.ndarray, list[list[int]]]:
+  """Occurrences -> distinct words (first-seen order): a word's score is the sum
+  over its occurrences, its positions their union (deleting it removes all)."""
+  index, out_w, out_s, out_p = {}, [], [], []
+  for w, s, p in zip(words, scores, where):
+    if w not in index:
+      index[w] = len(out_w)
+      out_w.append(w)
+      out_s.append(0.0)
+      out_p.append([])
+    out_s[index[w]] += float(s)
+    out_p[index[w]].extend(p)
+  return out_w, np.asarray(out_s, np.float64), out_p
+
+
 @dataclasses.dataclass
 class Explained:
   """One product's word attributions."""
@@ -222,8 +238,8 @@ class BertText:
       for j, r in enumerate(rows):
         n = len(seqs[r])
         toks = self.tower.tokenizer.convert_ids_to_tokens(seqs[r])
-        words, scores, where = merge_word_pieces(toks, res["tokens"][j, :n],
-                                                 self.special_tokens)
+        words, scores, where = group_words(*merge_word_pieces(toks, res["tokens"][j, :n],
+                                                              self.special_tokens))
         out[r] = Explained(words, scores, float(res["f"][j]), float(res["f_base"][j]),
                            where, np.asarray(seqs[r]))
     return out
