@@ -103,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.explain = ml_collections.ConfigDict(dict(
       enabled=True, method="gradcam",   # gradcam | gradcam++ | hirescam
       n_per_class=3,                     # gallery: correct and wrong examples per class
+      words=True,                        # word attributions + deletion curves (test split)
       ig_steps=32,                       # integrated gradients (BERT text): Gauss-Legendre steps
       ig_baseline="pad"))                # pad: word pieces -> [PAD] embedding | zero
   c.track = ml_collections.ConfigDict(dict(

@@ -32,7 +32,7 @@ TOP = 5   # words per product in captions and predict columns
 
 def text_explainer(cfg, run, params):
   """BertText / TfidfText for a frozen run whose head reads text; None (logged) otherwise."""
-  if "text" not in run.mods:
+  if "text" not in run.mods or not cfg.explain.get("words", True):
     return None
   if run.mode != "frozen":
     log.warning("text attributions: only frozen runs are explained (this run is %s)", run.mode)
