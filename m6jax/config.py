@@ -40,6 +40,7 @@ CHOICES = {
     "data.on_bad_row": ("skip", "fail"),
     "data.rare_classes": ("drop", "fail"),
     "explain.method": gradcam.METHODS,
+    "explain.ig_baseline": ("pad", "zero"),   # m6jax.explain.text.BASELINES
 }
 # (key, old value) -> new value, for values whose meaning was renamed.
 RENAMED = {("train.bn", "frozen"): "fixed"}
@@ -51,6 +52,7 @@ MIN = {   # key -> smallest allowed value
     "train.log_every": 1, "train.checkpoint_every": 1, "train.warmup_steps": 0, "model.hidden": 0,
     "model.text.tfidf_dim": 1, "explain.n_per_class": 1, "mesh.seed": 0, "mesh.data": 0,
     "evaluate.bootstrap_resamples": 2000, "evaluate.bootstrap_seed": 0,
+    "explain.ig_steps": 1,
 }
 UNIT = ("model.dropout", "model.modality_dropout", "train.label_smoothing")   # in [0, 1)
 GROUP_KEYS = ("regex", "lr_mult", "unfreeze_at", "unfreeze_at_epoch")

@@ -122,7 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
   # --- explain / track ----------------------------------------------------------
   c.explain = ml_collections.ConfigDict(dict(
       enabled=True, method="gradcam",   # gradcam | gradcam++ | hirescam
-      n_per_class=3))                    # gallery: correct and wrong examples per class
+      n_per_class=3,                     # gallery: correct and wrong examples per class
+      words=True,                        # word attributions + deletion curves (test split)
+      ig_steps=32,                       # integrated gradients (BERT text): Gauss-Legendre steps
+      ig_baseline="pad"))                # pad: word pieces -> [PAD] embedding | zero
   c.track = ml_collections.ConfigDict(dict(
       enabled=True,                      # False: no MLflow (metrics.jsonl is still written)
       uri="",                            # '' = $MLFLOW_TRACKING_URI, else sqlite:///<workdir/..>/mlflow.db

@@ -433,7 +433,7 @@ def _check_outputs(out_dir, res, replicas):
   assert rep["n_images"] == res["n"] > 0 and rep["replicas"] == replicas
   assert -1 <= res["stability"] <= 1
   assert rep["stability_mean_spearman"] == pytest.approx(res["stability"])
-  assert set(rep["timings"]) == {"restore", "gradcam", "stability", "gallery", "total"}
+  assert set(rep["timings"]) == {"restore", "gradcam", "stability", "words", "gallery", "total"}
   assert all(v >= 0 for v in rep["timings"].values())
   return rep
 

@@ -31,6 +31,8 @@ from m6jax import mesh as mesh_lib
 from m6jax.evaluate import curves, feasibility, results
 from m6jax.explain import run as explain_lib
 from m6jax.features import cache, prepare
+from m6jax.inference import bundle as bundle_lib
+from m6jax.inference import restore
 from m6jax.models import fusion
 from m6jax.train import folds as folds_lib
 from m6jax.train import trainer as trainer_lib
@@ -63,6 +65,7 @@ class Results(TypedDict, total=False):
   cross_validation: dict
   feasibility: dict
   gradcam: dict
+  explain: dict          # words, modality split, deletion curves (m6jax.explain.multimodal)
   timings: dict          # seconds per phase (setup, train, evaluate, feasibility, explain), total
 
 
@@ -177,14 +180,21 @@ def gradcam(ctx: Context) -> dict:
     return {}
   host = lambda tree: jax.tree.map(mesh_lib.to_host, tree)  # noqa: E731
   ex = cfg.explain
+  # The word/modality explanations read the towers through the run's bundle (saved
+  # before the evaluations); the parameters are still the in-memory states scored.
+  words = (restore.Inference(bundle_lib.load(bundle_lib.directory(ctx.workdir)))
+           if ex.words else None)
   out = explain_lib.explain(cfg, ctx.run, ctx.run.trainer, host(ctx.states.best_params),
                             host(ctx.states.best_batch_stats) or {},
                             os.path.join(ctx.workdir, "gradcam"),
-                            n_per_class=ex.n_per_class, method=ex.method)
+                            n_per_class=ex.n_per_class, method=ex.method, words_model=words)
   log.info("Grad-CAM: replica stability %.3f, gallery %s", out["stability"], out["gallery"])
-  return {"gradcam": {"method": ex.method, "stability": out["stability"],
+  part = {"gradcam": {"method": ex.method, "stability": out["stability"],
                       "gallery": os.path.relpath(out["gallery"], ctx.workdir),
                       "timings": out["timings"]}}
+  if out.get("explain"):   # words, modality split, deletion curves (m6jax.explain.multimodal)
+    part["explain"] = out["explain"]
+  return part
 
 
 # name -> (function of the Context, the timings phase it counts under)

@@ -91,15 +91,25 @@ def _row_label(ax, name: str, count, has_labels: bool) -> None:
             va="top", fontsize=FONT, color="0.3", transform=ax.transAxes)
 
 
+def _caption(ax, text):
+  """Under an image: its top words and modality split (m6jax.explain.multimodal.caption)."""
+  if text:
+    ax.set_anchor("C")   # room below the image as well as above
+    lines = "\n".join(_wrap(t, TITLE_CHARS) for t in str(text).split("\n"))
+    ax.text(0.5, -0.03, lines, ha="center", va="top", fontsize=FONT, color="0.15",
+            transform=ax.transAxes, linespacing=1.1)
+
+
 def gallery(images, cams, labels, preds, class_names, path: str, per_class: int = 3,
             title: str | None = None, alpha: float = 0.45, probs=None, counts=None,
-            dpi: int = 100) -> str:
+            dpi: int = 100, captions=None) -> str:
   """Overlays grouped by class in a grid, saved as a PNG at `path`.
 
   images uint8 (N, H, W, 3), cams (N, H, W) in [0, 1], preds (N,) int, labels
   (N,) int or None. probs (N,): optional confidence of each prediction, shown in
   its cell. counts: optional {class: (n_correct, n_wrong)} over all explained
-  images, shown under the row label. Only classes (rows) and columns that hold
+  images, shown under the row label. captions (N,): optional text under each
+  image (top words, modality split). Only classes (rows) and columns that hold
   an image are drawn. Returns path.
   """
   preds = np.asarray(preds)
@@ -118,6 +128,8 @@ def gallery(images, cams, labels, preds, class_names, path: str, per_class: int 
   title_h = (0.22 * (title.count("\n") + 1) + 0.2) if title else 0.0
   header_h = 0.55  # two lines of header
   cell_h = CELL + 0.5  # room for a two-line cell title
+  if captions is not None:
+    cell_h += 0.8      # and for a three-line caption below (images centred in their cells)
   heights = [header_h] + [cell_h] * len(rows)
   fig = Figure(figsize=(fig_w, sum(heights) + title_h))
   FigureCanvasAgg(fig)
@@ -149,6 +161,7 @@ def gallery(images, cams, labels, preds, class_names, path: str, per_class: int 
       i = int(ok[j])
       ax.imshow(overlay(images[i], cams[i], alpha))
       _frame(ax, CORRECT if has_labels else NEUTRAL)
+      _caption(ax, None if captions is None else captions[i])
       if probs is not None:
         ax.set_title(f"p = {float(probs[i]):.2f}", fontsize=FONT, color="0.2", pad=3)
     for j, col in enumerate(bad_cols):
@@ -162,6 +175,7 @@ def gallery(images, cams, labels, preds, class_names, path: str, per_class: int 
       i = int(bad[j])
       ax.imshow(overlay(images[i], cams[i], alpha))
       _frame(ax, WRONG)
+      _caption(ax, None if captions is None else captions[i])
       t = class_names[int(preds[i])] + ("" if probs is None else f" ({float(probs[i]):.2f})")
       ax.set_title(_wrap(t, TITLE_CHARS), fontsize=FONT, color=WRONG, pad=3)
   if title:

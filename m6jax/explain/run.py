@@ -28,7 +28,7 @@ from m6jax import files
 from m6jax import mesh as mesh_lib
 from m6jax.data import catalogue, pipeline
 from m6jax.explain import gallery as gallery_lib
-from m6jax.explain import gradcam
+from m6jax.explain import gradcam, multimodal  # multimodal: words, modality split
 from m6jax.inference.restore import restore  # the one call into "rebuild a finished run"
 from m6jax.models import fusion, towers
 
@@ -148,6 +148,7 @@ class _Maps:
     self.pert = None
     self.per_image, self.preds, self.probs = [], [], []
     self.picks = {}   # (class, correct?) -> [(image, cam, row)], up to n_per_class
+    self.kept = []    # (images, shown maps) of every batch, for the word/modality explanations
     self.t_stab = 0.0
 
   def dispatch(self, b, start):
@@ -172,6 +173,7 @@ class _Maps:
     self.probs.append(np.asarray(out["probs"])[m])
     shown = np.asarray(out["mean_cams"])[m] if self.maps == "mean" else cams[0]
     imgs = np.asarray(b["image"])[m]
+    self.kept.append((imgs, shown))
     labels = self.labels
     for i in range(int(m.sum())):
       row = start + i
@@ -198,7 +200,7 @@ class _Maps:
     self.probs = np.concatenate(self.probs)
 
 
-def _draw_gallery(cfg, class_names, mp: _Maps, labels, path, title) -> None:
+def _draw_gallery(cfg, class_names, mp: _Maps, labels, path, title, captions=None) -> None:
   """gallery.png of the picked images (correct and wrong per class), by row order."""
   preds = mp.preds
   by = labels if labels is not None else preds
@@ -210,7 +212,7 @@ def _draw_gallery(cfg, class_names, mp: _Maps, labels, path, title) -> None:
       np.stack([s[0] for s in sel]), np.stack([s[1] for s in sel]),
       None if labels is None else labels[rows], preds[rows], class_names,
       path, per_class=mp.n_per_class, title=title, probs=mp.probs[rows, preds[rows]],
-      counts=counts)
+      counts=counts, captions=None if captions is None else [captions[r] for r in rows])
 
 
 def _report(cfg, class_names, mp: _Maps, ids, labels, split, which, timings) -> dict:
@@ -238,7 +240,7 @@ def _report(cfg, class_names, mp: _Maps, ids, labels, split, which, timings) -> 
 
 def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 3,
             method: str = "gradcam", csv=None, images=None, which: str = "best",
-            maps: str = "mean", t0: float | None = None) -> dict:
+            maps: str = "mean", t0: float | None = None, words_model=None) -> dict:
   """Grad-CAM gallery and replica stability of a run's states into `out_dir`.
 
   run / model: the run's data and model sides (`_rows`, `_cam_model`): a
@@ -251,7 +253,9 @@ def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 
   Returns {'stability': mean over images, 'gallery': path, 'report': path,
   'accuracy': ensemble accuracy (None without labels), 'n': images explained,
   'probs': (n, C) ensemble probabilities, 'uniq_id': their ids,
-  'timings': {phase: seconds}}.
+  'timings': {phase: seconds}, 'explain': words, modality split and deletion curves
+  (m6jax.explain.multimodal) or None}. words_model: the restored Inference that gives
+  the towers for the word/modality explanations (None: none computed).
   """
   if maps not in MAPS:
     raise ValueError(f"maps must be one of {MAPS}, got {maps!r}")
@@ -272,13 +276,22 @@ def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 
   which_maps = f"mean of {k} replicas' maps" if maps == "mean" else f"replica 0 of {k}"
   title = (f"{method} ({which_maps}), target = ensemble prediction; {cfg.model.image.name}, "
            f"{split} split; replica stability (Spearman) {stab:.3f}")
+  expl, caps = None, None
+  if words_model is not None:
+    os.makedirs(out_dir, exist_ok=True)
+    expl, caps = multimodal.explain_split(
+        cfg, words_model, params, split, ids, labels, mp.preds,
+        np.concatenate([k[0] for k in mp.kept]), np.concatenate([k[1] for k in mp.kept]),
+        text, out_dir)
+  t_words = time.perf_counter()
   g = os.path.join(out_dir, "gallery.png")
   if mesh_lib.is_writer():   # every process computes the maps; one writes them
     os.makedirs(out_dir, exist_ok=True)
-    _draw_gallery(cfg, run.class_names, mp, labels, g, title)
+    _draw_gallery(cfg, run.class_names, mp, labels, g, title, caps)
   t_gallery = time.perf_counter()
   timings = {"restore": t_restore - t0, "gradcam": t_maps - t_restore,
-             "stability": mp.t_stab, "gallery": t_gallery - t_maps, "total": t_gallery - t0}
+             "stability": mp.t_stab, "words": t_words - t_maps, "gallery": t_gallery - t_words,
+             "total": t_gallery - t0}
   rep = _report(cfg, run.class_names, mp, ids, labels, split, which, timings)
   rpath = os.path.join(out_dir, "stability.json")
   if mesh_lib.is_writer():
@@ -286,7 +299,8 @@ def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 
   log.info("Grad-CAM (%s) of %d images: replica stability %.4f; gallery %s (%.1f s)", method,
            len(mp.per_image), stab, g, timings["total"])
   return {"stability": stab, "gallery": g, "report": rpath, "accuracy": rep["ensemble_accuracy"],
-          "n": int(len(mp.per_image)), "probs": mp.probs, "uniq_id": ids, "timings": timings}
+          "n": int(len(mp.per_image)), "probs": mp.probs, "uniq_id": ids, "timings": timings,
+          "explain": expl}
 
 
 def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv=None,
@@ -306,7 +320,8 @@ def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv
   if out_dir is None:
     out_dir = os.path.join(workdir, "gradcam") if csv is None else output_dir(workdir)
   return explain(cfg, run, run, params, stats, out_dir, n_per_class=n_per_class,
-                 method=method, csv=csv, images=images, which=which, maps=maps, t0=t0)
+                 method=method, csv=csv, images=images, which=which, maps=maps, t0=t0,
+                 words_model=run if cfg.explain.words else None)
 
 
 # --- CLI -----------------------------------------------------------------------

@@ -34,6 +34,7 @@ from absl import app, flags, logging
 
 from m6jax import files
 from m6jax.data import catalogue, images, pipeline
+from m6jax.explain import multimodal
 from m6jax.inference import restore
 
 FLAGS = flags.FLAGS
@@ -48,6 +49,8 @@ def _define_flags():
   flags.DEFINE_string("out", "predictions.csv", "output CSV")
   flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "which saved parameters")
   flags.DEFINE_enum("on_bad_row", None, ["skip", "fail"], "default: the run's data.on_bad_row")
+  flags.DEFINE_bool("explain", False, "also write <out>.explain.csv: per-row top words and "
+                    "modality shares (m6jax.explain.multimodal)")
   flags.mark_flags_as_required(["workdir", "csv"])
 
 
@@ -358,8 +361,10 @@ def predict_products(run, params, batch_stats, products: list[Product]) -> np.nd
 
 
 def predict(workdir: str, csv_path: str, image_dir: str | None, out: str,
-            which: str = "best", on_bad_row: str | None = None) -> Predictions:
-  """Writes `out` (and `<out>.data_report.{txt,json}`); returns the Predictions."""
+            which: str = "best", on_bad_row: str | None = None,
+            explain: bool = False) -> Predictions:
+  """Writes `out` (and `<out>.data_report.{txt,json}`, with explain `<out>.explain.csv`);
+  returns the Predictions."""
   _, run, params, stats = restore.restore(workdir, which)
   if "image" in run.mods and image_dir is None:
     raise catalogue.DataError(f"the model of {workdir} reads images: give their folder "
@@ -375,6 +380,9 @@ def predict(workdir: str, csv_path: str, image_dir: str | None, out: str,
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   res.write_report(out)
   res.write_csv(out)
+  if explain:
+    multimodal.write_predict_explanations(run.cfg, run, params, products, res.probs,
+                                          out + ".explain.csv")
   if noted:
     logging.warning("%s", res.summary())
   r = res.report()
@@ -387,7 +395,8 @@ def predict(workdir: str, csv_path: str, image_dir: str | None, out: str,
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  predict(FLAGS.workdir, FLAGS.csv, FLAGS.images, FLAGS.out, FLAGS.checkpoint, FLAGS.on_bad_row)
+  predict(FLAGS.workdir, FLAGS.csv, FLAGS.images, FLAGS.out, FLAGS.checkpoint, FLAGS.on_bad_row,
+          FLAGS.explain)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Metric names (step = epoch for per-epoch series, 0 for final values):
                                mean over seeds); metric: accuracy, macro_f1
   val/best_<metric>            the values at each seed's selected epoch (TrainState.best_epoch)
   feasibility/<emb>/{ari,nmi}, gradcam/stability, importance/<modality>/{drop,without},
+  explain/text/deletion/top<k>/{attributed,random}, explain/image/deletion/{attributed,random},
   time/<phase>_s               analysis and timings, when the results have them
 """
 
@@ -175,6 +176,11 @@ def final_metrics(results: dict) -> dict:
     kind, _, mod = k.partition("_")
     if kind in ("drop", "without") and mod:
       out[f"importance/{mod}/{kind}"] = v
+  ex = results.get("explain") or {}   # deletion curves (m6jax.explain.faithfulness)
+  for k, d in ((ex.get("text") or {}).get("deletion") or {}).items():
+    out |= {f"explain/text/deletion/top{k}/{w}": d[w] for w in ("attributed", "random")}
+  d = (ex.get("image") or {}).get("deletion") or {}
+  out |= {f"explain/image/deletion/{w}": d[w] for w in ("attributed", "random") if w in d}
   timings = results.get("timings") or results.get("timing_s") or {}
   out |= {f"time/{k}_s": v for k, v in timings.items()}
   return {k: float(v) for k, v in out.items()}
