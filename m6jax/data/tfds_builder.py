@@ -21,7 +21,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from m6jax import files
+from m6jax import console, files
 from m6jax.data import catalogue, images
 
 log = logging.getLogger(__name__)
@@ -291,8 +291,9 @@ def prepare(data_cfg):
       return done
     builder = ProductCatalogue(data_dir=data_dir, config=cfg, file_format="array_record",
                                rows_by_split=parts)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    with console.third_party_output():   # TFDS's banner and per-split bars
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(["uniq_id", "split", "category", "line"])

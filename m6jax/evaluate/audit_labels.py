@@ -27,8 +27,9 @@ def flagged_issues(labels, oof_probs, filter_by: str = "prune_by_noise_rate") ->
   """(N,) labels, (N, C) out-of-fold probabilities -> indices that cleanlab's
   confident-learning filter flags as label issues (unordered set semantics)."""
   from cleanlab import filter as cl_filter   # optional heavy import: only the audit needs it
+  # n_jobs=1: cleanlab's worker pool would fork this multithreaded (JAX) process.
   mask = cl_filter.find_label_issues(np.asarray(labels), _normalised(oof_probs),
-                                     filter_by=filter_by)
+                                     filter_by=filter_by, n_jobs=1)
   return np.flatnonzero(mask)
 
 
@@ -171,8 +172,8 @@ def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None =
 
 def main(argv=None):
   import argparse
-  import logging
 
+  from m6jax import console
   p = argparse.ArgumentParser(prog="python -m m6jax.evaluate.audit_labels", description=(
       "Rank suspected label errors of a frozen-mode run's catalogue by confident learning "
       "on out-of-fold probabilities."))
@@ -180,8 +181,10 @@ def main(argv=None):
   p.add_argument("--folds", type=int, default=5)
   p.add_argument("--top", type=int, default=16, help="suspects shown in label_issues.png")
   p.add_argument("--out", default=None, help="output folder (default: the workdir)")
+  p.add_argument("--verbosity", type=int, default=None,
+                 help="show every library's log at this absl level (-1, 0, 1)")
   a = p.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING)
+  console.setup(a.verbosity)
   s = audit(a.workdir, a.folds, a.top, a.out)
   print(f"{s['suspects']} suspected label issues ({s['flagged']} flagged by confident "
         f"learning) among {s['products']} products "
