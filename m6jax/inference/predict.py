@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from m6jax import console, files
-from m6jax.data import catalogue, images, pipeline
+from m6jax.data import catalogue, images, pipeline, tokenize
 from m6jax.inference import restore
 
 FLAGS = flags.FLAGS
@@ -323,6 +323,15 @@ def _finish(run, p: Product, has_image: bool) -> bool:
   return True
 
 
+def _head(run, params, feats: dict, n: int) -> np.ndarray:
+  """The frozen-mode head on n rows of features -> (K, n, C), the rows padded to
+  tokenize.bucket(n): requests of any size reuse a few compiled programs."""
+  size = tokenize.bucket(n)
+  padded = {m: np.pad(f, ((0, size - n), (0, 0))) for m, f in feats.items()}
+  pr, _ = run.predict_features(params, padded)
+  return np.asarray(pr)[:, :n]
+
+
 def predict_products(run, params, batch_stats, products: list[Product]) -> np.ndarray:
   """Products -> float32 (N, C) ensemble probabilities (NaN rows where not predicted).
 
@@ -347,9 +356,9 @@ def predict_products(run, params, batch_stats, products: list[Product]) -> np.nd
             order.extend(i for i, _, _ in group)
             yield _batch(run, group, (), bs)
             group = []
-        if group:
+        if group:   # a partial batch: rounded up (bucket), not to bs
           order.extend(i for i, _, _ in group)
-          yield _batch(run, group, (), bs)
+          yield _batch(run, group, (), tokenize.bucket(len(group), bs))
 
       gen = batches()
       first = next(gen, None)
@@ -370,16 +379,16 @@ def predict_products(run, params, batch_stats, products: list[Product]) -> np.nd
       if with_text:
         feats["text"][with_text] = run.text_features_for([products[ok[j]].text
                                                           for j in with_text])
-    pr, _ = run.predict_features(params, feats)
-    probs[ok] = run.ensemble(pr)
+    probs[ok] = run.ensemble(_head(run, params, feats, len(ok)))
     return probs
 
   groups: dict[tuple, list] = {}
 
   def flush(missing):
     group = groups.pop(missing)
-    pr, _ = run.predict_batch(params, batch_stats, _batch(run, group, missing, bs),
-                                "predict")
+    size = tokenize.bucket(len(group), bs)
+    pr, _ = run.predict_batch(params, batch_stats, _batch(run, group, missing, size),
+                              "predict")
     probs[[i for i, _, _ in group]] = run.ensemble(np.asarray(pr)[:, :len(group)])
 
   for i, img in stream:

@@ -46,9 +46,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
+from PIL import Image
 
 from m6jax import workdir as workdir_lib
-from m6jax.data import catalogue
+from m6jax.data import catalogue, images
 from m6jax.inference import bundle as bundle_lib
 from m6jax.inference import predict, restore
 from m6jax.models.weights import sources as weights_lib
@@ -85,7 +86,8 @@ class Settings:
       raise ValueError(f"image folder {image_dir!r} (image_dir / ${IMAGES_ENV}) is not a folder")
     limits = {}
     for key, default in DEFAULT_LIMITS.items():
-      raw = conf.get(key, environ.get(LIMIT_ENV[key], default))
+      raw = conf.get(key)
+      raw = environ.get(LIMIT_ENV[key], default) if raw is None else raw
       try:
         limits[key] = int(raw)
       except (TypeError, ValueError):
@@ -137,10 +139,22 @@ class Model(mlflow.pyfunc.PythonModel):
   """pyfunc around a run's inference bundle and checkpoint (see the module docstring)."""
 
   def load_context(self, context):
+    from m6jax import experiment  # not at the top: m6jax.experiment imports this module
     self.settings = Settings.resolve(getattr(context, "model_config", None))
     self._run, self._params, self._stats = restore.load(
         context.artifacts["bundle"], context.artifacts["run"],
         weights=shipped_weights(context.artifacts))
+    experiment.use_xla_cache(self._run.cfg)   # a restarted server loads its programs
+    self._warm_up()
+
+  def _warm_up(self) -> None:
+    """One blank product through the towers and the head, so the programs of a
+    one-row request are compiled before the server answers its first request."""
+    mods = self._run.mods
+    blank = images.encode_jpeg(Image.new("RGB", (32, 32), (128, 128, 128)))
+    p = predict.Product(0, 0, "warm-up", text="warm up" if "text" in mods else "",
+                        image_bytes=blank if "image" in mods else b"")
+    predict.predict_products(self._run, self._params, self._stats, [p])
 
   def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
     """DataFrame of new products -> DataFrame (uniq_id, predicted, p_<class>, note)."""
@@ -250,7 +264,10 @@ def pyfunc_args(workdir: str):
     artifacts = {"bundle": b.path, "run": run} | stage_weights(b, os.path.join(tmp, "weights"))
     yield Model(), {"artifacts": artifacts,
                     "code_paths": [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
-                    "signature": signature(b), "pip_requirements": _requirements()}
+                    "signature": signature(b), "pip_requirements": _requirements(),
+                    # The keys mlflow.pyfunc.load_model(model_config=...) may set; None:
+                    # the environment variable, else the default (Settings.resolve).
+                    "model_config": dict.fromkeys(["image_dir", *DEFAULT_LIMITS])}
 
 
 def log_model(workdir: str, name: str = NAME, **kwargs):
