@@ -284,3 +284,58 @@ def log_to(tracker, workdir: str, name: str = NAME):
   model URI, or None when the tracker does not log (see Tracker.log_pyfunc)."""
   with pyfunc_args(workdir) as (model, save_kwargs):
     return tracker.log_pyfunc(model, name, **save_kwargs)
+
+
+# --- serving a run ----------------------------------------------------------------
+
+def model_location(workdir: str) -> tuple[str, str]:
+  """A run's (model URI, tracking URI), from its tracking.json (older runs: the
+  store's logged models of the run). Raises FileNotFoundError saying why not."""
+  from m6jax.track import mlflow_store
+  state = mlflow_store.read_json(os.path.join(workdir, mlflow_store.STATE)) or {}
+  if not state.get("run_id"):
+    raise FileNotFoundError(f"{workdir}: no tracked MLflow run ({mlflow_store.STATE} missing "
+                            "or empty): was it trained with track.enabled and log_model?")
+  if state.get("model_uri"):
+    return state["model_uri"], state["uri"]
+  client = mlflow_store.client(state["uri"])
+  run = client.get_run(state["run_id"])
+  found = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                      filter_string=f"source_run_id = '{state['run_id']}'")
+  if not found:
+    raise FileNotFoundError(f"{workdir}: MLflow run {state['run_id']} has no logged model")
+  return f"models:/{found[0].model_id}", state["uri"]
+
+
+def main(argv=None) -> None:
+  import argparse
+  import sys
+  p = argparse.ArgumentParser(prog="python -m m6jax.inference.serve", description=(
+      "Serve a run's logged model with `mlflow models serve` (this Python's environment)."))
+  p.add_argument("workdir", help="a finished, tracked training run")
+  p.add_argument("port", nargs="?", type=int, default=5001)
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--images", default=None, help=f"image folder (${IMAGES_ENV}): rows may "
+                 "name files in it; without one, photos come as base64 in image_b64")
+  p.add_argument("--workers", type=int, default=1)
+  a = p.parse_args(argv)
+  try:
+    model_uri, tracking_uri = model_location(a.workdir)
+  except (FileNotFoundError, MlflowException) as e:
+    sys.exit(f"serve: {e}")
+  bindir = os.path.dirname(sys.executable)
+  # mlflow starts uvicorn by name: this environment's bin/ goes first on PATH.
+  env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+             MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true")
+  env.setdefault("HF_HUB_OFFLINE", "1")
+  if a.images:
+    env[IMAGES_ENV] = os.path.abspath(a.images)
+  print(f"serving {model_uri} at http://{a.host}:{a.port}/invocations (image folder: "
+        f"{env.get(IMAGES_ENV) or 'none, photos as base64 in ' + B64_COLUMN})", flush=True)
+  os.execve(os.path.join(bindir, "mlflow"),
+            ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "-h", a.host, "-p", str(a.port), "-w", str(a.workers)], env)
+
+
+if __name__ == "__main__":
+  main()
