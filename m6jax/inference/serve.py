@@ -152,7 +152,9 @@ class Model(mlflow.pyfunc.PythonModel):
     one-row request are compiled before the server answers its first request."""
     mods = self._run.mods
     blank = images.encode_jpeg(Image.new("RGB", (32, 32), (128, 128, 128)))
-    p = predict.Product(0, 0, "warm-up", text="warm up" if "text" in mods else "",
+    # A text of max_text_length tokens or more: the row length most descriptions reach.
+    text = " ".join(["warm"] * int(self._run.cfg.data.max_text_length))
+    p = predict.Product(0, 0, "warm-up", text=text if "text" in mods else "",
                         image_bytes=blank if "image" in mods else b"")
     predict.predict_products(self._run, self._params, self._stats, [p])
 
