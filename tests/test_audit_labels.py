@@ -1,5 +1,7 @@
 """Label-issue audit: planted label flips are found by confident learning on OOF probabilities."""
 
+import multiprocessing
+
 import numpy as np
 from cleanlab import filter as cl_filter
 from cleanlab import rank as cl_rank
@@ -66,3 +68,19 @@ def test_csv_and_gallery_are_written(tmp_path):
   img = np.zeros((16, 16, 3), np.uint8)
   audit_labels.plot_suspects(rows[:3], [img] * 3, ["some text"] * 3, str(tmp_path / "g.png"))
   assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_confident_learning_runs_in_this_process(monkeypatch):
+  """cleanlab's default worker pool forks, and forking a multithreaded (JAX) process
+  can deadlock: the audit asks for one job."""
+  def no_pool(*args, **kwargs):
+    raise AssertionError("cleanlab started a process pool")
+
+  monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+  monkeypatch.setattr(multiprocessing, "cpu_count", lambda: 4)   # a pool would be used
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(3), 20)
+  probs = rng.dirichlet(np.ones(3), len(labels)) + 2.0 * np.eye(3)[labels]
+  flagged = audit_labels.flagged_issues(labels, probs)
+  assert set(flagged.tolist()) == set(np.flatnonzero(cl_filter.find_label_issues(
+      labels, probs / probs.sum(1, keepdims=True), n_jobs=1)).tolist())
