@@ -328,7 +328,8 @@ def main(argv=None) -> None:
   bindir = os.path.dirname(sys.executable)
   # mlflow starts uvicorn by name: this environment's bin/ goes first on PATH.
   env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
-             MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true")
+             MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true",
+             MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
   env.setdefault("HF_HUB_OFFLINE", "1")
   if a.images:
     env[IMAGES_ENV] = os.path.abspath(a.images)

@@ -145,6 +145,8 @@ class Trainer:
       # A quiet console has the bar's loss / val_f1: the last epoch's line is enough.
       periodic = epoch % max(1, cfg.train.log_every) == 0 and not (progress and console.quiet())
       if periodic or epoch == cfg.train.epochs - 1:
+        if epoch == cfg.train.epochs - 1:
+          bar.close()   # the last line goes below the bar, not into its frame
         log.info("epoch %d loss %.4f val macro-F1 %.4f (per seed %s)", epoch, loss.mean(),
                  val_f1.mean(), np.round(val_f1, 4).tolist())
       every = max(1, cfg.train.get("checkpoint_every", 1))
