@@ -159,4 +159,4 @@ def test_logged_mlflow_model_predicts_as_the_predict_cli(tmp_path_factory, tmp_p
   for r, (_, g) in zip(rows, got.iterrows()):
     assert r["predicted"] == g["predicted"] and r["note"] == g["note"]
     assert [r[f"p_{c}"] for c in want.classes] == [
-        "" if g[f"p_{c}"] is None else f"{g[f'p_{c}']:.6f}" for c in want.classes]
+        "" if pd.isna(g[f"p_{c}"]) else f"{g[f'p_{c}']:.6f}" for c in want.classes]
