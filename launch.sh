@@ -6,7 +6,8 @@
 #   ./launch.sh run CONFIG WORKDIR [ARGS...]   one experiment
 #   ./launch.sh sweep FILE [ARGS...]   a sweep (experiments/*.py) into runs/<name>/, resumable
 #   ./launch.sh compare ROOT [ARGS...] table + plot + best cell of a sweep (runs/<name>)
-#   ./launch.sh ui [ARGS...]     MLflow UI for runs/mlflow.db on http://127.0.0.1:5000
+#   ./launch.sh ui [ARGS...]     MLflow UI for runs/mlflow.db (default http://127.0.0.1:5000)
+#   ./launch.sh serve RUN [PORT] [--images DIR]   the run's logged model on 127.0.0.1:PORT (5001)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${M6JAX_VENV:-.venv}
@@ -52,8 +53,19 @@ case "$cmd" in
   ui)
     # The store `run`/`sweep` write by default (workdirs under runs/).
     mkdir -p runs
-    echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (runs view)"
-    MLFLOW_DISABLE_TELEMETRY=true exec "$PY" -m mlflow ui --backend-store-uri "sqlite:///$PWD/runs/mlflow.db" \
-      --host 127.0.0.1 --port 5000 "$@" ;;
-  *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    host=127.0.0.1; port=5000; prev=""
+    for a in "$@"; do   # the link names the host and port actually served (the last given)
+      case "$prev" in -p|--port) port=$a ;; -h|--host) host=$a ;; esac
+      case "$a" in --port=*) port=${a#--port=} ;; --host=*) host=${a#--host=} ;; esac
+      prev=$a
+    done
+    echo "MLflow UI: http://$host:$port/#/experiments?workflowType=machine_learning (runs view)"
+    # One web worker and no GenAI job runner: a few processes instead of ~15.
+    PATH="$(cd "$(dirname "$PY")" && pwd):$PATH" MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+      exec "$PY" -m mlflow ui --backend-store-uri "sqlite:///$PWD/runs/mlflow.db" \
+      --host 127.0.0.1 --port 5000 --workers 1 "$@" ;;
+  serve)
+    # mlflow models serve --env-manager local of the run's model (m6jax.inference.serve).
+    exec "$PY" -m m6jax.inference.serve "$@" ;;
+  *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -4,6 +4,10 @@ Any config field can be overridden: --config.train.epochs=5 --config.seeds=3
 The run is tracked in MLflow (m6jax.track.tracker; store: runs/mlflow.db for runs/<name>),
 or not with --config.track.enabled=False.
 
+The console shows one line per phase, warnings and the final summary
+(m6jax.console); --verbosity=0 (absl's flag: -1 warnings, 0 info, 1 debug) shows
+every library's log as well.
+
 Rerunning into a workdir resumes its checkpoint when the config, dataset and
 code version match; otherwise it refuses, naming what differs (--restart
 discards the old checkpoint). Config and workdir errors print one line and
@@ -14,11 +18,11 @@ after one line saying how to resume.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from m6jax import config as config_lib
-from m6jax import experiment, files, workdir
+from m6jax import console, experiment, files, workdir
 from m6jax.train import preemption
 
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
@@ -54,7 +58,7 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  console.setup(FLAGS.verbosity if FLAGS["verbosity"].present else None)
   try:   # experiment.run validates the config first, then starts multi-host JAX
     experiment.run(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart,
                    overrides=config_flags.get_override_values(FLAGS["config"]))

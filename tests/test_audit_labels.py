@@ -1,6 +1,7 @@
 """Label-issue audit: planted label flips are found by confident learning on OOF probabilities."""
 
 import csv
+import multiprocessing
 import os
 
 import numpy as np
@@ -108,3 +109,18 @@ def test_audit_of_a_run_writes_train_validation_and_test_apart(tiny_catalogue, t
   assert not main_ids & test_ids       # no test product among the train+validation suspects
   assert (tmp_path / "run" / "label_issues_test.csv").is_file()
 
+
+def test_confident_learning_runs_in_this_process(monkeypatch):
+  """cleanlab's default worker pool forks, and forking a multithreaded (JAX) process
+  can deadlock: the audit asks for one job."""
+  def no_pool(*args, **kwargs):
+    raise AssertionError("cleanlab started a process pool")
+
+  monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+  monkeypatch.setattr(multiprocessing, "cpu_count", lambda: 4)   # a pool would be used
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(3), 20)
+  probs = rng.dirichlet(np.ones(3), len(labels)) + 2.0 * np.eye(3)[labels]
+  flagged = audit_labels.flagged_issues(labels, probs)
+  assert set(flagged.tolist()) == set(np.flatnonzero(cl_filter.find_label_issues(
+      labels, probs / probs.sum(1, keepdims=True), n_jobs=1)).tolist())

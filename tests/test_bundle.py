@@ -133,30 +133,32 @@ def test_logged_mlflow_model_predicts_as_the_predict_cli(tmp_path_factory, tmp_p
     exp = mlflow.create_experiment("serve", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=exp):
       info = serve.log_model(wd)
-    model = mlflow.pyfunc.load_model(info.model_uri)
+    model = mlflow.pyfunc.load_model(info.model_uri,
+                                     model_config={"image_dir": run["new_images"]})
   # The same model logged through the tracker's seam (its own run and store).
   cfg = ml_collections.ConfigDict({"name": "m"})
   with tracker_lib.Tracker(cfg, str(tmp_path / "t" / "m")) as t:
     uri = serve.log_to(t, wd)
   with _use_tracking_uri(t.uri):
-    tracked = mlflow.pyfunc.load_model(uri)
+    tracked = mlflow.pyfunc.load_model(uri, model_config={"image_dir": run["new_images"]})
   # New products: the run's test products plus a row without a photo and one with nothing.
   frame = pd.read_csv(run["new_csv"], dtype=str, keep_default_na=False)
   extra = dict(frame.iloc[0], uniq_id="no_photo", image="missing.jpg")
   frame = pd.concat([frame, pd.DataFrame([extra, dict(extra, uniq_id="nothing",
                                                       product_name="", description="")])],
                     ignore_index=True)
-  got = model.predict(frame, params={"images": run["new_images"]})
+  got = model.predict(frame)
   path = str(tmp_path / "new.csv")
   frame.to_csv(path, index=False)
   want = predict.predict(wd, path, run["new_images"], str(tmp_path / "pred.csv"))
-  pd.testing.assert_frame_equal(got, want.to_frame())
-  pd.testing.assert_frame_equal(tracked.predict(frame, params={"images": run["new_images"]}), got)
+  pd.testing.assert_frame_equal(got, serve.json_safe(want.to_frame()))
+  pd.testing.assert_frame_equal(tracked.predict(frame), got)
   assert got["note"].iloc[-2] == "missing image: no such file: text only"
   assert got["predicted"].iloc[-1] == "" and got.iloc[-1].filter(like="p_").isna().all()
+  assert all(v is None for v in got.iloc[-1].filter(like="p_"))   # JSON null, not NaN
   with open(tmp_path / "pred.csv") as f:
     rows = list(csv.DictReader(f))
   for r, (_, g) in zip(rows, got.iterrows()):
     assert r["predicted"] == g["predicted"] and r["note"] == g["note"]
     assert [r[f"p_{c}"] for c in want.classes] == [
-        "" if np.isnan(g[f"p_{c}"]) else f"{g[f'p_{c}']:.6f}" for c in want.classes]
+        "" if pd.isna(g[f"p_{c}"]) else f"{g[f'p_{c}']:.6f}" for c in want.classes]

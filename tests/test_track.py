@@ -263,8 +263,19 @@ def test_log_pyfunc_seam(tmp_path):
 
   cfg = ml_collections.ConfigDict({"name": "m"})
   with tracker_lib.Tracker(cfg, str(tmp_path / "runs" / "m")) as t:
+    for epoch, loss in enumerate([2.0, 1.0, 0.5]):
+      t.log_epoch({"epoch": epoch, "loss": [loss]})
+    t.log_metrics({"test/accuracy": 0.9})   # a final score, step 0
     uri = t.log_pyfunc(Double(), pip_requirements=[])
   assert uri.startswith("models:/")
+  # The URI is saved with the run and printed in its summary.
+  with open(tmp_path / "runs" / "m" / "tracking.json") as f:
+    assert json.load(f)["model_uri"] == uri
+  assert uri in t.summary()
+  # The model's page shows the last epoch's metrics and the final scores.
+  linked = {m.key: (m.step, m.value) for m in _client(t.uri).get_logged_model(
+      uri.split("/")[-1]).metrics}
+  assert linked["train/loss"] == (2, 0.5) and linked["test/accuracy"] == (0, 0.9)
   from mlflow.tracking._tracking_service.utils import _use_tracking_uri
   with _use_tracking_uri(t.uri):
     model = mlflow.pyfunc.load_model(uri)

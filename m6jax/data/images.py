@@ -68,8 +68,10 @@ def check_size(w: int, h: int, limits: Limits) -> None:
                      "(data.max_image_pixels)")
 
 
-def load_image(path: str, limits: Limits, short_side: int | None = None) -> Image.Image:
-  """Checks, fully decodes and converts an image file to RGB (H, W) with H, W >= 1.
+def load_image(path: str | bytes, limits: Limits, short_side: int | None = None
+               ) -> Image.Image:
+  """Checks, fully decodes and converts an image file (or its bytes) to RGB (H, W),
+  H, W >= 1.
 
   `short_side`: when given, the result is shrunk (never enlarged) so its shorter
   side is <= short_side. JPEGs are then decoded at reduced scale (`draft`), so
@@ -77,14 +79,17 @@ def load_image(path: str, limits: Limits, short_side: int | None = None) -> Imag
   fully, then box-reduced to >= 2 x short_side before conversion.
   Raises ImageError (missing, too large, corrupt) with the reason.
   """
-  if not os.path.isfile(path):
+  if isinstance(path, bytes):
+    if not path:
+      raise ImageError("missing image: no bytes")
+  elif not os.path.isfile(path):
     raise ImageError("missing image: " + ("not a file" if os.path.exists(path) else
                                           "no such file"))
   try:
     with warnings.catch_warnings():
       # `limits` decides; PIL's global bomb check would only warn or raise later.
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      with Image.open(path) as img:      # lazy: reads the header only
+      with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:      # lazy: reads the header only
         check_size(*img.size, limits)
         if short_side and img.format == "JPEG":
           img.draft("RGB", _scaled(*img.size, short_side))

@@ -52,8 +52,9 @@ def square_image(img: np.ndarray, size: int, rng: np.random.Generator | None = N
   return np.ascontiguousarray(out)
 
 
-def image_from_file(path: str, data_cfg) -> np.ndarray:
-  """A new product's photo -> uint8 (S, S, 3), exactly as a stored training image.
+def image_from_file(path: str | bytes, data_cfg) -> np.ndarray:
+  """A new product's photo (file path, or the file's bytes) -> uint8 (S, S, 3), exactly
+  as a stored training image.
 
   Stored images were checked, converted (images.load_image), shrunk to
   `store_size` and JPEG re-encoded; doing the same here keeps prediction

@@ -22,7 +22,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from m6jax import files
+from m6jax import console, files
 from m6jax.data import catalogue, images, twins
 
 log = logging.getLogger(__name__)
@@ -355,8 +355,9 @@ def prepare(data_cfg):
       return done
     builder = ProductCatalogue(data_dir=data_dir, config=cfg, file_format="array_record",
                                rows_by_split=parts)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    with console.third_party_output():   # TFDS's banner and per-split bars
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     _write_split_csv(builder.data_dir, parts, found.key_of)
     report.write(builder.data_dir)          # data_report.json last: marks the build done
   log.info("built %s: %s", builder.data_dir, report.split_counts)

@@ -77,8 +77,15 @@ def pack_rows(lengths: Sequence[int], row_length: int,
   return rows
 
 
+def bucket(n: int, cap: int | None = None) -> int:
+  """The power of two >= n (at least 1), at most max(n, cap): shapes rounded up to
+  it let repeated small calls (serving) reuse a few compiled programs."""
+  b = 1 << max(0, int(n) - 1).bit_length()
+  return max(int(n), min(b, cap)) if cap is not None else b
+
+
 def packed_batches(ids_list: Sequence[Sequence[int]], batch_size: int, segments_per_row: int,
-                   pad_id: int = 0, row_length: int | None = None):
+                   pad_id: int = 0, row_length: int | None = None, pad_rows: bool = False):
   """Token id lists (N,) -> [(index, input_ids, segment_ids, position_ids)].
 
   The texts packed by pack_rows into rows of row_length tokens (default: the
@@ -86,12 +93,14 @@ def packed_batches(ids_list: Sequence[Sequence[int]], batch_size: int, segments_
   rows), so every batch has one shape. input_ids, segment_ids (1.. per text,
   0: padding) and position_ids (restarting at 0 per text) are int32 (B, L);
   index (B, segments_per_row) int64 is the text at each (row, segment), -1
-  where none.
+  where none. pad_rows: fewer rows than batch_size are padded to bucket(rows).
   """
   lengths = [len(x) for x in ids_list]
   row_length = row_length or max(lengths)
   rows = pack_rows(lengths, row_length, segments_per_row)
   num_rows = min(batch_size, len(rows))
+  if pad_rows:
+    num_rows = bucket(num_rows, batch_size)
   out = []
   for start in range(0, len(rows), num_rows):
     ids = np.full((num_rows, row_length), pad_id, np.int32)
@@ -129,8 +138,11 @@ def embed_texts(apply_fn: Callable, tokenizer, texts: Sequence[str], batch_size:
     raise ValueError("embed_texts: no texts")
   fn = apply_fn if hasattr(apply_fn, "lower") else jax.jit(apply_fn)
   ids_list = tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+  # Rows and row length rounded up (bucket): a few texts at a time (serving) reuse a
+  # handful of compiled shapes; a whole catalogue keeps (batch_size, max_length).
   batches = packed_batches(ids_list, batch_size, apply_fn.segments_per_row,
-                           tokenizer.pad_token_id or 0)
+                           tokenizer.pad_token_id or 0,
+                           bucket(max(len(x) for x in ids_list), max_length), pad_rows=True)
   if progress is None:
     progress = len(batches) > 4
   if progress:

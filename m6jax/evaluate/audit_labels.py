@@ -34,8 +34,9 @@ def flagged_issues(labels, oof_probs, filter_by: str = "prune_by_noise_rate") ->
   """(N,) labels, (N, C) out-of-fold probabilities -> indices that cleanlab's
   confident-learning filter flags as label issues (unordered set semantics)."""
   from cleanlab import filter as cl_filter   # optional heavy import: only the audit needs it
+  # n_jobs=1: cleanlab's worker pool would fork this multithreaded (JAX) process.
   mask = cl_filter.find_label_issues(np.asarray(labels), _normalised(oof_probs),
-                                     filter_by=filter_by)
+                                     filter_by=filter_by, n_jobs=1)
   return np.flatnonzero(mask)
 
 
@@ -213,8 +214,8 @@ def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None =
 
 def main(argv=None):
   import argparse
-  import logging
 
+  from m6jax import console
   p = argparse.ArgumentParser(prog="python -m m6jax.evaluate.audit_labels", description=(
       "Rank suspected label errors of a frozen-mode run's catalogue by confident learning "
       "on out-of-fold probabilities."))
@@ -225,8 +226,10 @@ def main(argv=None):
   p.add_argument("--include-test", action="store_true",
                  help="also audit the test products, apart (label_issues_test.*), with the "
                       "models trained on train + validation")
+  p.add_argument("--verbosity", type=int, default=None,
+                 help="show every library's log at this absl level (-1, 0, 1)")
   a = p.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING)
+  console.setup(a.verbosity)
   s = audit(a.workdir, a.folds, a.top, a.out, a.include_test)
   print(f"{s['suspects']} suspected label issues ({s['flagged']} flagged by confident "
         f"learning) among {s['products']} train + validation products "

@@ -207,12 +207,10 @@ def embed_texts(cfg, tower, texts) -> np.ndarray:
   padding stays small and one call compiles one shape.
   """
   from m6jax.data import tokenize
-  from m6jax.models import bert
 
-  # Parameters are an argument of the jitted function, not constants baked
-  # into the compiled program.
-  fn = bert.make_embed_fn(tower.module, tower.params["params"])
+  # Parameters are an argument of the jitted function (TextTower.embed_fn), not
+  # constants baked into the compiled program.
   bs = cfg.data.batch_size
-  return np.asarray(tokenize.embed_texts(fn, tower.tokenizer, list(texts), bs,
+  return np.asarray(tokenize.embed_texts(tower.embed_fn, tower.tokenizer, list(texts), bs,
                                          cfg.data.max_text_length), np.float32)
 

@@ -263,6 +263,15 @@ class Bundle:
                         f"different runs ({'; '.join(diff)}): was the workdir restarted "
                         "without finishing training?")
 
+  def with_weights(self, specs: dict) -> "Bundle":
+    """A copy whose towers {modality: weight spec} read their weights from elsewhere
+    (a logged model's own copy); verify_weights still checks them against training."""
+    meta = json.loads(json.dumps(self.meta))
+    for m, spec in specs.items():
+      meta["towers"][m]["weights"] = spec
+      meta["config"]["model"][m]["weights"] = spec
+    return Bundle(self.path, meta)
+
   def verify_weights(self, roles=None) -> None:
     """Checks the weight files of the towers `roles` (default: all) against training."""
     for role, tower in self.meta["towers"].items():

@@ -23,6 +23,8 @@ noted row stops the run before anything is written.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import dataclasses
 import itertools
@@ -32,8 +34,8 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from m6jax import files
-from m6jax.data import catalogue, images, pipeline
+from m6jax import console, files
+from m6jax.data import catalogue, images, pipeline, tokenize
 from m6jax.explain import multimodal
 from m6jax.inference import restore
 
@@ -62,6 +64,7 @@ class Product:
   uniq_id: str
   text: str = ""        # the catalogue text ('' when empty or unused)
   image: str = ""       # image path ('' when missing or unused)
+  image_bytes: bytes = b""   # the photo itself (served requests' base64 column), else b""
   problems: list = dataclasses.field(default_factory=list)   # [(field, file, reason)]
   error: str = ""       # why the row cannot be predicted at all
   missing: tuple = ()   # modalities predicted as zeros (missing input)
@@ -172,14 +175,26 @@ def _image_path(image_dir: str | None, name: str) -> str:
   return os.path.abspath(name)
 
 
-class _Reader:
-  """Fields of one row -> Product; remembers ids to flag duplicates."""
+PATHS_REFUSED = ("image path refused: this server reads no image files (it has no image "
+                 "folder); send the photo itself, base64-encoded")
 
-  def __init__(self, run, image_dir: str | None):
+
+class _Reader:
+  """Fields of one row -> Product; remembers ids to flag duplicates.
+
+  image_dir: folder image names are confined to; None: names are used as given,
+  or refused (every one, with the same note) when refuse_paths. b64_column: a
+  column holding the photo's bytes (base64), used when a row fills it.
+  """
+
+  def __init__(self, run, image_dir: str | None, refuse_paths: bool = False,
+               b64_column: str | None = None):
     self.pre = run.bundle.preprocessing
     self.cols = self.pre["columns"]
     self.mods = run.mods
     self.image_dir = image_dir
+    self.refuse_paths = refuse_paths and image_dir is None
+    self.b64_column = b64_column
     self.seen: dict[str, int] = {}
 
   def __call__(self, row: int, line: int, fields: dict, error: str = "") -> Product:
@@ -207,13 +222,27 @@ class _Reader:
         fields_ = "+".join(cols[r] for r in self.pre["text_fields"])
         p.problems.append((fields_, "", "empty text"))
     if "image" in self.mods:
-      name = get("image")
-      try:
-        p.image = _image_path(self.image_dir, name)
-      except images.ImageError as e:
-        shown = os.path.join(self.image_dir, name) if self.image_dir and name else name
-        p.problems.append((cols["image"], shown, str(e)))
+      blob = fields.get(self.b64_column) if self.b64_column else None
+      if isinstance(blob, str) and blob.strip():
+        try:
+          p.image_bytes = base64.b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+          p.problems.append((self.b64_column, "", "corrupt image: not valid base64"))
+      else:
+        self._image(p, get("image"))
     return p
+
+  def _image(self, p: Product, name: str) -> None:
+    field = self.cols["image"]
+    if self.refuse_paths and name:
+      # One note for every name: nothing on this machine is looked at.
+      p.problems.append((field, "", PATHS_REFUSED))
+      return
+    try:
+      p.image = _image_path(self.image_dir, name)
+    except images.ImageError as e:
+      shown = os.path.join(self.image_dir, name) if self.image_dir and name else name
+      p.problems.append((field, shown, str(e)))
 
 
 def read_csv(run, csv_path: str, image_dir: str | None) -> list[Product]:
@@ -226,12 +255,21 @@ def read_csv(run, csv_path: str, image_dir: str | None) -> list[Product]:
   return [read(i, rec.line, rec.fields, rec.error) for i, rec in enumerate(records, 1)]
 
 
-def read_frame(run, frame, image_dir: str | None = None) -> list[Product]:
-  """A pandas DataFrame of new products (the catalogue's columns) -> Products."""
-  missing = [c for c in _required_columns(run.bundle, run.mods) if c not in frame.columns]
+def read_frame(run, frame, image_dir: str | None = None, *, refuse_paths: bool = False,
+               b64_column: str | None = None) -> list[Product]:
+  """A pandas DataFrame of new products (the catalogue's columns) -> Products.
+
+  With b64_column, a row may give its photo's bytes there (base64) instead of
+  a file name, and the frame needs only one of the two columns; refuse_paths:
+  see _Reader.
+  """
+  need = _required_columns(run.bundle, run.mods)
+  if b64_column and "image" in run.mods and b64_column in frame.columns:
+    need.remove(run.bundle.preprocessing["columns"]["image"])
+  missing = [c for c in need if c not in frame.columns]
   if missing:
     raise catalogue.DataError(f"input: missing column(s) {missing}; found {list(frame.columns)}")
-  read = _Reader(run, image_dir)
+  read = _Reader(run, image_dir, refuse_paths, b64_column)
   return [read(i, i, rec) for i, rec in enumerate(frame.to_dict("records"), 1)]
 
 
@@ -243,14 +281,14 @@ def _decoded(run, products, idx):
   field = run.bundle.preprocessing["columns"]["image"]
   for i in idx:
     p = products[i]
-    if not p.image:
+    if not (p.image or p.image_bytes):
       yield i, None
       continue
     try:
-      yield i, pipeline.image_from_file(p.image, run.data_cfg)
+      yield i, pipeline.image_from_file(p.image_bytes or p.image, run.data_cfg)
     except images.ImageError as e:
       p.problems.append((field, p.image, str(e)))
-      p.image = ""
+      p.image, p.image_bytes = "", b""
       yield i, None
 
 
@@ -289,6 +327,15 @@ def _finish(run, p: Product, has_image: bool) -> bool:
   return True
 
 
+def _head(run, params, feats: dict, n: int) -> np.ndarray:
+  """The frozen-mode head on n rows of features -> (K, n, C), the rows padded to
+  tokenize.bucket(n): requests of any size reuse a few compiled programs."""
+  size = tokenize.bucket(n)
+  padded = {m: np.pad(f, ((0, size - n), (0, 0))) for m, f in feats.items()}
+  pr, _ = run.predict_features(params, padded)
+  return np.asarray(pr)[:, :n]
+
+
 def predict_products(run, params, batch_stats, products: list[Product]) -> np.ndarray:
   """Products -> float32 (N, C) ensemble probabilities (NaN rows where not predicted).
 
@@ -313,9 +360,9 @@ def predict_products(run, params, batch_stats, products: list[Product]) -> np.nd
             order.extend(i for i, _, _ in group)
             yield _batch(run, group, (), bs)
             group = []
-        if group:
+        if group:   # a partial batch: rounded up (bucket), not to bs
           order.extend(i for i, _, _ in group)
-          yield _batch(run, group, (), bs)
+          yield _batch(run, group, (), tokenize.bucket(len(group), bs))
 
       gen = batches()
       first = next(gen, None)
@@ -336,16 +383,16 @@ def predict_products(run, params, batch_stats, products: list[Product]) -> np.nd
       if with_text:
         feats["text"][with_text] = run.text_features_for([products[ok[j]].text
                                                           for j in with_text])
-    pr, _ = run.predict_features(params, feats)
-    probs[ok] = run.ensemble(pr)
+    probs[ok] = run.ensemble(_head(run, params, feats, len(ok)))
     return probs
 
   groups: dict[tuple, list] = {}
 
   def flush(missing):
     group = groups.pop(missing)
-    pr, _ = run.predict_batch(params, batch_stats, _batch(run, group, missing, bs),
-                                "predict")
+    size = tokenize.bucket(len(group), bs)
+    pr, _ = run.predict_batch(params, batch_stats, _batch(run, group, missing, size),
+                              "predict")
     probs[[i for i, _, _ in group]] = run.ensemble(np.asarray(pr)[:, :len(group)])
 
   for i, img in stream:
@@ -394,7 +441,7 @@ def predict(workdir: str, csv_path: str, image_dir: str | None, out: str,
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  console.setup(FLAGS.verbosity if FLAGS["verbosity"].present else None)
   predict(FLAGS.workdir, FLAGS.csv, FLAGS.images, FLAGS.out, FLAGS.checkpoint, FLAGS.on_bad_row,
           FLAGS.explain)
 

@@ -220,15 +220,18 @@ def _saved_tree(ckpt: checkpoint.Checkpoints, step: int | None = None):
   return None
 
 
-def load(bundle_dir: str, run_dir: str, which: str = "best"):
+def load(bundle_dir: str, run_dir: str, which: str = "best", weights: dict | None = None):
   """Bundle folder + run folder holding `checkpoints/` -> (Inference, params, batch_stats).
 
   which: 'best' (each replica's best-validation parameters, what results.json
   scored) or 'latest' (the parameters after the last trained epoch).
+  weights: {modality: weight spec} read instead of the bundle's (Bundle.with_weights).
   """
   if which not in WHICH:
     raise ValueError(f"which must be one of {WHICH}, got {which!r}")
   b = bundle_lib.load(bundle_dir)
+  if weights:
+    b = b.with_weights(weights)
   b.verify_run(run_dir)
   # The towers whose weight files inference reads: frozen towers, and the BERT
   # tokenizer/weights (finetune keeps the trained tower parameters in the checkpoint).

@@ -134,6 +134,13 @@ class TextTower:
   tokenizer: Any
   feature_dim: int
 
+  @functools.cached_property
+  def embed_fn(self) -> Callable:
+    """bert.make_embed_fn of this tower, built once: repeated calls (serving) reuse
+    its compiled shapes instead of tracing and compiling BERT per call."""
+    from m6jax.models import bert
+    return bert.make_embed_fn(self.module, self.params["params"])
+
 
 def text_tower(name: str, spec: str, dtype=jnp.float32, seed: int = 0) -> TextTower:
   """Builds the named text encoder. 'tfidf' has no module: it is fit per run."""

@@ -192,18 +192,33 @@ class Store:
     # Model.log is pyfunc.log_model with an explicit run: no fluent active run to manage.
     # It files the model under the *active* experiment (else "0", whose artifacts go to
     # ./mlruns): point it at the run's own for this call.
+    run = self.client.get_run(run_id)
+    latest = list(getattr(run.data, "_metric_objs", []))   # each metric's newest entry
+    step = max((m.step for m in latest), default=0)         # the last epoch
     saved = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    os.environ["MLFLOW_EXPERIMENT_ID"] = self.client.get_run(run_id).info.experiment_id
+    os.environ["MLFLOW_EXPERIMENT_ID"] = run.info.experiment_id
     try:
       with _use_tracking_uri(self.uri):
+        # step: mlflow links the run's metrics of that step to the model (its page
+        # shows them); the final scores, logged at step 0, are linked below.
         info = mlflow.models.Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc,
-                                       python_model=python_model, run_id=run_id, **save_kwargs)
+                                       python_model=python_model, run_id=run_id, step=step,
+                                       **save_kwargs)
     finally:
       if saved is None:
         os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
       else:
         os.environ["MLFLOW_EXPERIMENT_ID"] = saved
+    self.link_metrics(run_id, info.model_id, [m for m in latest if m.step != step])
     return info.model_uri
+
+  def link_metrics(self, run_id, model_id, metrics) -> None:
+    """Links metric entries (mlflow Metric) of `run_id` to the logged model `model_id`."""
+    from mlflow.entities import Metric
+    linked = [Metric(m.key, m.value, m.timestamp, m.step, run_id=run_id, model_id=model_id)
+              for m in metrics]
+    for i in range(0, len(linked), 1000):   # log_batch takes at most 1000 metrics
+      self.client.log_batch(run_id, metrics=linked[i:i + 1000])
 
 
 # ------------------------------------------------------------------ replay

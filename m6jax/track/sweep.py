@@ -31,7 +31,7 @@ import os
 import re
 import sys
 
-from m6jax import experiment, mesh
+from m6jax import console, experiment, mesh
 from m6jax.files import write_json
 from m6jax.track import compare
 from m6jax.track import tracker as tracker_lib
@@ -246,9 +246,10 @@ def main(argv=None):
                  help="run only this cell (repeatable)")
   p.add_argument("--uri", default=None, help="tracking store (default: sqlite in --root)")
   p.add_argument("--list", action="store_true", help="print the cells and exit")
+  p.add_argument("--verbosity", type=int, default=None,
+                 help="show every library's log at this absl level (-1, 0, 1)")
   args = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)   # orbax's per-save chatter
+  console.setup(args.verbosity)   # m6jax's lines; orbax's per-save chatter off
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   if args.list:
     for c in load_sweep(args.sweep)["cells"]:

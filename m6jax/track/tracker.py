@@ -247,7 +247,7 @@ class Tracker:
     self.resume = resume
     seed0, k = int(_get(cfg, ("seed",)) or 0), int(_get(cfg, ("seeds",)) or 1)
     self.seeds = [seed0 + i for i in range(k)]
-    self.run_id = self.status = self._store = None
+    self.run_id = self.status = self._store = self.model_uri = None
     self.degraded = False
     self._journal = []
     self._logged_steps = set()   # epochs a continued run already has
@@ -350,8 +350,8 @@ class Tracker:
       log.warning("tracking: model %r not logged (tracking off or store unavailable)", name)
       return None
     try:
-      return self._store.log_pyfunc(self.run_id, python_model, name,
-                                    **save_kwargs)
+      self.model_uri = self._store.log_pyfunc(self.run_id, python_model, name, **save_kwargs)
+      return self.model_uri
     except Exception as e:  # noqa: BLE001
       log.warning("tracking: could not log model %r: %s", name, e)
       return None
@@ -378,8 +378,10 @@ class Tracker:
     eid = self._store.experiment_ids.get(self.experiment, "0")
     # workflowType: MLflow 3.17's UI opens on its GenAI view unless told otherwise.
     page = f"#/experiments/{eid}/runs/{self.run_id}?workflowType=machine_learning"
+    model = (f"\n[m6jax] model {self.model_uri}: serve it with `./launch.sh serve "
+             f"{self.workdir}`" if self.model_uri else "")
     return line + (f"; MLflow run {self.run_id} in {self.uri}; browse with `{ui}`, "
-                   f"then http://127.0.0.1:5000/{page}")
+                   f"then http://127.0.0.1:5000/{page}") + model
 
   # --- plumbing ----------------------------------------------------------------
   def _queue(self, ev):
@@ -447,7 +449,8 @@ class Tracker:
   def _save_state(self, status):
     write_json(os.path.join(self.workdir, STATE),
                {"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id,
-                "parent_run_id": self.parent_run_id, "status": status})
+                "parent_run_id": self.parent_run_id, "status": status}
+               | ({"model_uri": self.model_uri} if self.model_uri else {}))
 
 
 if __name__ == "__main__":   # python -m m6jax.track.tracker replay WORKDIR [--uri URI]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from m6jax import console
 from m6jax import mesh as mesh_lib
 from m6jax.evaluate import metrics as metrics_lib
 from m6jax.models import fusion
@@ -171,7 +172,11 @@ class Trainer:
       if on_epoch is not None:
         on_epoch(rec)
       bar.set_postfix(loss=f"{loss.mean():.3f}", val_f1=f"{val_f1.mean():.3f}")
-      if epoch % max(1, cfg.train.log_every) == 0 or epoch == cfg.train.epochs - 1:
+      # A quiet console has the bar's loss / val_f1: the last epoch's line is enough.
+      periodic = epoch % max(1, cfg.train.log_every) == 0 and not (progress and console.quiet())
+      if periodic or epoch == cfg.train.epochs - 1:
+        if epoch == cfg.train.epochs - 1:
+          bar.close()   # the last line goes below the bar, not into its frame
         log.info("epoch %d loss %.4f val macro-F1 %.4f (per seed %s)", epoch, loss.mean(),
                  val_f1.mean(), np.round(val_f1, 4).tolist())
       every = cfg.train.checkpoint_every
