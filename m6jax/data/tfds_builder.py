@@ -281,6 +281,25 @@ def _write_split_csv(data_dir: str, parts: dict, group_of: dict) -> None:
   files.write_text(os.path.join(data_dir, "split.csv"), buf.getvalue())
 
 
+def _split(rows, report, data_cfg):
+  """Rows -> ({split: rows}, twins.find_twins result): the stratified group split, then
+  the exclusions; twin groups and excluded rows go into the report."""
+  # Twins (shared photo or near-identical text) never straddle splits.
+  found = twins.find_twins(rows)
+  report.twin_groups = found.groups
+  parts = catalogue.stratified_split(rows, dict(data_cfg.split), data_cfg.split_seed,
+                                     found.key_of)
+  for s in _SPLITS:
+    parts.setdefault(s, [])
+  # Excluded products leave their split after it is drawn, so every other product
+  # keeps its split and runs with and without an exclusion list stay comparable.
+  exclude_path = data_cfg.get("exclude_ids", "")
+  if exclude_path:
+    _exclude(parts, report, exclude_path)
+    check_test_exclusion(data_cfg, report)   # before anything is written
+  return parts, found
+
+
 def prepare(data_cfg):
   """Builds (once) and returns (read-only builder, report) for `data_cfg`.
 
@@ -326,19 +345,7 @@ def prepare(data_cfg):
     raise catalogue.DataError(f"no usable rows in {csv_path}:\n{report.summary()}")
   class_names = tuple(c for c in data_cfg.classes if c not in report.dropped_classes) or tuple(
       sorted({r.category for r in rows}))
-  # Twins (shared photo or near-identical text) never straddle splits.
-  found = twins.find_twins(rows)
-  report.twin_groups = found.groups
-  parts = catalogue.stratified_split(rows, dict(data_cfg.split), data_cfg.split_seed,
-                                     found.key_of)
-  for s in _SPLITS:
-    parts.setdefault(s, [])
-  # Excluded products leave their split after it is drawn, so every other product
-  # keeps its split and runs with and without an exclusion list stay comparable.
-  exclude_path = data_cfg.get("exclude_ids", "")
-  if exclude_path:
-    _exclude(parts, report, exclude_path)
-    check_test_exclusion(data_cfg, report)   # before anything is written
+  parts, found = _split(rows, report, data_cfg)
   report.split_counts = {s: len(parts[s]) for s in _SPLITS}
   cfg = CatalogueConfig(
       name=name, version=ProductCatalogue.VERSION, csv=data_cfg.csv, images=data_cfg.images,

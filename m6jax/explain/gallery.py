@@ -9,6 +9,7 @@ class. Text is at least 10 pt at the saved dpi and class names wrap.
 
 from __future__ import annotations
 
+import functools
 import os
 import textwrap
 
@@ -100,6 +101,15 @@ def _caption(ax, text):
             transform=ax.transAxes, linespacing=1.1)
 
 
+def _cell(ax, index, color, *, images, cams, alpha: float, captions) -> int:
+  """One image's overlay in `ax`, framed in `color`, with its caption; returns its index."""
+  i = int(index)
+  ax.imshow(overlay(images[i], cams[i], alpha))
+  _frame(ax, color)
+  _caption(ax, None if captions is None else captions[i])
+  return i
+
+
 def gallery(images, cams, labels, preds, class_names, path: str, per_class: int = 3,
             title: str | None = None, alpha: float = 0.45, probs=None, counts=None,
             dpi: int = 100, captions=None) -> str:
@@ -150,34 +160,27 @@ def gallery(images, cams, labels, preds, class_names, path: str, per_class: int 
   for r, (c, ok, bad) in enumerate(rows, start=1):
     _row_label(fig.add_subplot(gs[r, 0]), class_names[c],
                None if counts is None else counts.get(c), has_labels)
+    draw = functools.partial(_cell, images=images, cams=cams, alpha=alpha, captions=captions)
     for j, col in enumerate(ok_cols):
       ax = fig.add_subplot(gs[r, col])
-      if j >= len(ok):
-        if j == 0:
-          _note(ax, "none correct" if has_labels else "")
-        else:
-          ax.axis("off")
-        continue
-      i = int(ok[j])
-      ax.imshow(overlay(images[i], cams[i], alpha))
-      _frame(ax, CORRECT if has_labels else NEUTRAL)
-      _caption(ax, None if captions is None else captions[i])
-      if probs is not None:
-        ax.set_title(f"p = {float(probs[i]):.2f}", fontsize=FONT, color="0.2", pad=3)
+      if j < len(ok):
+        i = draw(ax, ok[j], CORRECT if has_labels else NEUTRAL)
+        if probs is not None:
+          ax.set_title(f"p = {float(probs[i]):.2f}", fontsize=FONT, color="0.2", pad=3)
+      elif j == 0:
+        _note(ax, "none correct" if has_labels else "")
+      else:
+        ax.axis("off")
     for j, col in enumerate(bad_cols):
       ax = fig.add_subplot(gs[r, col])
-      if j >= len(bad):
-        if j == 0:
-          _note(ax, "no errors", CORRECT)
-        else:
-          ax.axis("off")
-        continue
-      i = int(bad[j])
-      ax.imshow(overlay(images[i], cams[i], alpha))
-      _frame(ax, WRONG)
-      _caption(ax, None if captions is None else captions[i])
-      t = class_names[int(preds[i])] + ("" if probs is None else f" ({float(probs[i]):.2f})")
-      ax.set_title(_wrap(t, TITLE_CHARS), fontsize=FONT, color=WRONG, pad=3)
+      if j < len(bad):
+        i = draw(ax, bad[j], WRONG)
+        t = class_names[int(preds[i])] + ("" if probs is None else f" ({float(probs[i]):.2f})")
+        ax.set_title(_wrap(t, TITLE_CHARS), fontsize=FONT, color=WRONG, pad=3)
+      elif j == 0:
+        _note(ax, "no errors", CORRECT)
+      else:
+        ax.axis("off")
   if title:
     fig.suptitle(title, fontsize=FONT + 1, y=1.0 - 0.08 / (sum(heights) + title_h), va="top")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
