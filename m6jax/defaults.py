@@ -124,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
       enabled=True, method="gradcam",   # gradcam | gradcam++ | hirescam
       n_per_class=3,                     # gallery: correct and wrong examples per class
       words=True,                        # word attributions + deletion curves (test split)
+      words_max=32,                      # products given words: the gallery's + a sample
+                                         # by predicted class (0: all; ~4 s each on 2 cores)
       ig_steps=32,                       # integrated gradients (BERT text): Gauss-Legendre steps
       ig_baseline="pad"))                # pad: word pieces -> [PAD] embedding | zero
   c.track = ml_collections.ConfigDict(dict(

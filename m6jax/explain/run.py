@@ -282,7 +282,7 @@ def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 
     expl, caps = multimodal.explain_split(
         cfg, words_model, params, split, ids, labels, mp.preds,
         np.concatenate([k[0] for k in mp.kept]), np.concatenate([k[1] for k in mp.kept]),
-        text, out_dir)
+        text, out_dir, keep=[r[2] for bucket in mp.picks.values() for r in bucket])
   t_words = time.perf_counter()
   g = os.path.join(out_dir, "gallery.png")
   if mesh_lib.is_writer():   # every process computes the maps; one writes them
