@@ -80,8 +80,9 @@ def markdown(rows: list[dict]) -> str:
   cv.sort(key=lambda r: r["cv"]["log_loss"])
   out = ["| rank | cell | selected by | val log-loss | val accuracy | test accuracy (mean ± std) "
          "| test macro-F1 | ensemble accuracy | ensemble without image / without text "
-         "| energy share image |",
-         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+         "| energy share image | Δ ensemble test accuracy vs reference [paired 95 %] "
+         "| McNemar p | |",
+         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   for i, r in enumerate(split, 1):
     wo = (f"{_f(r['without_image'])} / {_f(r['without_text'])}"
           if r["without_image"] is not None else "—")
