@@ -75,11 +75,17 @@ def setup(verbosity: int | None = None) -> None:
   if not any(isinstance(f, _QuietFilter) for f in handler.filters):
     handler.addFilter(_QuietFilter())
   handler.setFormatter(_ShortFormatter())
-  for name in OWN_HANDLERS:
-    logging.getLogger(name).setLevel(logging.ERROR)
+  quiet_libraries()
   if "transformers" in sys.modules:   # imported already: its env was read
     sys.modules["transformers"].logging.set_verbosity_error()
   warnings.showwarning = _show_warning(warnings.showwarning)
+
+
+def quiet_libraries() -> None:
+  """Libraries' own loggers at ERROR. Called again after a library that configures its
+  logging on import (mlflow) is imported, since that import resets the level."""
+  for name in OWN_HANDLERS:
+    logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def quiet() -> bool:

@@ -188,7 +188,6 @@ def gradcam(ctx: Context) -> dict:
                             host(ctx.states.best_batch_stats) or {},
                             os.path.join(ctx.workdir, "gradcam"),
                             n_per_class=ex.n_per_class, method=ex.method, words_model=words)
-  log.info("Grad-CAM: replica stability %.3f, gallery %s", out["stability"], out["gallery"])
   part = {"gradcam": {"method": ex.method, "stability": out["stability"],
                       "gallery": os.path.relpath(out["gallery"], ctx.workdir),
                       "timings": out["timings"]}}

@@ -261,7 +261,13 @@ def explain_split(cfg, run, params, split: str, ids, labels, preds, images, maps
                       "products": per_product(res, sub(ids), sub(labels), sub(preds),
                                               run.class_names)})
   s = res["summary"]
-  log.info("explanations of %d of %d products: text deletion %s; image deletion %s; "
-           "completeness %s", len(idx), len(ids), (s.get("text") or {}).get("deletion"),
-           (s.get("image") or {}).get("deletion"), (s.get("text") or {}).get("completeness"))
+  text_del = (s.get("text") or {}).get("deletion") or {}
+  img_del = (s.get("image") or {}).get("deletion") or {}
+  log.info("explanations of %d of %d products; probability drop when deleting the top-k "
+           "words (attributed / random): %s; top 10 %% Grad-CAM pixels: %s",
+           len(idx), len(ids),
+           ", ".join(f"k={k} {d['attributed']:.3f}/{d['random']:.3f}"
+                     for k, d in text_del.items()) or "-",
+           f"{img_del['attributed']:.3f} / random regions {img_del['random']:.3f}"
+           if img_del else "-")
   return s, caps

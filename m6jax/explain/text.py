@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,8 @@ class BertText:
     order = np.argsort([len(s) for s in seqs], kind="stable")  # similar lengths share a batch
     out = [None] * len(seqs)
     tp = self.tower.params["params"]
-    for idx in _batched(len(seqs), self.bs):
+    batches = list(_batched(len(seqs), self.bs))
+    for idx in tqdm.tqdm(batches, desc="integrated gradients", unit="batch", leave=False):
       rows = order[idx]
       ids, mask = self._pad([seqs[r] for r in rows])
       special = np.isin(ids, list(self.special_ids)) | (mask == 0)
@@ -234,7 +236,6 @@ class BertText:
         img = np.zeros((self.bs, image_emb.shape[1]), np.float32)
         img[:len(rows)] = image_emb[rows]
       res = jax.device_get(self._ig(tp, self.head_params, ids, mask, special, img, tgt))
-      log.info("integrated gradients: %d of %d texts", idx[-1] + 1, len(seqs))
       for j, r in enumerate(rows):
         n = len(seqs[r])
         toks = self.tower.tokenizer.convert_ids_to_tokens(seqs[r])

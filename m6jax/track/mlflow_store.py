@@ -13,6 +13,7 @@ import os
 import time
 import warnings
 
+from m6jax import console
 from m6jax.files import write_json
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ class Store:
     """Logs a pyfunc PythonModel as an MLflow (3) logged model of `run_id`; its URI."""
     import mlflow
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    if console.quiet():   # importing mlflow reset its loggers' levels
+      console.quiet_libraries()
     # Model.log is pyfunc.log_model with an explicit run: no fluent active run to manage.
     # It files the model under the *active* experiment (else "0", whose artifacts go to
     # ./mlruns): point it at the run's own for this call.
