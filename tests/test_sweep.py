@@ -193,12 +193,12 @@ def test_killed_cell_resumes_its_checkpoint_and_run(sweep_env, monkeypatch):
   root = tmp / "runs_killed"
   real = experiment._train_and_evaluate   # what experiment.run calls inside its tracker
 
-  def killed_in_epoch_1(cfg, workdir, on_epoch, timer):
+  def killed_in_epoch_1(cfg, workdir, on_epoch, timer, stop=None):
     def cb(rec):
       if rec["epoch"] == 1:
         raise KeyboardInterrupt   # Ctrl-C after epoch 0 was logged and checkpointed
       on_epoch(rec)
-    return real(cfg, workdir, cb, timer)
+    return real(cfg, workdir, cb, timer, stop)
   monkeypatch.setattr(experiment, "_train_and_evaluate", killed_in_epoch_1)
   with pytest.raises(KeyboardInterrupt):
     sweep.run_sweep(path, str(root))
@@ -226,7 +226,7 @@ def test_a_stop_ends_the_sweep_inside_and_between_cells(sweep_env, monkeypatch):
   path = write("stopped", grid={"model.fusion": ["early", "late", "gated"]},
                overrides={"train.epochs": 3, "train.checkpoint_every": 10})
   root = tmp / "runs_stopped"
-  real_run, real_train = experiment.run, experiment.train_and_evaluate
+  real_run, real_train = experiment.run, experiment._train_and_evaluate   # run calls it
 
   def stop_after_first(cfg, workdir, **kw):   # a signal while cell 1 is being scored
     out = real_run(cfg, workdir, **kw)
@@ -240,14 +240,14 @@ def test_a_stop_ends_the_sweep_inside_and_between_cells(sweep_env, monkeypatch):
                             "fusion=gated": "not started (stopped)"}
   assert not (root / "stopped" / "fusion=late").exists()
 
-  def stop_in_epoch_0(cfg, workdir, on_epoch=None, stop=None):   # a signal during training
+  def stop_in_epoch_0(cfg, workdir, on_epoch, timer, stop=None):   # a signal during training
     def cb(rec):
       on_epoch(rec)
       if rec["epoch"] == 0:
         stop.request(signal.SIGINT)
-    return real_train(cfg, workdir, on_epoch=cb, stop=stop)
+    return real_train(cfg, workdir, cb, timer, stop)
   monkeypatch.setattr(experiment, "run", real_run)
-  monkeypatch.setattr(experiment, "train_and_evaluate", stop_in_epoch_0)
+  monkeypatch.setattr(experiment, "_train_and_evaluate", stop_in_epoch_0)
   with pytest.raises(preemption.Preempted, match="by SIGINT: 1/3") as e:
     sweep.run_sweep(path, str(root))
   assert e.value.exit_code == 128 + signal.SIGINT
@@ -257,7 +257,7 @@ def test_a_stop_ends_the_sweep_inside_and_between_cells(sweep_env, monkeypatch):
   late = root / "stopped" / "fusion=late"
   assert not (late / "results.json").exists() and (late / "checkpoints" / "latest").is_dir()
 
-  monkeypatch.setattr(experiment, "train_and_evaluate", real_train)
+  monkeypatch.setattr(experiment, "_train_and_evaluate", real_train)
   assert sweep.run_sweep(path, str(root)) == {"fusion=early": "skipped", "fusion=late": "done",
                                               "fusion=gated": "done"}
   epochs = [json.loads(x)["epoch"] for x in (late / "metrics.jsonl").read_text().splitlines()]

@@ -21,7 +21,7 @@ def _lite0_path():
 
 def test_reading_never_imports_torch():
   path = _lite0_path()
-  code = ("import sys; from m6jax import torch_pickle; "
+  code = ("import sys; from m6jax.models.weights import torch_pickle; "
           f"sd = torch_pickle.load_state_dict({path!r}); "
           "assert 'torch' not in sys.modules, 'torch was imported'; "
           "print(len(sd), sd['_conv_stem.weight'].shape)")
