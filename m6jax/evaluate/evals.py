@@ -105,11 +105,12 @@ def test_scores(ctx: Context) -> dict:
 
 def training_curves(ctx: Context) -> dict:
   """training_curves.png: loss and validation scores per epoch, selected epochs marked."""
+  best = mesh_lib.to_host(ctx.states.best_epoch).tolist()   # a collective: every process
   if ctx.history and mesh_lib.is_writer():
     curves.plot_training_curves(
         ctx.history, os.path.join(ctx.workdir, "training_curves.png"),
         [ctx.cfg.seed + k for k in range(ctx.cfg.seeds)], os.path.basename(ctx.workdir),
-        mesh_lib.to_host(ctx.states.best_epoch).tolist(), ctx.cfg.train.select_by)
+        best, ctx.cfg.train.select_by)
   return {}
 
 

@@ -147,9 +147,11 @@ def save(workdir: str, run, states) -> str | None:
   states (the leading axis of `best_params` is the number of replicas K).
   Only process 0 writes; returns the folder (None on other processes).
   """
+  cfg = run.cfg
+  # Every process: reading the step of a state sharded over processes is a collective.
+  step = checkpoint.state_step(states) if cfg.train.checkpoint else None
   if not mesh_lib.is_writer():
     return None
-  cfg = run.cfg
   mods = fusion.modalities(cfg.model.fusion)
   num_replicas = int(jax.tree.leaves(states.best_params)[0].shape[0])
   folds = run.trainer.folds   # cross-validation: fold models (x repeats) per seed
@@ -175,7 +177,7 @@ def save(workdir: str, run, states) -> str | None:
       "run_fingerprint": workdir_lib.fingerprint(cfg, run.dataset_id()),
       # The checkpoint step holding these parameters, the one results.json scored:
       # inference reads exactly this step (None: checkpointing was off).
-      "checkpoint_step": (checkpoint.state_step(states) if cfg.train.checkpoint else None),
+      "checkpoint_step": step,
       "config": cfg.to_dict(),
   }
   final = directory(workdir)
