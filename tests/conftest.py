@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny generated catalogue with one of each bad row."""
 
 import csv
+import glob
 import os
 import zlib
 
@@ -143,3 +144,14 @@ def tiny_config(catalogue_dir, tfds_dir, **overrides):
       node = node[p]
     node[last] = v
   return cfg
+
+
+def bundled_photos(n: int, size: int) -> np.ndarray:
+  """(n, size, size, 3) float32 RGB of the first n bundled product photos (sorted by
+  name), bilinear-resized; skips the test when the bundled images are absent."""
+  files = sorted(glob.glob(os.path.join(REPO, "data", "flipkart", "images", "*.jpg")))[:n]
+  if len(files) < n:
+    pytest.skip("bundled product images not found")
+  return np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size),
+                                                                 Image.BILINEAR), np.float32)
+                   for f in files])

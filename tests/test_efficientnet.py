@@ -1,7 +1,6 @@
 """EfficientNet-B0 / Lite0-2: structure, weight import and parity with references."""
 
 import functools
-import glob
 import os
 import re
 import time
@@ -14,8 +13,7 @@ import pytest
 from m6jax.models import efficientnet as E
 from m6jax.models import efficientnet_convert as C
 from m6jax.models.weights import torch_pickle
-
-DATA = os.path.join(os.path.dirname(__file__), "..", "data", "flipkart", "images")
+from tests.conftest import bundled_photos
 
 
 def _pypi_path(variant):
@@ -182,16 +180,6 @@ def test_load_pretrained_caches(tmp_path, monkeypatch):
 
 # --- parity against independent references -------------------------------------
 
-def _images(n, size):
-  from PIL import Image
-  files = sorted(glob.glob(os.path.join(DATA, "*.jpg")))[:n]
-  if len(files) < n:
-    pytest.skip("bundled product images not found")
-  return np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size),
-                                                                 Image.BILINEAR), np.float32)
-                   for f in files])
-
-
 @pytest.fixture(scope="module")
 def torch_ref():
   torch = pytest.importorskip("torch")
@@ -214,7 +202,7 @@ def torch_ref():
 @pytest.mark.parity
 def test_lite0_parity_with_pytorch_reference(lite0_sd, torch_ref):
   build, run = torch_ref
-  x = E.preprocess(_images(4, 224), "lite0")
+  x = E.preprocess(bundled_photos(4, 224), "lite0")
   ref_logits, ref_fmap = run(build(), x)
   v = C.load_torch(lite0_sd, "lite0")
   out = _apply("lite0", 1000)(v, x)

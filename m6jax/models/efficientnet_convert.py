@@ -55,6 +55,27 @@ class _Builder:
       d = d.setdefault(p, {})
     d[path[-1]] = value
 
+  def torch_layer(self, params_shapes: dict, tname: str, fpath: tuple[str, ...], kind: str):
+    """One torch layer `tname` into the Flax module at `fpath`: 'fc' (Linear), 'bn'
+    (BatchNorm: scale, bias, running mean and var) or any conv kind (the kernel, see
+    _torch_conv). params_shapes: the model's expected params shapes. Returns the Flax
+    kernel shape for convs and fc (callers add what else their kind carries)."""
+    if kind == "bn":
+      c = _lookup(params_shapes, fpath + ("scale",))
+      self.put("params", fpath + ("scale",), self.get(tname + ".weight", c))
+      self.put("params", fpath + ("bias",), self.get(tname + ".bias", c))
+      self.put("batch_stats", fpath + ("mean",), self.get(tname + ".running_mean", c))
+      self.put("batch_stats", fpath + ("var",), self.get(tname + ".running_var", c))
+      return c
+    k = _lookup(params_shapes, fpath + ("kernel",))
+    if kind == "fc":
+      self.put("params", fpath + ("kernel",), self.get(tname + ".weight", k[::-1]).T.copy())
+      self.put("params", fpath + ("bias",), self.get(tname + ".bias", (k[1],)))
+    else:
+      self.put("params", fpath + ("kernel",),
+               _torch_conv(self.get(tname + ".weight", (k[3], k[2], k[0], k[1]))))
+    return k
+
 
 def _torch_conv(w: np.ndarray) -> np.ndarray:
   # torch (O, I/groups, kh, kw) -> flax (kh, kw, I/groups, O); depthwise
@@ -153,24 +174,11 @@ def load_torch(src, variant: str, include_classifier: bool = True) -> dict:
   shapes = _expected_shapes(variant, num_classes)
   b = _Builder(src, origin)
   for tname, fpath, kind in _torch_names(variant, layout):
-    if kind == "fc":
-      if not has_fc:
-        continue
-      k = _lookup(shapes["params"], fpath + ("kernel",))
-      b.put("params", fpath + ("kernel",), b.get(tname + ".weight", k[::-1]).T.copy())
-      b.put("params", fpath + ("bias",), b.get(tname + ".bias", (k[1],)))
-    elif kind == "bn":
-      n = _lookup(shapes["params"], fpath + ("scale",))
-      b.put("params", fpath + ("scale",), b.get(tname + ".weight", n))
-      b.put("params", fpath + ("bias",), b.get(tname + ".bias", n))
-      b.put("batch_stats", fpath + ("mean",), b.get(tname + ".running_mean", n))
-      b.put("batch_stats", fpath + ("var",), b.get(tname + ".running_var", n))
-    else:
-      k = _lookup(shapes["params"], fpath + ("kernel",))
-      tshape = (k[3], k[2], k[0], k[1])
-      b.put("params", fpath + ("kernel",), _torch_conv(b.get(tname + ".weight", tshape)))
-      if kind == "se":
-        b.put("params", fpath + ("bias",), b.get(tname + ".bias", (k[3],)))
+    if kind == "fc" and not has_fc:
+      continue
+    k = b.torch_layer(shapes["params"], tname, fpath, kind)
+    if kind == "se":
+      b.put("params", fpath + ("bias",), b.get(tname + ".bias", (k[3],)))
   unused = [k for k in src if k not in b.used and not k.endswith("num_batches_tracked")
             and not (not include_classifier and k.split(".")[0] in ("_fc", "classifier"))]
   if unused:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m6jax.models import mobilenet
-from m6jax.models.efficientnet_convert import _Builder, _lookup, _np, _torch_conv
+from m6jax.models.efficientnet_convert import _Builder, _np
 from m6jax.models.weights import sources as weights_lib
 from m6jax.models.weights import torch_pickle
 
@@ -78,21 +78,8 @@ def load_torch(src, include_classifier: bool = True) -> dict:
   shapes = _expected_shapes(num_classes)
   b = _Builder(src, origin)
   for tname, fpath, kind in torchvision_table():
-    if kind == "fc":
-      if has_fc:
-        k = _lookup(shapes["params"], fpath + ("kernel",))
-        b.put("params", fpath + ("kernel",), b.get(tname + ".weight", k[::-1]).T.copy())
-        b.put("params", fpath + ("bias",), b.get(tname + ".bias", (k[1],)))
-    elif kind == "bn":
-      c = _lookup(shapes["params"], fpath + ("scale",))
-      b.put("params", fpath + ("scale",), b.get(tname + ".weight", c))
-      b.put("params", fpath + ("bias",), b.get(tname + ".bias", c))
-      b.put("batch_stats", fpath + ("mean",), b.get(tname + ".running_mean", c))
-      b.put("batch_stats", fpath + ("var",), b.get(tname + ".running_var", c))
-    else:
-      k = _lookup(shapes["params"], fpath + ("kernel",))
-      b.put("params", fpath + ("kernel",),
-            _torch_conv(b.get(tname + ".weight", (k[3], k[2], k[0], k[1]))))
+    if kind != "fc" or has_fc:
+      b.torch_layer(shapes["params"], tname, fpath, kind)
   unused = [k for k in src if k not in b.used and not k.endswith("num_batches_tracked")
             and not (not include_classifier and k.startswith("classifier."))]
   if unused:
