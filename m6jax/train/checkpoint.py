@@ -243,14 +243,16 @@ class Checkpoints:
       return None
     if self.read_only:
       raise RuntimeError(f"{self.directory} was opened read-only")
-    self._move_bad_steps()
     step = int(step)
     mngr = self._latest
-    if step in mngr.all_steps():
-      log.warning("checkpoint step %d already in %s; not overwritten", step, mngr.directory)
-      return False
-    data, impls = _keys_to_data(state_pytree)
-    with self._write_errors():   # also the previous async save's, reported here
+    # The previous async save's failure surfaces in whichever orbax call comes next
+    # (waiting, listing steps, saving): all of them report a full disk in one line.
+    with self._write_errors():
+      self._move_bad_steps()
+      if step in mngr.all_steps():
+        log.warning("checkpoint step %d already in %s; not overwritten", step, mngr.directory)
+        return False
+      data, impls = _keys_to_data(state_pytree)
       started = mngr.save(
           step, force=True,
           args=ocp.args.Composite(
@@ -274,7 +276,9 @@ class Checkpoints:
       number, path = found
       m = re.search(r"/(\d+)\.orbax-checkpoint-tmp", path)
       step = int(m.group(1)) if m else self._saving
-      intact = [s for s in self._latest.all_steps() if s != step]
+      # From the folder, not orbax: a manager whose save failed may raise it again.
+      folder = os.fspath(self._latest.directory)
+      intact = [int(d) for d in os.listdir(folder) if d.isdigit() and int(d) != step]
       raise files.WriteError(
           path or os.path.join(self._latest.directory, str(step)), number,
           f"checkpoint step {step} not saved; "
@@ -302,11 +306,17 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     """Newest step (including one still being written async), or None."""
-    return self._latest.latest_step() if self._on() else None
+    if not self._on():
+      return None
+    with self._write_errors():   # a failed async save may surface here
+      return self._latest.latest_step()
 
   def all_steps(self) -> list[int]:
     """Every kept step, oldest first."""
-    return sorted(self._latest.all_steps()) if self._on() else []
+    if not self._on():
+      return []
+    with self._write_errors():
+      return sorted(self._latest.all_steps())
 
   def _restore(self, step, target):
     data_target, key_leaves = _target_to_data(target)
