@@ -131,20 +131,31 @@ def test_sigterm_then_a_full_disk_then_resume_gives_the_same_result(tiny_catalog
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                      preexec_fn=_file_size_limit(16 * 1024))
   assert r.returncode == 1, r.stderr[-3000:]
-  last = r.stderr.strip().splitlines()[-1]
+  # orbax's writer threads print their own traceback of the failed write, sometimes
+  # after ours: the run's one line is the last line m6jax.main printed.
+  ours = [ln for ln in r.stderr.splitlines() if ln.startswith("m6jax.main: ")]
+  last = ours[-1] if ours else r.stderr.strip().splitlines()[-1]
   m = re.fullmatch(rf"m6jax\.main: error: cannot write {re.escape(latest)}/(\d+)"
                    r"\.orbax-checkpoint-tmp/\S+: File too large \(EFBIG\); checkpoint step "
-                   rf"(\d+) not saved; step {step} in {re.escape(latest)} is intact: free "
+                   rf"(\d+) not saved; step (\d+) in {re.escape(latest)} is intact: free "
                    r"space and rerun the same command to resume from it", last)
   assert m and m.group(1) == m.group(2), last
+  # Usually the first save after the resume is the one that fails. OCDBT batches its
+  # writes into files whose sizes vary from run to run, so a later save can be the
+  # first to cross the limit: the step named intact is then a newer, complete one.
+  intact = int(m.group(3))
+  assert step <= intact < int(m.group(1)), last
   after = _digest(latest)
-  assert {k: after.get(k) for k in before} == before   # the saved step: byte-identical
-  assert all(k.split("/")[0].endswith(".orbax-checkpoint-tmp") for k in set(after) - set(before))
+  assert any(k.split("/")[0] == str(intact) for k in after), sorted(after)
+  if intact == step:
+    assert {k: after.get(k) for k in before} == before   # the saved step: byte-identical
+  assert all(k.split("/")[0].endswith(".orbax-checkpoint-tmp") or k.split("/")[0].isdigit()
+             for k in set(after) - set(before))
   assert not os.path.exists(os.path.join(wd, "results.json"))
 
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f"resumed from epoch {epoch} (step {step})" in r.stderr
+  assert f"(step {intact})" in r.stderr and "resumed from epoch" in r.stderr
   a = json.load(open(os.path.join(ref, "results.json")))
   b = json.load(open(os.path.join(wd, "results.json")))
   assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
