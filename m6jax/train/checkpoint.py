@@ -218,11 +218,17 @@ class Checkpoints:
     if read_only and not os.path.isdir(path):
       self.enabled = False
       return
+    if not read_only and self.is_primary and os.path.isdir(path):
+      # Here, not by orbax: its cleanup runs in the background and is awaited only by a
+      # save, so a run that only restores (or lists) would still see the tmp dirs.
+      for name in os.listdir(path):
+        if ".orbax-checkpoint-tmp" in name:
+          shutil.rmtree(os.path.join(path, name), ignore_errors=True)
     self._latest = ocp.CheckpointManager(
         path, item_names=_ITEMS,
         options=ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=keep_latest),
-            create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
+            create=not read_only, read_only=read_only,
             enable_async_checkpointing=True))
 
   def _on(self) -> bool:
