@@ -94,7 +94,8 @@ def test_audit_pools_train_and_validation_and_keeps_test_apart():
 
 
 def test_audit_of_a_run_writes_train_validation_and_test_apart(tiny_catalogue, tmp_path):
-  cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"), **{"model.fusion": "early"})
+  cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"),
+                    **{"model.fusion": "early", "model.hidden": 0})   # linear: TF-IDF words
   wd = str(tmp_path / "run")
   res = experiment.train_and_evaluate(cfg, wd)
   s = audit_labels.audit(wd, num_folds=2, top=2, include_test=True)
@@ -108,6 +109,21 @@ def test_audit_of_a_run_writes_train_validation_and_test_apart(tiny_catalogue, t
     main_ids = {r["uniq_id"] for r in csv.DictReader(f)}
   assert not main_ids & test_ids       # no test product among the train+validation suspects
   assert (tmp_path / "run" / "label_issues_test.csv").is_file()
+  assert len(s["gallery_captions"]) == min(2, s["suspects"])
+  # Captions of suspects (this tiny run may flag none): the modality split behind the
+  # suggested label (early fusion reads both towers) and the words where the text is read.
+  from m6jax.inference import restore
+  _, run, _, _ = restore.restore(wd)
+  src = run.builder.as_data_source("test")
+  rows = [{"suggested_label": run.class_names[(int(run.cols["test"]["label"][i]) + 1) % 3]}
+          for i in range(2)]
+  caps = audit_labels.suspect_explanations(wd, rows, [np.asarray(src[i]["image"]) for i in
+                                                      range(2)], run.cols["test"]["text"][:2])
+  assert len(caps) == 2
+  for cap in caps:
+    text_share, image_share = (float(x.split()[-1]) for x in cap.splitlines()[-1].split("|"))
+    assert abs(text_share + image_share - 1) < 1e-6
+    assert cap.startswith("words: ") == ("\n" in cap)
 
 
 def test_confident_learning_runs_in_this_process(monkeypatch):

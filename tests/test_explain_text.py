@@ -293,3 +293,11 @@ def test_bert_ig_equals_captum_on_minilm():
   np.testing.assert_allclose(got["tokens"], want, atol=1e-4 * scale)   # stated: 1e-4 of the largest
   gap = got["f"] - got["f_base"]
   assert np.all(np.abs(got["tokens"].sum(-1) - gap) <= 0.01 * np.abs(gap))
+
+
+def test_top_words_shown_to_a_reader_have_letters_but_all_are_scored():
+  it = text_lib.Explained([",", "towel", "2", "cotton", "##"], np.array([5.0, 4, 3, 1, 0.5]),
+                          0.0, 0.0, [[0], [1], [2], [3], [4]])
+  assert [w for w, _ in it.top(2)] == ["towel", "cotton"]
+  assert [w for w, _ in it.top(2, readable=False)] == [",", "towel"]
+  assert [w for w, _ in it.top(10)] == ["towel", "cotton"]

@@ -19,7 +19,7 @@ import textwrap
 
 import numpy as np
 from m6jax import files
-from m6jax.data import twins
+from m6jax.data import pipeline, twins
 
 FIELDS = ("rank", "uniq_id", "given_label", "suggested_label", "confidence",
           "given_label_probability", "label_quality", "flagged", "name")
@@ -76,9 +76,10 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def plot_suspects(rows: list[dict], images: list, texts: list[str], path: str,
-                  columns: int = 4) -> None:
+                  columns: int = 4, captions: list[str] | None = None) -> None:
   """A grid of the top suspects: photo, name, given -> suggested label, confidence,
-  and the start of the description. images[i] / texts[i] belong to rows[i]."""
+  the words and modality split behind the suggestion (captions[i], when given) and
+  the start of the description. images[i] / texts[i] belong to rows[i]."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -91,13 +92,15 @@ def plot_suspects(rows: list[dict], images: list, texts: list[str], path: str,
   fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 5.6 * nrows), squeeze=False)
   for ax in axes.flat:
     ax.axis("off")
-  for ax, row, img, text in zip(axes.flat, rows, images, texts):
+  captions = captions or [""] * n
+  for ax, row, img, text, cap in zip(axes.flat, rows, images, texts, captions):
     if img is not None:
       ax.imshow(img)
     title = "\n".join(textwrap.wrap(f"#{row['rank']} {row['name']}", 34)[:2])
     ax.set_title(f"{title}\ngiven: {row['given_label']}\nsuggested: {row['suggested_label']} "
                  f"({row['confidence']:.2f})", fontsize=10, loc="left")
-    body = "\n".join(textwrap.wrap(" ".join(str(text).split()[:40]), 44)[:5])
+    body = "\n".join(([cap] if cap else []) +
+                     textwrap.wrap(" ".join(str(text).split()[:40]), 44)[:5 - 2 * bool(cap)])
     ax.text(0.0, -0.03, body, transform=ax.transAxes, fontsize=8, va="top", ha="left")
   fig.suptitle("Label-issue suspects (out-of-fold confident learning)", fontsize=13)
   fig.tight_layout(rect=(0, 0, 1, 0.97))   # leave the top strip to the title
@@ -145,8 +148,31 @@ def audit_probs(cfg, feats: dict, labels: dict, num_classes: int, num_folds: int
   return out
 
 
-def _report(run, splits, labels, probs, out_dir: str, stem: str, top: int) -> dict:
-  """Suspects of `splits` (their rows in order) -> <stem>.csv, <stem>.png; a summary."""
+def suspect_explanations(workdir: str, rows: list[dict], images: list, texts: list[str]
+                         ) -> list[str]:
+  """Gallery captions of the shown suspects: the words and the modality split behind
+  the *suggested* label, from the run's own (restored, best) model -- what in the
+  product speaks for the other category. '' where the run cannot be explained
+  (m6jax.explain.multimodal: frozen runs; words need a text tower)."""
+  from m6jax.explain import multimodal   # the explain stack loads only for the gallery
+  from m6jax.inference import restore
+  if not rows:
+    return []
+  cfg, run, params, _ = restore.restore(workdir, "best")
+  size = cfg.data.image_size
+  shown = [None if im is None else pipeline.square_image(np.asarray(im), size) for im in images]
+  stack = (np.stack(shown) if shown and all(im is not None for im in shown) else None)
+  targets = np.asarray([run.class_names.index(r["suggested_label"]) for r in rows])
+  res = multimodal.explain_products(cfg, run, params, [str(t) for t in texts], targets,
+                                    images=stack)
+  return [multimodal.caption(res["items"][j], multimodal.shares(res, j))
+          for j in range(len(rows))]
+
+
+def _report(run, splits, labels, probs, out_dir: str, stem: str, top: int,
+            workdir: str | None = None) -> dict:
+  """Suspects of `splits` (their rows in order) -> <stem>.csv, <stem>.png; a summary.
+  workdir: the run, to caption the gallery with suspect_explanations (None: no words)."""
   ids = [u for s in splits for u in run.cols[s]["uniq_id"]]
   texts = [t for s in splits for t in run.cols[s]["text"]]
   rows = suspect_rows(labels, probs, run.class_names, ids, product_names(run.cfg.data, ids))
@@ -160,18 +186,22 @@ def _report(run, splits, labels, probs, out_dir: str, stem: str, top: int) -> di
     return np.asarray(sources[splits[k]][int(i - offsets[k])]["image"])
 
   shown = rows[:top]
+  images = [image_of(r["index"]) for r in shown]
+  shown_texts = [texts[r["index"]] for r in shown]
+  captions = (suspect_explanations(workdir, shown, images, shown_texts)
+              if workdir is not None else None)
   gallery = os.path.join(out_dir, f"{stem}.png")
-  plot_suspects(shown, [image_of(r["index"]) for r in shown],
-                [texts[r["index"]] for r in shown], gallery)
+  plot_suspects(shown, images, shown_texts, gallery, captions=captions)
   return {"splits": list(splits), "products": int(len(labels)), "suspects": len(rows),
           "flagged": sum(r["flagged"] for r in rows), "csv": csv_path, "gallery": gallery,
+          "gallery_captions": captions or [],
           "accuracy": float((np.asarray(probs).argmax(1) == labels).mean()),
           "by_given_label": {c: sum(r["given_label"] == c for r in rows)
                              for c in run.class_names}}
 
 
 def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None = None,
-          include_test: bool = False) -> dict:
+          include_test: bool = False, words: bool = True) -> dict:
   """Out-of-fold probabilities for the train + validation products of a run -> suspects.
 
   Retrains the run's head (frozen mode, its config and cached embeddings) as
@@ -179,7 +209,8 @@ def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None =
   every product is predicted by models that never saw it. Writes label_issues.csv,
   label_issues.png and label_issues.json into out_dir (default: the run's
   workdir); with include_test also label_issues_test.{csv,png}, the test products
-  audited apart ('test' in the summary). Returns the summary: {'suspects',
+  audited apart ('test' in the summary); words: caption the galleries with
+  suspect_explanations ('gallery_captions'). Returns the summary: {'suspects',
   'products', 'flagged', 'oof_accuracy', 'csv', 'gallery', 'splits', ...}.
   """
   from m6jax.features import prepare   # the run's own stack
@@ -202,12 +233,14 @@ def audit(workdir: str, num_folds: int = 5, top: int = 16, out_dir: str | None =
                              run.report.twin_groups)
   probs = audit_probs(cfg, feats, labels, len(run.class_names), num_folds, include_test,
                       groups)
-  summary = _report(run, folds.POOL_SPLITS, *probs["pool"], out_dir, "label_issues", top)
+  explained = workdir if words else None
+  summary = _report(run, folds.POOL_SPLITS, *probs["pool"], out_dir, "label_issues", top,
+                    explained)
   summary["oof_accuracy"] = summary.pop("accuracy")
   summary |= {"folds": num_folds, "seeds": cfg.seeds}
   if include_test:
     summary["test"] = _report(run, ("test",), *probs["test"], out_dir, "label_issues_test",
-                              top)
+                              top, explained)
   files.write_json(os.path.join(out_dir, "label_issues.json"), summary)
   return summary
 
@@ -226,11 +259,14 @@ def main(argv=None):
   p.add_argument("--include-test", action="store_true",
                  help="also audit the test products, apart (label_issues_test.*), with the "
                       "models trained on train + validation")
+  p.add_argument("--no-words", action="store_true",
+                 help="leave the words and modality split out of the gallery (they cost "
+                      "integrated gradients through the text tower per shown suspect)")
   p.add_argument("--verbosity", type=int, default=None,
                  help="show every library's log at this absl level (-1, 0, 1)")
   a = p.parse_args(argv)
   console.setup(a.verbosity)
-  s = audit(a.workdir, a.folds, a.top, a.out, a.include_test)
+  s = audit(a.workdir, a.folds, a.top, a.out, a.include_test, words=not a.no_words)
   print(f"{s['suspects']} suspected label issues ({s['flagged']} flagged by confident "
         f"learning) among {s['products']} train + validation products "
         f"(out-of-fold accuracy {s['oof_accuracy']:.3f}): {s['csv']}, {s['gallery']}")

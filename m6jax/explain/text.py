@@ -181,9 +181,18 @@ class Explained:
   units: list            # per word, what deletion removes: token positions / word tokens
   pieces: object = None  # BERT: the token ids (L,); TF-IDF: the word tokens of the text
 
-  def top(self, n: int = 5) -> list[tuple[str, float]]:
-    order = np.argsort(-self.scores, kind="stable")[:n]
-    return [(self.words[i], float(self.scores[i])) for i in order]
+  def top(self, n: int = 5, readable: bool = True) -> list[tuple[str, float]]:
+    """The n highest-scoring words; readable: only words with a letter (what a reader
+    is shown: punctuation and bare numbers are scored, and deleted by the deletion
+    curves, but left out of captions and predict columns)."""
+    order = [int(i) for i in np.argsort(-self.scores, kind="stable")
+             if not readable or is_readable(self.words[i])]
+    return [(self.words[i], float(self.scores[i])) for i in order[:n]]
+
+
+def is_readable(word: str) -> bool:
+  """A word a reader is shown among the top words: it has at least one letter."""
+  return any(ch.isalpha() for ch in word)
 
 
 def _batched(n: int, size: int):
