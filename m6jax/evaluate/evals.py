@@ -12,7 +12,8 @@ states: each replica's best-validation parameters, the ones the checkpoint holds
   curves       training_curves.png (loss and validation scores per epoch)
   importance   the test ensemble's accuracy with each modality zeroed (frozen, fused)
   cv           out-of-fold cross-validation scores (train.folds >= 2)
-  feasibility  KMeans ARI + 2-D projection of the frozen embeddings (cfg.feasibility)
+  feasibility  KMeans ARI + 2-D projection of the frozen embeddings (cfg.feasibility,
+               cfg.feasibility_opts: projected sample, MiniBatchKMeans past a size)
   gradcam      Grad-CAM gallery and replica stability (cfg.explain.enabled, image runs)
 """
 
@@ -166,12 +167,14 @@ def feasibility_eval(ctx: Context) -> dict:
   cfg, run = ctx.cfg, ctx.run
   if not (cfg.feasibility and run.feats and mesh_lib.is_writer()):
     return {}
-  labels = ctx.labels
+  labels, opts = ctx.labels, cfg.feasibility_opts
   return {"feasibility": feasibility.feasibility_study(
       {m: np.concatenate([f[s] for s in prepare.SPLITS]) for m, f in run.feats.items()},
       np.concatenate([labels[s] for s in prepare.SPLITS]),
       run.class_names, ctx.workdir, seed=cfg.seed,
-      cache_dir=cfg.train.cache_dir or cache.default_root())}
+      cache_dir=cfg.train.cache_dir or cache.default_root(), tsne_max=opts.tsne_max,
+      kmeans_minibatch_from=opts.kmeans_minibatch_from,
+      kmeans_batch_size=opts.kmeans_batch_size)}
 
 
 def gradcam(ctx: Context) -> dict:
