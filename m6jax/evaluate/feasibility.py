@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 FUSED = "fused"
 # Part of the cache key: bump when the study's maths or defaults change.
 STUDY_VERSION = 2
-MINIBATCH_N_INIT = 3   # MiniBatchKMeans restarts (full KMeans: n_init=10)
+MINIBATCH_N_INIT = 10  # MiniBatchKMeans initialisations tried (on a subset; one run)
 
 
 def _as_2d(embeddings, dtype=np.float64):
