@@ -66,7 +66,8 @@ class Results(TypedDict, total=False):
   cross_validation: dict
   feasibility: dict
   gradcam: dict
-  explain: dict          # words, modality split, deletion curves (m6jax.explain.multimodal)
+  explain: dict          # sample (the test products explained: m6jax.evaluate.sampling),
+                         # words, modality split, deletion curves (m6jax.explain.multimodal)
   timings: dict          # seconds per phase (setup, train, evaluate, feasibility, explain), total
 
 
@@ -194,9 +195,11 @@ def gradcam(ctx: Context) -> dict:
                             n_per_class=ex.n_per_class, method=ex.method, words_model=words)
   part = {"gradcam": {"method": ex.method, "stability": out["stability"],
                       "gallery": os.path.relpath(out["gallery"], ctx.workdir),
-                      "timings": out["timings"]}}
+                      "timings": out["timings"]},
+          # the test products explained: a stratified sample (m6jax.evaluate.sampling)
+          "explain": {"sample": out["sample"]}}
   if out.get("explain"):   # words, modality split, deletion curves (m6jax.explain.multimodal)
-    part["explain"] = out["explain"]
+    part["explain"].update(out["explain"])
   return part
 
 

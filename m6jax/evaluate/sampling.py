@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from m6jax import defaults
+
 MIN_PER_CLASS = 5   # rows every class keeps (or all of its rows, when it has fewer)
 
 
@@ -73,3 +75,26 @@ def describe(rows: int, of: int, seed: int, by: str = "label") -> dict:
   """The results.json record of a sample: {'rows', 'of', 'seed', 'stratified_by'}."""
   return {"rows": int(rows), "of": int(of), "seed": int(seed),
           "stratified_by": by if rows < of else None}
+
+
+class Subset:
+  """Rows `idx` of a random-access source (len, [i]), itself random-access: what
+  m6jax.data.pipeline.batches reads, so only those rows are read and decoded."""
+
+  def __init__(self, source, idx):
+    self.source, self.idx = source, np.asarray(idx, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.idx)
+
+  def __getitem__(self, i):
+    return self.source[int(self.idx[i])]
+
+
+def explain_sample(cfg, strata) -> tuple[np.ndarray, dict]:
+  """(N,) class of each product (-1: unknown) -> (sorted indices of the products the
+  explanations cover, their `describe` record): a stratified sample of at most
+  cfg.explain.sample (a run saved before that knob: its default), seeded by cfg.seed."""
+  size = cfg.explain.get("sample", defaults.base_config().explain.sample)
+  idx = stratified_sample(strata, size, cfg.seed)
+  return idx, describe(len(idx), len(strata), cfg.seed)
