@@ -4,7 +4,6 @@ and only the sample's photos are read (m6jax.evaluate.sampling, m6jax.explain.ru
 import types
 
 import numpy as np
-import pytest
 
 from configs import smoke
 from m6jax.evaluate import sampling
@@ -75,10 +74,3 @@ def test_rows_read_only_the_sample_in_configured_batches():
   streamed = [u for b in got for u, m in zip(b["uniq_id"], b["mask"]) if m]
   assert streamed == ids                                  # in the order the maps expect
 
-
-@pytest.mark.parametrize("size", [1, 0])
-def test_explain_sample_knob_is_validated(size):
-  from m6jax import config as config_lib
-  cfg = smoke.get_config()
-  cfg.explain.sample = size
-  assert (config_lib.problems(cfg) == []) == (size >= 1)

@@ -250,7 +250,7 @@ def _study_key(sets, labels, class_names, seed, method, p) -> str:
                                "sets": {k: list(x.shape) for k, x in sets.items()}},
                               sort_keys=True).encode())
   for x in [*sets.values(), np.asarray(labels, np.int64)]:
-    h.update(np.ascontiguousarray(x).tobytes())
+    h.update(memoryview(np.ascontiguousarray(x)).cast("B"))   # the bytes, not a copy
   return h.hexdigest()
 
 
@@ -358,8 +358,10 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
     results, projections = hit
     timings = {"kmeans": 0.0, "projection": 0.0, "cached": 1.0}
   else:
-    results, projections, timings = _study_all(sets, labels, num_classes, seed, method,
-                                               num_threads, workers, p)
+    # Past the MiniBatchKMeans size one set at a time: each holds a normalised copy.
+    results, projections, timings = _study_all(
+        sets, labels, num_classes, seed, method, num_threads,
+        1 if p["kmeans"]["algorithm"] == "minibatch" else workers, p)
     if store is not None:
       _store_study(store, key, results, projections)
   record = {"kmeans": p["kmeans"], "projection": p["projection"]}
