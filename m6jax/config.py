@@ -52,7 +52,9 @@ MIN = {   # key -> smallest allowed value
     "train.log_every": 1, "train.checkpoint_every": 1, "train.warmup_steps": 0, "model.hidden": 0,
     "model.text.tfidf_dim": 1, "explain.n_per_class": 1, "mesh.seed": 0, "mesh.data": 0,
     "evaluate.bootstrap_resamples": 2000, "evaluate.bootstrap_seed": 0,
-    "explain.ig_steps": 1, "explain.words_max": 0,
+    "explain.ig_steps": 1, "explain.words_max": 0, "explain.sample": 1,
+    "feasibility_opts.tsne_max": 2, "feasibility_opts.kmeans_minibatch_from": 1,
+    "feasibility_opts.kmeans_batch_size": 1,
 }
 UNIT = ("model.dropout", "model.modality_dropout", "train.label_smoothing")   # in [0, 1)
 GROUP_KEYS = ("regex", "lr_mult", "unfreeze_at", "unfreeze_at_epoch")

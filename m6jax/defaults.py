@@ -126,6 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
       words=True,                        # word attributions + deletion curves (test split)
       words_max=32,                      # products given words: the gallery's + a sample
                                          # by predicted class (0: all; ~4 s each on 2 cores)
+      sample=256,                        # products explained (Grad-CAM, stability, gallery,
+                                         # words): a seeded sample stratified by label
       ig_steps=32,                       # integrated gradients (BERT text): Gauss-Legendre steps
       ig_baseline="pad"))                # pad: word pieces -> [PAD] embedding | zero
   c.track = ml_collections.ConfigDict(dict(
@@ -136,6 +138,10 @@ def base_config() -> ml_collections.ConfigDict:
       log_model=True))
 
   c.feasibility = True                 # KMeans ARI + t-SNE of the frozen embeddings
+  c.feasibility_opts = ml_collections.ConfigDict(dict(   # its scale (m6jax.evaluate.feasibility)
+      tsne_max=2000,                     # t-SNE of a stratified sample of this many rows
+      kmeans_minibatch_from=10_000,      # past this many rows MiniBatchKMeans, else full KMeans
+      kmeans_batch_size=1024))           # MiniBatchKMeans batch
   # Test-score intervals: percentile bootstrap over test products (m6jax.evaluate.intervals).
   c.evaluate = ml_collections.ConfigDict(dict(
       bootstrap_resamples=2000,          # >= 2000

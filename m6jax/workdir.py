@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 LOCK = ".lock"
 FINGERPRINT = os.path.join("checkpoints", "fingerprint.json")
 # Keys that do not change what is trained (prefixes of dotted config keys).
-COSMETIC = ("name", "track", "explain", "feasibility", "evals", "mesh", "train.log_every",
+COSMETIC = ("name", "track", "explain", "feasibility", "feasibility_opts", "evals", "mesh",
+            "train.log_every",
             "train.cache_dir", "train.xla_cache_dir", "train.checkpoint", "train.allow_code_change",
             "data.manual_dir",
             "data.tfds_dir", "data.csv", "data.images")

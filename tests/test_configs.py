@@ -49,6 +49,12 @@ def test_config_loads(name, arg):
     ("train.epochs", 0, "train.epochs=0: must be an integer >= 1"),
     ("model.dropout", 1.5, "model.dropout=1.5: must be a number in [0, 1)"),
     ("train.learning_rate", 0.0, "train.learning_rate=0.0: must be > 0"),
+    ("explain.sample", 0, "explain.sample=0: must be an integer >= 1"),
+    ("feasibility_opts.tsne_max", 1, "feasibility_opts.tsne_max=1: must be an integer >= 2"),
+    ("feasibility_opts.kmeans_minibatch_from", 0,
+     "feasibility_opts.kmeans_minibatch_from=0: must be an integer >= 1"),
+    ("feasibility_opts.kmeans_batch_size", 0,
+     "feasibility_opts.kmeans_batch_size=0: must be an integer >= 1"),
 ])
 def test_bad_values_are_named_with_the_allowed_values(key, value, message):
   cfg = smoke.get_config()

@@ -433,6 +433,9 @@ def _check_outputs(out_dir, res, replicas):
   assert rep["n_images"] == res["n"] > 0 and rep["replicas"] == replicas
   assert -1 <= res["stability"] <= 1
   assert rep["stability_mean_spearman"] == pytest.approx(res["stability"])
+  # The products explained: the whole (tiny) split, under explain.sample (256).
+  assert rep["sample"] == res["sample"] == {"rows": res["n"], "of": res["n"], "seed": 0,
+                                            "stratified_by": None}
   assert set(rep["timings"]) == {"restore", "gradcam", "stability", "words", "gallery", "total"}
   assert all(v >= 0 for v in rep["timings"].values())
   return rep
@@ -482,7 +485,9 @@ def test_the_run_explains_the_states_it_scored(tiny_catalogue, tmp_path, mode):
   assert res["gradcam"]["gallery"] == os.path.join("gradcam", "gallery.png")
   assert "explain" in res["timings"]
   with open(os.path.join(wd, "results.json")) as f:
-    assert json.load(f)["gradcam"]["stability"] == pytest.approx(res["gradcam"]["stability"])
+    saved = json.load(f)
+  assert saved["gradcam"]["stability"] == pytest.approx(res["gradcam"]["stability"])
+  assert saved["explain"]["sample"]["rows"] == saved["explain"]["sample"]["of"] > 0
   with open(os.path.join(wd, "gradcam", "stability.json")) as f:
     mem = json.load(f)
   out = explain_lib.explain_run(wd, n_per_class=1, out_dir=str(tmp_path / "restored"))

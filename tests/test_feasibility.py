@@ -9,6 +9,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from threadpoolctl import threadpool_limits
 
 from m6jax.evaluate import feasibility as fz
+from m6jax.evaluate import sampling
 
 N_CLASSES = 3
 N = 90
@@ -109,7 +110,12 @@ def test_feasibility_study_outputs(tmp_path):
   _png_ok(res["plot"])
   with open(tmp_path / "feasibility.json") as f:
     data = json.load(f)
-  assert list(data) == ["text", "image", "fused"]
+  assert list(data) == ["text", "image", "fused", "kmeans", "projection"]
+  # N = 90 rows: full KMeans and every row projected unless told otherwise.
+  assert data.pop("kmeans") == res["kmeans"] == {"algorithm": "full", "rows": N, "n_init": 10,
+                                                  "batch_size": None}
+  assert data.pop("projection") == res["projection"] == {
+      "method": "tsne", "rows": N, "of": N, "seed": 0, "stratified_by": None}
   for name, r in data.items():
     assert set(r) == {"ari", "nmi", "cluster_sizes"}
     assert sum(r["cluster_sizes"]) == N
@@ -124,7 +130,7 @@ def test_single_set_has_no_fused(tmp_path):
   embs, y = _study_inputs()
   res = fz.feasibility_study({"text": embs["text"]}, y, CLASS_NAMES,
                              tmp_path, method="pca")
-  assert set(res) == {"text", "plot", "timings"}
+  assert set(res) == {"text", "kmeans", "projection", "plot", "timings"}
 
 
 def test_deterministic_whatever_the_workers(tmp_path):
@@ -168,3 +174,77 @@ def test_study_read_back_from_the_cache(tmp_path, monkeypatch):
                            cache_dir=root)
   assert "cached" not in c["timings"] and "cached" not in d["timings"]
   assert cache.clear(root, tower="feasibility")["files"] == 3 * 4   # results + 3 projections
+
+
+# --- scale: stratified projection sample, MiniBatchKMeans past a size ----------------
+
+def _skewed_labels(seed=0):
+  """10,000 labels over 5 classes of very different sizes (one of 3 rows), shuffled."""
+  counts = [6000, 2500, 1300, 197, 3]
+  y = np.repeat(np.arange(len(counts)), counts)
+  return np.random.default_rng(seed).permutation(y), np.asarray(counts)
+
+
+@pytest.mark.parametrize("size", [100, 500, 2001])
+def test_stratified_sample_is_proportional_and_keeps_every_class(size):
+  y, counts = _skewed_labels()
+  idx = sampling.stratified_sample(y, size, seed=4)
+  assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0)   # sorted, no repeats
+  got = np.bincount(y[idx], minlength=len(counts))
+  floors = np.minimum(counts, sampling.MIN_PER_CLASS)
+  assert np.all(got >= floors) and got[4] == 3                 # every class, small ones whole
+  assert len(idx) == max(size, floors.sum())
+  # Classes above their floor: within one row of their share of what the floored
+  # classes leave (the floored ones take min(count, 5) rows each).
+  floored = size * counts / counts.sum() < floors
+  share = (len(idx) - got[floored].sum()) * counts / counts[~floored].sum()
+  assert np.all(np.abs(got - share)[~floored] < 1.0), (got, share)
+
+
+def test_stratified_sample_is_deterministic_and_all_rows_when_small():
+  y, _ = _skewed_labels()
+  a, b = sampling.stratified_sample(y, 300, seed=1), sampling.stratified_sample(y, 300, seed=1)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, sampling.stratified_sample(y, 300, seed=2))
+  np.testing.assert_array_equal(sampling.stratified_sample(y[:50], 50), np.arange(50))
+  np.testing.assert_array_equal(sampling.stratified_sample(y[:50], 10**6), np.arange(50))
+  with pytest.raises(ValueError, match="size"):
+    sampling.stratified_sample(y, 0)
+
+
+def test_study_projects_a_recorded_sample_and_switches_to_minibatch(tmp_path):
+  embs, y = _study_inputs()
+  res = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path, method="pca", tsne_max=30,
+                             kmeans_minibatch_from=50, kmeans_batch_size=16)
+  assert res["kmeans"] == {"algorithm": "minibatch", "rows": N,
+                           "n_init": fz.MINIBATCH_N_INIT, "batch_size": 16}
+  assert res["projection"] == {"method": "pca", "rows": 30, "of": N, "seed": 0,
+                               "stratified_by": "label"}
+  with open(tmp_path / "feasibility.json") as f:
+    data = json.load(f)
+  assert data["kmeans"] == res["kmeans"] and data["projection"] == res["projection"]
+  assert sum(data["text"]["cluster_sizes"]) == N   # KMeans still clusters every row
+  assert data["text"]["ari"] > 0.9
+  _png_ok(res["plot"])
+
+
+def test_minibatch_kmeans_ari_close_to_full_on_separated_blobs():
+  # 7 well-separated blobs, 3,500 rows: past the threshold MiniBatchKMeans (batches
+  # of 256) finds the same clustering as full KMeans, up to 0.02 ARI (both ~1).
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(7, 32))
+  y = rng.integers(0, 7, size=3500)
+  x = centers[y] + 0.05 * rng.normal(size=(3500, 32))
+  full = fz.kmeans_ari(x, y, 7, kmeans=fz.kmeans_method(len(y), 10_000))
+  mini_rec = fz.kmeans_method(len(y), 1000, batch_size=256)
+  assert mini_rec["algorithm"] == "minibatch"
+  mini = fz.kmeans_ari(x, y, 7, kmeans=mini_rec)
+  # The reference: sklearn's adjusted_rand_score of sklearn's MiniBatchKMeans itself.
+  from sklearn.cluster import MiniBatchKMeans
+  feats = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+  with threadpool_limits(limits=1):
+    pred = MiniBatchKMeans(7, batch_size=256, n_init=fz.MINIBATCH_N_INIT,
+                           random_state=0).fit_predict(feats)
+  assert mini["ari"] == pytest.approx(adjusted_rand_score(y, pred), abs=1e-12)
+  assert full["ari"] > 0.98
+  assert abs(mini["ari"] - full["ari"]) <= 0.02

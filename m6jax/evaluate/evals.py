@@ -12,7 +12,8 @@ states: each replica's best-validation parameters, the ones the checkpoint holds
   curves       training_curves.png (loss and validation scores per epoch)
   importance   the test ensemble's accuracy with each modality zeroed (frozen, fused)
   cv           out-of-fold cross-validation scores (train.folds >= 2)
-  feasibility  KMeans ARI + 2-D projection of the frozen embeddings (cfg.feasibility)
+  feasibility  KMeans ARI + 2-D projection of the frozen embeddings (cfg.feasibility,
+               cfg.feasibility_opts: projected sample, MiniBatchKMeans past a size)
   gradcam      Grad-CAM gallery and replica stability (cfg.explain.enabled, image runs)
 """
 
@@ -65,7 +66,8 @@ class Results(TypedDict, total=False):
   cross_validation: dict
   feasibility: dict
   gradcam: dict
-  explain: dict          # words, modality split, deletion curves (m6jax.explain.multimodal)
+  explain: dict          # sample (the test products explained: m6jax.evaluate.sampling),
+                         # words, modality split, deletion curves (m6jax.explain.multimodal)
   timings: dict          # seconds per phase (setup, train, evaluate, feasibility, explain), total
 
 
@@ -166,12 +168,14 @@ def feasibility_eval(ctx: Context) -> dict:
   cfg, run = ctx.cfg, ctx.run
   if not (cfg.feasibility and run.feats and mesh_lib.is_writer()):
     return {}
-  labels = ctx.labels
+  labels, opts = ctx.labels, cfg.feasibility_opts
   return {"feasibility": feasibility.feasibility_study(
       {m: np.concatenate([f[s] for s in prepare.SPLITS]) for m, f in run.feats.items()},
       np.concatenate([labels[s] for s in prepare.SPLITS]),
       run.class_names, ctx.workdir, seed=cfg.seed,
-      cache_dir=cfg.train.cache_dir or cache.default_root())}
+      cache_dir=cfg.train.cache_dir or cache.default_root(), tsne_max=opts.tsne_max,
+      kmeans_minibatch_from=opts.kmeans_minibatch_from,
+      kmeans_batch_size=opts.kmeans_batch_size)}
 
 
 def gradcam(ctx: Context) -> dict:
@@ -191,9 +195,11 @@ def gradcam(ctx: Context) -> dict:
                             n_per_class=ex.n_per_class, method=ex.method, words_model=words)
   part = {"gradcam": {"method": ex.method, "stability": out["stability"],
                       "gallery": os.path.relpath(out["gallery"], ctx.workdir),
-                      "timings": out["timings"]}}
+                      "timings": out["timings"]},
+          # the test products explained: a stratified sample (m6jax.evaluate.sampling)
+          "explain": {"sample": out["sample"]}}
   if out.get("explain"):   # words, modality split, deletion curves (m6jax.explain.multimodal)
-    part["explain"] = out["explain"]
+    part["explain"].update(out["explain"])
   return part
 
 

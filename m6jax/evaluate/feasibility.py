@@ -3,6 +3,12 @@
 For each embedding set (text, image, and their fusion) run KMeans with k equal
 to the number of classes and score the clustering against the true labels with
 the Adjusted Rand Index (0 = chance, 1 = perfect), plus a 2-D projection plot.
+
+Scale: KMeans clusters every row, with full (Lloyd) KMeans up to `kmeans_minibatch_from`
+rows and sklearn's MiniBatchKMeans past it (in float32 there: a 10^6 x 1664 fused
+matrix is 6.7 GB, not 13); the 2-D projection (t-SNE is O(N log N) per iteration and
+dominates) runs on a stratified sample of at most `tsne_max` rows
+(m6jax.evaluate.sampling). Both choices are recorded in the study's output.
 """
 
 from __future__ import annotations
@@ -21,49 +27,70 @@ from matplotlib.figure import Figure
 from threadpoolctl import threadpool_limits
 
 from m6jax import files
+from m6jax.evaluate import sampling
 from m6jax.features import cache as cache_lib
 
 log = logging.getLogger(__name__)
 
 FUSED = "fused"
 # Part of the cache key: bump when the study's maths or defaults change.
-STUDY_VERSION = 1
+STUDY_VERSION = 2
+MINIBATCH_N_INIT = 10  # MiniBatchKMeans initialisations tried (on a subset; one run)
 
 
-def _as_2d(embeddings):
-  """Any array-like (N, D) (numpy, jax) -> float64 numpy (N, D)."""
-  x = np.asarray(embeddings, dtype=np.float64)
+def _as_2d(embeddings, dtype=np.float64):
+  """Any array-like (N, D) (numpy, jax) -> numpy (N, D) of `dtype`."""
+  x = np.asarray(embeddings, dtype=dtype)
   if x.ndim != 2:
     raise ValueError(f"expected (N, D) embeddings, got shape {x.shape}")
   return x
 
 
-def l2_normalize(x, eps=1e-12):
-  """Row-wise L2 normalisation, (N, D) -> (N, D); all-zero rows stay zero."""
-  x = _as_2d(x)
+def l2_normalize(x, eps=1e-12, dtype=np.float64):
+  """Row-wise L2 normalisation, (N, D) -> (N, D) of `dtype`; all-zero rows stay zero."""
+  x = _as_2d(x, dtype)
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
+def kmeans_method(n: int, minibatch_from=None, batch_size: int = 1024) -> dict:
+  """How KMeans clusters n rows: {'algorithm': 'full' | 'minibatch', 'rows': n,
+  'n_init', 'batch_size' (None for full)}. Full KMeans up to `minibatch_from` rows
+  (None: always), sklearn's MiniBatchKMeans past it."""
+  if minibatch_from is None or n <= minibatch_from:
+    return {"algorithm": "full", "rows": int(n), "n_init": 10, "batch_size": None}
+  return {"algorithm": "minibatch", "rows": int(n), "n_init": MINIBATCH_N_INIT,
+          "batch_size": int(batch_size)}
+
+
 def kmeans_ari(embeddings, labels, num_classes, seed=0, n_init=10,
-               normalize=True, num_threads=1):
+               normalize=True, num_threads=1, kmeans=None):
   """KMeans(k=num_classes) on (N, D) embeddings vs true (N,) int labels.
 
   Returns {'ari': float, 'nmi': float, 'cluster_sizes': list[int]} where
   cluster_sizes is sorted largest first (cluster ids are arbitrary, so only
   the size profile is meaningful; one huge cluster = collapsed embeddings).
   num_threads caps OpenMP/BLAS threads (None = library default).
+  kmeans: a `kmeans_method` record; None: full KMeans with `n_init` restarts.
+  MiniBatchKMeans clusters float32 rows (full KMeans float64).
   """
-  x = _as_2d(embeddings)
+  minibatch = kmeans is not None and kmeans["algorithm"] == "minibatch"
+  dtype = np.float32 if minibatch else np.float64
+  x = _as_2d(embeddings, dtype)
   labels = np.asarray(labels).reshape(-1)
   if x.shape[0] != labels.shape[0]:
     raise ValueError(f"{x.shape[0]} embeddings but {labels.shape[0]} labels")
   if normalize:
     # Encoders' embedding norms carry little semantic signal (and vary with
     # e.g. text length); cosine geometry is what the classifier head sees.
-    x = l2_normalize(x)
-  from sklearn.cluster import KMeans
+    x = l2_normalize(x, dtype=dtype)
+  from sklearn.cluster import KMeans, MiniBatchKMeans
   from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-  km = KMeans(n_clusters=num_classes, n_init=n_init, random_state=seed)
+  if minibatch:
+    km = MiniBatchKMeans(n_clusters=num_classes, batch_size=kmeans["batch_size"],
+                         n_init=kmeans["n_init"], random_state=seed)
+  else:
+    km = KMeans(n_clusters=num_classes, n_init=n_init if kmeans is None else kmeans["n_init"],
+                random_state=seed)
   with threadpool_limits(limits=num_threads):
     pred = km.fit_predict(x)
   sizes = np.bincount(pred, minlength=num_classes)
@@ -74,15 +101,15 @@ def kmeans_ari(embeddings, labels, num_classes, seed=0, n_init=10,
   }
 
 
-def fuse(embs):
-  """{name: (N, Di)} -> (N, sum Di): L2-normalise each modality, concatenate.
+def fuse(embs, dtype=np.float64):
+  """{name: (N, Di)} -> (N, sum Di) of `dtype`: L2-normalise each modality, concatenate.
 
   Per-modality normalisation keeps one modality from dominating the
   distances just because its features live on a larger scale.
   """
   if not embs:
     raise ValueError("fuse needs at least one embedding set")
-  parts = [l2_normalize(e) for e in embs.values()]
+  parts = [l2_normalize(e, dtype=dtype) for e in embs.values()]
   n = {p.shape[0] for p in parts}
   if len(n) != 1:
     raise ValueError(f"embedding sets disagree on N: {sorted(n)}")
@@ -166,7 +193,7 @@ def plot_projection(points, labels, class_names, path, title=""):
   return _save(fig, path)
 
 
-def plot_study(projections, labels, class_names, path, aris):
+def plot_study(projections, labels, class_names, path, aris, title=""):
   """One PNG, one panel per {name: (N, 2)} projection, ARI in each title."""
   names = list(projections)
   colors = _class_colors(len(class_names))
@@ -174,10 +201,12 @@ def plot_study(projections, labels, class_names, path, aris):
   axes = [fig.add_subplot(1, len(names), i + 1) for i in range(len(names))]
   for ax, name in zip(axes, names):
     ari = aris.get(name)
-    title = name if ari is None else f"{name}  (ARI={ari:.3f})"
-    _draw_panel(ax, projections[name], labels, class_names, colors, title)
+    panel = name if ari is None else f"{name}  (ARI={ari:.3f})"
+    _draw_panel(ax, projections[name], labels, class_names, colors, panel)
   # One shared legend: the colour -> class mapping is the same in every panel.
   handles, texts = axes[0].get_legend_handles_labels()
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
   # Anchored just outside the right edge; bbox_inches="tight" in _save grows
   # the canvas to fit it, however long the class names are.
@@ -186,24 +215,42 @@ def plot_study(projections, labels, class_names, path, aris):
   return _save(fig, path)
 
 
-def _study_one(x, labels, num_classes, seed, method, num_threads):
-  """One embedding set -> (KMeans scores, (N, 2) projection, {phase: seconds})."""
+def plan(labels, seed=0, method="tsne", tsne_max=None, kmeans_minibatch_from=None,
+         kmeans_batch_size=1024) -> dict:
+  """What a study of (N,) labels does: {'kmeans': kmeans_method record (every row),
+  'projection': {'method', 'rows', 'of', 'seed', 'stratified_by'}, 'sample': sorted
+  (n,) indices of the projected rows (a stratified sample of at most `tsne_max`, None:
+  every row; m6jax.evaluate.sampling)}."""
+  n = len(labels)
+  idx = (np.arange(n) if tsne_max is None or tsne_max >= n
+         else sampling.stratified_sample(labels, tsne_max, seed))
+  return {"kmeans": kmeans_method(n, kmeans_minibatch_from, kmeans_batch_size),
+          "projection": {"method": method, **sampling.describe(len(idx), n, seed)},
+          "sample": idx}
+
+
+def _study_one(x, labels, num_classes, seed, method, num_threads, p):
+  """One embedding set -> (KMeans scores, (n, 2) projection of the plan's sample,
+  {phase: seconds})."""
   t0 = time.perf_counter()
-  scores = kmeans_ari(x, labels, num_classes, seed=seed, num_threads=num_threads)
+  scores = kmeans_ari(x, labels, num_classes, seed=seed, num_threads=num_threads,
+                      kmeans=p["kmeans"])
   t1 = time.perf_counter()
   # Project the same normalised geometry that KMeans clustered.
-  points = project_2d(l2_normalize(x), method=method, seed=seed, num_threads=num_threads)
+  points = project_2d(l2_normalize(x[p["sample"]]), method=method, seed=seed,
+                      num_threads=num_threads)
   return scores, points, {"kmeans": t1 - t0, "projection": time.perf_counter() - t1}
 
 
-def _study_key(sets, labels, class_names, seed, method) -> str:
+def _study_key(sets, labels, class_names, seed, method, p) -> str:
   """sha1 of everything a study's numbers depend on (the arrays' bytes included)."""
   h = hashlib.sha1(json.dumps({"version": STUDY_VERSION, "seed": seed, "method": method,
-                               "classes": list(class_names),
+                               "classes": list(class_names), "kmeans": p["kmeans"],
+                               "projection_rows": p["projection"]["rows"],
                                "sets": {k: list(x.shape) for k, x in sets.items()}},
                               sort_keys=True).encode())
   for x in [*sets.values(), np.asarray(labels, np.int64)]:
-    h.update(np.ascontiguousarray(x).tobytes())
+    h.update(memoryview(np.ascontiguousarray(x)).cast("B"))   # the bytes, not a copy
   return h.hexdigest()
 
 
@@ -228,7 +275,7 @@ def _store_study(store, key, results, projections):
                  dtype=None)
 
 
-def _study_all(sets, labels, num_classes, seed, method, num_threads, workers):
+def _study_all(sets, labels, num_classes, seed, method, num_threads, workers, p):
   """Every set's study, `workers` sets at once -> (results, projections, timings)."""
   # sklearn (1.6 s to import) only when a study is computed; imported here,
   # before the worker threads need it.
@@ -241,7 +288,7 @@ def _study_all(sets, labels, num_classes, seed, method, num_threads, workers):
        ThreadPoolExecutor(max_workers=1 if num_threads is None else
                           max(1, min(workers, len(sets)))) as pool:
     futures = {name: pool.submit(_study_one, x, labels, num_classes, seed, method,
-                                 num_threads) for name, x in sets.items()}
+                                 num_threads, p) for name, x in sets.items()}
     done = {name: f.result() for name, f in futures.items()}
   results = {name: d[0] for name, d in done.items()}
   projections = {name: d[1] for name, d in done.items()}
@@ -250,14 +297,27 @@ def _study_all(sets, labels, num_classes, seed, method, num_threads, workers):
   return results, projections, timings
 
 
+def _plot_title(p) -> str:
+  pr, km = p["projection"], p["kmeans"]
+  rows = (f"all {pr['of']:,} rows" if pr["rows"] == pr["of"] else
+          f"{pr['rows']:,} of {pr['of']:,} rows (stratified sample)")
+  return f"{pr['method']} of {rows}; {km['algorithm']} KMeans on all {km['rows']:,} rows"
+
+
 def feasibility_study(embs, labels, class_names, out_dir, seed=0,
-                      method="tsne", num_threads=1, workers=3, cache_dir=None):
+                      method="tsne", num_threads=1, workers=3, cache_dir=None,
+                      tsne_max=None, kmeans_minibatch_from=None, kmeans_batch_size=1024):
   """KMeans ARI + 2-D projections for each {name: (N, D)} set (+ 'fused').
 
   Writes out_dir/feasibility.png and out_dir/feasibility.json and returns
-  {name: {'ari', 'nmi', 'cluster_sizes'}, ..., 'plot': png path,
+  {name: {'ari', 'nmi', 'cluster_sizes'}, ..., 'kmeans': {'algorithm' ('full' |
+  'minibatch'), 'rows', 'n_init', 'batch_size'}, 'projection': {'method', 'rows'
+  (projected), 'of' (N), 'seed', 'stratified_by'}, 'plot': png path,
   'timings': {'kmeans', 'projection' (seconds summed over sets), 'plot',
   'total' (wall seconds)}}.
+  tsne_max: the projection's rows, a stratified sample of the N (None: all);
+  kmeans_minibatch_from: past this N, MiniBatchKMeans with batches of
+  kmeans_batch_size (None: full KMeans always); see `plan`.
   num_threads caps BLAS/OpenMP threads for KMeans and t-SNE (None = library
   default). It defaults to 1 because at N ~ 1k the work is tiny and OpenMP
   spin-waiting on a shared 2-core box made the study 10-20x slower in wall
@@ -267,7 +327,7 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
   num_threads None the sets run one at a time: sklearn's own thread limits
   inside KMeans would then race between threads.
   cache_dir: a feature cache root (m6jax.features.cache) where studies are kept by a
-  hash of the embeddings, labels, classes, seed and method: another
+  hash of the embeddings, labels, classes, seed, method and plan: another
   experiment on the same features (another head, a sweep cell) reads the
   scores and projections back instead of recomputing them (timings then
   say 'cached': 1.0). None: always computed.
@@ -279,9 +339,11 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
     raise ValueError(f"{FUSED!r} is reserved for the fused set")
   labels = np.asarray(labels).reshape(-1)
   num_classes = len(class_names)
-  sets = {k: _as_2d(v) for k, v in embs.items()}
+  p = plan(labels, seed, method, tsne_max, kmeans_minibatch_from, kmeans_batch_size)
+  dtype = np.float32 if p["kmeans"]["algorithm"] == "minibatch" else np.float64
+  sets = {k: _as_2d(v, dtype) for k, v in embs.items()}
   if len(sets) >= 2:
-    sets[FUSED] = fuse(sets)
+    sets[FUSED] = fuse(sets, dtype)
   for name, x in sets.items():
     if x.shape[0] != labels.shape[0]:
       raise ValueError(f"{name}: {x.shape[0]} rows but {labels.shape[0]} "
@@ -289,23 +351,27 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
 
   store = key = hit = None
   if cache_dir is not None:
-    store, key = _study_cache(cache_dir), _study_key(sets, labels, class_names, seed, method)
+    store = _study_cache(cache_dir)
+    key = _study_key(sets, labels, class_names, seed, method, p)
     hit = _cached_study(store, key, list(sets))
   if hit is not None:
     results, projections = hit
     timings = {"kmeans": 0.0, "projection": 0.0, "cached": 1.0}
   else:
-    results, projections, timings = _study_all(sets, labels, num_classes, seed, method,
-                                               num_threads, workers)
+    # Past the MiniBatchKMeans size one set at a time: each holds a normalised copy.
+    results, projections, timings = _study_all(
+        sets, labels, num_classes, seed, method, num_threads,
+        1 if p["kmeans"]["algorithm"] == "minibatch" else workers, p)
     if store is not None:
       _store_study(store, key, results, projections)
+  record = {"kmeans": p["kmeans"], "projection": p["projection"]}
 
   t_plot = time.perf_counter()
   os.makedirs(out_dir, exist_ok=True)
-  png = plot_study(projections, labels, class_names,
+  png = plot_study(projections, labels[p["sample"]], class_names,
                    os.path.join(out_dir, "feasibility.png"),
-                   {k: r["ari"] for k, r in results.items()})
-  files.write_json(os.path.join(out_dir, "feasibility.json"), results)
+                   {k: r["ari"] for k, r in results.items()}, title=_plot_title(p))
+  files.write_json(os.path.join(out_dir, "feasibility.json"), {**results, **record})
   timings["plot"] = time.perf_counter() - t_plot
   timings["total"] = time.perf_counter() - t0
 
@@ -313,6 +379,7 @@ def feasibility_study(embs, labels, class_names, out_dir, seed=0,
   for name, r in results.items():
     lines.append(f"{name:<10} {sets[name].shape[1]:>6} {r['ari']:>7.3f} "
                  f"{r['nmi']:>7.3f}  {r['cluster_sizes']}")
-  log.info("feasibility (KMeans k=%d, N=%d, %.1f s%s):\n%s", num_classes,
-           labels.shape[0], timings["total"], ", from cache" if hit else "", "\n".join(lines))
-  return {**results, "plot": png, "timings": timings}
+  log.info("feasibility (%s KMeans k=%d, N=%d, projected %d, %.1f s%s):\n%s",
+           p["kmeans"]["algorithm"], num_classes, labels.shape[0], len(p["sample"]),
+           timings["total"], ", from cache" if hit else "", "\n".join(lines))
+  return {**results, **record, "plot": png, "timings": timings}

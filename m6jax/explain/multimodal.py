@@ -227,14 +227,15 @@ def sample_rows(preds, keep, size: int, seed: int) -> np.ndarray:
 
 
 def explain_split(cfg, run, params, split: str, ids, labels, preds, images, maps,
-                  text_feats, out_dir: str, keep=()):
+                  text_feats, out_dir: str, keep=(), texts=None):
   """m6jax.explain.run's hook: words, modality split and faithfulness of the
   test split of a frozen two-tower-or-text run, after its Grad-CAM pass.
 
   images uint8 (N, S, S, 3), maps (N, S, S) the gallery's Grad-CAM maps, preds
   (N,) ensemble predictions, text_feats (N, Dt) the run's text embeddings or
   None; keep: rows that must be explained (the gallery's), the rest sampled up to
-  cfg.explain.words_max (sample_rows). Writes `<out_dir>/explanations.json` (per
+  cfg.explain.words_max (sample_rows); texts (N,) the products' texts (None: the
+  whole test split's, from run.cols). Writes `<out_dir>/explanations.json` (per
   product) and returns (results.json 'explain' entry, gallery captions (N,), '' for
   a product not explained); (None, None) when the run or split is not explained
   (finetune runs, new products).
@@ -244,7 +245,8 @@ def explain_split(cfg, run, params, split: str, ids, labels, preds, images, maps
              run.mode, split)
     return None, None
   idx = sample_rows(preds, keep, cfg.explain.words_max, cfg.seed)
-  texts = [str(t) for t in np.asarray(run.cols["test"]["text"], object)[idx]]
+  texts = [str(t) for t in np.asarray(run.cols["test"]["text"] if texts is None else texts,
+                                      object)[idx]]
   res = explain_products(cfg, run, params, texts, np.asarray(preds)[idx],
                          images=np.asarray(images)[idx], maps=np.asarray(maps)[idx],
                          text_feats=None if text_feats is None else np.asarray(text_feats)[idx],

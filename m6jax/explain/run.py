@@ -27,6 +27,7 @@ import numpy as np
 from m6jax import files
 from m6jax import mesh as mesh_lib
 from m6jax.data import catalogue, pipeline
+from m6jax.evaluate import sampling
 from m6jax.explain import gallery as gallery_lib
 from m6jax.explain import gradcam, multimodal  # multimodal: words, modality split
 from m6jax.inference.restore import restore  # the one call into "rebuild a finished run"
@@ -73,7 +74,10 @@ def _frozen_head(head, mods):
 
 
 def _rows(cfg, run, mods, csv, images):
-  """-> (split name, ids, labels (N,) or None, batches, text features (N, D) or None).
+  """-> (split name, ids, labels (n,) or None, batches, text features (n, D) or None,
+  texts (n,), sample record) of the n products explained: a stratified sample of at
+  most cfg.explain.sample of the test split or the new rows (sampling.explain_sample),
+  so the cost is flat in catalogue size; only their photos are read.
 
   run: the run's data side (m6jax.features.prepare.Setup in memory, or a restored
   m6jax.inference.restore.Inference): class_names, cols, builder, feats, and for new
@@ -81,11 +85,18 @@ def _rows(cfg, run, mods, csv, images):
   """
   bs, size = cfg.data.batch_size, cfg.data.image_size
   if csv is None:
-    ids, labels = run.cols["test"]["uniq_id"], np.asarray(run.cols["test"]["label"])
-    batches = pipeline.batches(run.builder.as_data_source("test"), bs, size)
-    text = (run.feats["text"]["test"] if cfg.train.mode == "frozen" and "text" in mods
-            else None)
-    return "test", ids, labels, batches, text
+    cols = run.cols["test"]
+    idx, sample = sampling.explain_sample(cfg, np.asarray(cols["label"]))
+    ids, labels = [cols["uniq_id"][i] for i in idx], np.asarray(cols["label"])[idx]
+    texts = [cols["text"][i] for i in idx]
+    batches = pipeline.batches(sampling.Subset(run.builder.as_data_source("test"), idx),
+                               bs, size)
+    text = None
+    if cfg.train.mode == "frozen" and "text" in mods:
+      # A restored run computes text features on demand: only the sample's.
+      text = (run.text_features_for(texts) if hasattr(run, "text_features_for")
+              else np.asarray(run.feats["text"]["test"])[idx])
+    return "test", ids, labels, batches, text, texts, sample
   rows, report = catalogue.read_catalogue(
       csv, images, dict(cfg.data.columns), cfg.data.label_depth,
       max_image_pixels=cfg.data.max_image_pixels, require_label=False)
@@ -94,14 +105,17 @@ def _rows(cfg, run, mods, csv, images):
                 report.summary())
   if not rows:
     raise catalogue.DataError(f"no usable rows in {csv}")
-  ids = [r.uniq_id for r in rows]
   index = {c: i for i, c in enumerate(run.class_names)}
+  idx, sample = sampling.explain_sample(cfg, [index.get(r.category, -1) for r in rows])
+  rows = [rows[i] for i in idx]
+  ids = [r.uniq_id for r in rows]
   known = [r.category in index for r in rows]
   labels = np.asarray([index[r.category] for r in rows]) if all(known) else None
   # Finetune runs compute a new row's TF-IDF features in model.inputs, row by row.
   text = (run.text_features_for([r.text for r in rows])
           if "text" in mods and cfg.train.mode == "frozen" else None)
-  return "new", ids, labels, pipeline.row_batches(rows, cfg.data, bs), text
+  return ("new", ids, labels, pipeline.row_batches(rows, cfg.data, bs), text,
+          [r.text for r in rows], sample)
 
 
 def _cam_model(cfg, model, params, stats, mods, split, text):
@@ -141,14 +155,16 @@ class _Maps:
   """Every replica's maps of a stream of batches, with the ensemble prediction as target:
   per-image stability, predictions, probabilities and the gallery's picks."""
 
-  def __init__(self, model, cam, labels, method: str, maps: str, n_per_class: int):
+  def __init__(self, model, cam, labels, method: str, maps: str, n_per_class: int,
+               keep: bool = True):
     self.make, self.params, self.shared, self.inputs_of = cam
     self.model, self.labels, self.method = model, labels, method
     self.maps, self.n_per_class = maps, n_per_class
     self.pert = None
     self.per_image, self.preds, self.probs = [], [], []
     self.picks = {}   # (class, correct?) -> [(image, cam, row)], up to n_per_class
-    self.kept = []    # (images, shown maps) of every batch, for the word/modality explanations
+    self.keep = keep  # (images, shown maps) of every batch (of the sample), for the
+    self.kept = []    # word/modality explanations
     self.t_stab = 0.0
 
   def dispatch(self, b, start):
@@ -173,7 +189,8 @@ class _Maps:
     self.probs.append(np.asarray(out["probs"])[m])
     shown = np.asarray(out["mean_cams"])[m] if self.maps == "mean" else cams[0]
     imgs = np.asarray(b["image"])[m]
-    self.kept.append((imgs, shown))
+    if self.keep:
+      self.kept.append((imgs, shown))
     labels = self.labels
     for i in range(int(m.sum())):
       row = start + i
@@ -246,15 +263,17 @@ def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 
   run / model: the run's data and model sides (`_rows`, `_cam_model`): a
   m6jax.features.prepare.Setup and its trainer (the states just trained, as the
   experiment scores them), or a restored Inference twice. params / stats: the
-  replicas' parameters (K, ...) (host or single-device arrays). Takes the test
-  split (or new products from `csv` + `images`), computes every replica's map with
+  replicas' parameters (K, ...) (host or single-device arrays). Takes a stratified
+  sample of at most cfg.explain.sample products of the test split (or of the new
+  products from `csv` + `images`), computes every replica's map with
   the ensemble prediction as target, and writes `<out_dir>/gallery.png` (maps:
   'mean' over replicas or 'replica0') and `<out_dir>/stability.json`.
   Returns {'stability': mean over images, 'gallery': path, 'report': path,
   'accuracy': ensemble accuracy (None without labels), 'n': images explained,
   'probs': (n, C) ensemble probabilities, 'uniq_id': their ids,
   'timings': {phase: seconds}, 'explain': words, modality split and deletion curves
-  (m6jax.explain.multimodal) or None}. words_model: the restored Inference that gives
+  (m6jax.explain.multimodal) or None, 'sample': {'rows', 'of', 'seed', 'stratified_by'}
+  (m6jax.evaluate.sampling)}. words_model: the restored Inference that gives
   the towers for the word/modality explanations (None: none computed).
   """
   if maps not in MAPS:
@@ -265,24 +284,26 @@ def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 
   mods = fusion.modalities(cfg.model.fusion)
   if "image" not in mods:
     raise ValueError(f"the run has no image tower (fusion {cfg.model.fusion!r})")
-  split, ids, labels, batches, text = _rows(cfg, run, mods, csv, images)
+  split, ids, labels, batches, text, texts, sample = _rows(cfg, run, mods, csv, images)
   cam = _cam_model(cfg, model, params, stats, mods, split, text)
   t_restore = time.perf_counter()
-  mp = _Maps(model, cam, labels, method, maps, n_per_class)
+  mp = _Maps(model, cam, labels, method, maps, n_per_class, keep=words_model is not None)
   mp.run(batches)
   t_maps = time.perf_counter()
   stab = float(np.mean(mp.per_image)) if len(mp.per_image) else float("nan")
   k = cfg.seeds
   which_maps = f"mean of {k} replicas' maps" if maps == "mean" else f"replica 0 of {k}"
   title = (f"{method} ({which_maps}), target = ensemble prediction; {cfg.model.image.name}, "
-           f"{split} split; replica stability (Spearman) {stab:.3f}")
+           f"{split} split ({sample['rows']} of {sample['of']} products); "
+           f"replica stability (Spearman) {stab:.3f}")
   expl, caps = None, None
   if words_model is not None:
     os.makedirs(out_dir, exist_ok=True)
     expl, caps = multimodal.explain_split(
         cfg, words_model, params, split, ids, labels, mp.preds,
         np.concatenate([k[0] for k in mp.kept]), np.concatenate([k[1] for k in mp.kept]),
-        text, out_dir, keep=[r[2] for bucket in mp.picks.values() for r in bucket])
+        text, out_dir, keep=[r[2] for bucket in mp.picks.values() for r in bucket],
+        texts=texts)
   t_words = time.perf_counter()
   g = os.path.join(out_dir, "gallery.png")
   if mesh_lib.is_writer():   # every process computes the maps; one writes them
@@ -293,6 +314,7 @@ def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 
              "stability": mp.t_stab, "words": t_words - t_maps, "gallery": t_gallery - t_words,
              "total": t_gallery - t0}
   rep = _report(cfg, run.class_names, mp, ids, labels, split, which, timings)
+  rep["sample"] = sample
   rpath = os.path.join(out_dir, "stability.json")
   if mesh_lib.is_writer():
     files.write_json(rpath, rep)
@@ -300,7 +322,7 @@ def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 
            len(mp.per_image), stab, g, timings["total"])
   return {"stability": stab, "gallery": g, "report": rpath, "accuracy": rep["ensemble_accuracy"],
           "n": int(len(mp.per_image)), "probs": mp.probs, "uniq_id": ids, "timings": timings,
-          "explain": expl}
+          "explain": expl, "sample": sample}
 
 
 def explain_run(workdir: str, n_per_class: int = 3, method: str = "gradcam", csv=None,

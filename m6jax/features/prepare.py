@@ -51,7 +51,7 @@ def setup(cfg, workdir: str) -> Setup:
   """config -> dataset, embeddings (frozen mode) and the trainer for `workdir`."""
   builder, report = tfds_builder.prepare(cfg.data)
   class_names = tfds_builder.class_names(builder)
-  cols = {s: pipeline.columns(builder.as_data_source(s)) for s in SPLITS}
+  cols = {s: pipeline.columns(tfds_builder.metadata_source(builder, s)) for s in SPLITS}
   for s in SPLITS:
     if not len(cols[s]["label"]):
       raise ValueError(f"split {s!r} is empty; the catalogue is too small for data.split")

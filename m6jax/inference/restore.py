@@ -174,7 +174,8 @@ class Inference:
   @functools.cached_property
   def cols(self) -> dict:
     """{split: {'label', 'uniq_id', 'text'}} of the run's dataset."""
-    return _PerSplit(lambda s: pipeline.columns(self.builder.as_data_source(s)))
+    from m6jax.data import tfds_builder  # tensorflow_datasets: only for the run's splits
+    return _PerSplit(lambda s: pipeline.columns(tfds_builder.metadata_source(self.builder, s)))
 
   @functools.cached_property
   def feats(self) -> dict:
