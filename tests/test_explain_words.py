@@ -78,3 +78,30 @@ def test_predict_explain_columns_for_every_row(linear, tmp_path):
   assert all(preds[g["uniq_id"]] == g["predicted"] for g in got)
   assert np.isclose(sum(float(g["share_text"]) + float(g["share_image"])
                         for g in got if g["explained_from"]), 3.0)
+
+
+def test_predict_heatmaps_one_png_per_row_with_a_photo(linear, tmp_path):
+  from PIL import Image
+
+  from m6jax.data import pipeline
+  from m6jax.inference import restore
+  src = {r["uniq_id"]: r for r in _read(linear["new_csv"])}
+  a = linear["test_ids"][0]
+  rows = [(a, src[a]["product_name"], src[a]["description"], src[a]["image"]),
+          ("no/photo", src[a]["product_name"], src[a]["description"], "missing.jpg")]
+  path = str(tmp_path / "new.csv")
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["uniq_id", "product_name", "description", "image"])
+    w.writerows(rows)
+  out = str(tmp_path / "pred.csv")
+  predict.predict(linear["workdir"], path, linear["new_images"], out, explain="heatmaps")
+  got = _read(out + ".explain.csv")
+  assert got[1]["heatmap"] == "" and got[1]["predicted"]   # predicted from its text alone
+  png = got[0]["heatmap"]
+  assert png == os.path.join(out + ".heatmaps", f"1-{a}.png") and os.listdir(
+      out + ".heatmaps") == [f"1-{a}.png"]
+  cfg = restore.load_config(linear["workdir"])
+  photo = pipeline.image_from_file(os.path.join(linear["new_images"], src[a]["image"]), cfg.data)
+  heat = np.asarray(Image.open(png).convert("RGB"))
+  assert heat.shape == photo.shape and np.abs(heat.astype(int) - photo).mean() > 5

@@ -144,11 +144,13 @@ def per_product(res: dict, ids, labels, preds, class_names) -> list[dict]:
   return out
 
 
-def write_predict_explanations(cfg, run, params, products, probs, path: str) -> str:
+def write_predict_explanations(cfg, run, params, products, probs, path: str,
+                               heatmaps: dict | None = None) -> str:
   """`predict --explain`: one CSV row per input row (same order) with uniq_id,
   predicted, top_words ('word:score; ...'), phi_text, phi_image, share_text,
   share_image, explained_from ('text+image', 'text', 'image' or '' when not
-  predicted). Rows predicted from one modality have the other's phi 0."""
+  predicted), and with heatmaps ({row index: PNG path}, m6jax.explain.heatmaps) a
+  heatmap column. Rows predicted from one modality have the other's phi 0."""
   if run.mode != "frozen":
     raise ValueError("predict --explain explains frozen runs (this run is finetune)")
   ok = [i for i, q in enumerate(probs) if not np.isnan(q).any()]
@@ -191,7 +193,9 @@ def write_predict_explanations(cfg, run, params, products, probs, path: str) -> 
                  "share_image": "" if not np.isfinite(si) else f"{si:.4f}",
                  "explained_from": "+".join(used)}
   cols = ["uniq_id", "predicted", "top_words", "phi_text", "phi_image", "share_text",
-          "share_image", "explained_from"]
+          "share_image", "explained_from"] + ([] if heatmaps is None else ["heatmap"])
+  for i, png in (heatmaps or {}).items():
+    rows.setdefault(i, {})["heatmap"] = png
 
   def write(f):
     w = csv.writer(f)

@@ -118,7 +118,7 @@ def _rows(cfg, run, mods, csv, images):
           [r.text for r in rows], sample)
 
 
-def _cam_model(cfg, model, params, stats, mods, split, text):
+def cam_model(cfg, model, params, stats, mods, split, text):
   """-> (make_logits_fn, replica params, shared, inputs_of(batch, start)).
 
   model: the run's model side (the trainer in memory, or the restored Inference):
@@ -260,7 +260,7 @@ def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 
             maps: str = "mean", t0: float | None = None, words_model=None) -> dict:
   """Grad-CAM gallery and replica stability of a run's states into `out_dir`.
 
-  run / model: the run's data and model sides (`_rows`, `_cam_model`): a
+  run / model: the run's data and model sides (`_rows`, `cam_model`): a
   m6jax.features.prepare.Setup and its trainer (the states just trained, as the
   experiment scores them), or a restored Inference twice. params / stats: the
   replicas' parameters (K, ...) (host or single-device arrays). Takes a stratified
@@ -285,7 +285,7 @@ def explain(cfg, run, model, params, stats, out_dir: str, *, n_per_class: int = 
   if "image" not in mods:
     raise ValueError(f"the run has no image tower (fusion {cfg.model.fusion!r})")
   split, ids, labels, batches, text, texts, sample = _rows(cfg, run, mods, csv, images)
-  cam = _cam_model(cfg, model, params, stats, mods, split, text)
+  cam = cam_model(cfg, model, params, stats, mods, split, text)
   t_restore = time.perf_counter()
   mp = _Maps(model, cam, labels, method, maps, n_per_class, keep=words_model is not None)
   mp.run(batches)

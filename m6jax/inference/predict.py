@@ -36,7 +36,7 @@ from absl import app, flags, logging
 
 from m6jax import console, files
 from m6jax.data import catalogue, images, pipeline, tokenize
-from m6jax.explain import multimodal
+from m6jax.explain import heatmaps, multimodal
 from m6jax.inference import restore
 
 FLAGS = flags.FLAGS
@@ -53,6 +53,8 @@ def _define_flags():
   flags.DEFINE_enum("on_bad_row", None, ["skip", "fail"], "default: the run's data.on_bad_row")
   flags.DEFINE_bool("explain", False, "also write <out>.explain.csv: per-row top words and "
                     "modality shares (m6jax.explain.multimodal)")
+  flags.DEFINE_bool("heatmaps", False, "with --explain: a Grad-CAM PNG per row with a photo "
+                    "in <out>.heatmaps/ (m6jax.explain.heatmaps), named in a heatmap column")
   flags.mark_flags_as_required(["workdir", "csv"])
 
 
@@ -409,9 +411,9 @@ def predict_products(run, params, batch_stats, products: list[Product]) -> np.nd
 
 def predict(workdir: str, csv_path: str, image_dir: str | None, out: str,
             which: str = "best", on_bad_row: str | None = None,
-            explain: bool = False) -> Predictions:
-  """Writes `out` (and `<out>.data_report.{txt,json}`, with explain `<out>.explain.csv`);
-  returns the Predictions."""
+            explain: bool | str = False) -> Predictions:
+  """Writes `out` (and `<out>.data_report.{txt,json}`, with explain `<out>.explain.csv`,
+  with explain='heatmaps' also `<out>.heatmaps/<row>-<id>.png`); returns the Predictions."""
   _, run, params, stats = restore.restore(workdir, which)
   if "image" in run.mods and image_dir is None:
     raise catalogue.DataError(f"the model of {workdir} reads images: give their folder "
@@ -428,8 +430,10 @@ def predict(workdir: str, csv_path: str, image_dir: str | None, out: str,
   res.write_report(out)
   res.write_csv(out)
   if explain:
+    maps = (heatmaps.write_heatmaps(run, params, products, res.probs, out + ".heatmaps")
+            if explain == "heatmaps" else None)
     multimodal.write_predict_explanations(run.cfg, run, params, products, res.probs,
-                                          out + ".explain.csv")
+                                          out + ".explain.csv", maps)
   if noted:
     logging.warning("%s", res.summary())
   r = res.report()
@@ -443,7 +447,7 @@ def main(argv):
   del argv
   console.setup(FLAGS.verbosity if FLAGS["verbosity"].present else None)
   predict(FLAGS.workdir, FLAGS.csv, FLAGS.images, FLAGS.out, FLAGS.checkpoint, FLAGS.on_bad_row,
-          FLAGS.explain)
+          "heatmaps" if FLAGS.explain and FLAGS.heatmaps else FLAGS.explain)
 
 
 if __name__ == "__main__":
