@@ -36,7 +36,7 @@ from absl import app, flags, logging
 
 from m6jax import console, files
 from m6jax.data import catalogue, images, pipeline, tokenize
-from m6jax.explain import heatmaps, multimodal
+from m6jax.explain import multimodal
 from m6jax.inference import restore
 
 FLAGS = flags.FLAGS
@@ -430,8 +430,10 @@ def predict(workdir: str, csv_path: str, image_dir: str | None, out: str,
   res.write_report(out)
   res.write_csv(out)
   if explain:
-    maps = (heatmaps.write_heatmaps(run, params, products, res.probs, out + ".heatmaps")
-            if explain == "heatmaps" else None)
+    maps = None
+    if explain == "heatmaps":
+      from m6jax.explain import heatmaps   # optional: the Grad-CAM stack and matplotlib
+      maps = heatmaps.write_heatmaps(run, params, products, res.probs, out + ".heatmaps")
     multimodal.write_predict_explanations(run.cfg, run, params, products, res.probs,
                                           out + ".explain.csv", maps)
   if noted:
