@@ -157,7 +157,7 @@ def read_rows(index: Index, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((0, *index.shape), index.dtype), np.zeros(0, bool)
   mm = np.memmap(index.path, index.dtype, "r", offset=HEADER, shape=(index.rows, *index.shape))
   try:
-    values = np.array(mm[rows])
+    values = np.asarray(mm[rows])   # fancy indexing copies: nothing stays mapped
   finally:
     del mm
   return values, row_sums(values) == index.sums[rows]
