@@ -140,7 +140,9 @@ class FeatureCache:
     _, keys, sid, row = self._merged
     if not len(keys):
       return np.zeros(len(kb), np.int32), np.zeros(len(kb), int), np.zeros(len(kb), bool)
-    at = np.minimum(np.searchsorted(keys, kb), len(keys) - 1)
+    order = np.argsort(kb)   # sorted needles: 0.3 s instead of 1.5 s for 10^6 keys
+    at = np.empty(len(kb), np.int64)
+    at[order] = np.minimum(np.searchsorted(keys, kb[order]), len(keys) - 1)
     return sid[at], row[at], keys[at] == kb
 
   def _fetch(self, kb: np.ndarray, deliver) -> np.ndarray:
