@@ -2,6 +2,7 @@
 
   .venv/bin/python -m benchmarks.bench_feature_store [--rows 10000 100000] [--dim 384]
       [--old-max 100000] [--chunk 10000]
+  .venv/bin/python -m benchmarks.bench_feature_store --rss --rows 1000000 --chunk 50000
 
 For each row count N: random float32 (N, D) rows under sha1 keys are
   - sharded, one put: FeatureCache.put_rows of all N (one run's misses), then
@@ -22,6 +23,7 @@ import hashlib
 import io
 import os
 import pathlib
+import resource
 import tempfile
 import time
 
@@ -88,13 +90,36 @@ def _old(root, keys, x) -> dict:
   return {"put_s": t1 - t0, "lookup_s": t2 - t1, "files": n, "bytes": size}
 
 
+def _lookup_rss(n: int, dim: int, chunk: int) -> None:
+  """Peak RSS before and after one lookup of n rows (filled chunk by chunk, so the
+  peak before is small): what a lookup holds beyond its (n, dim) result."""
+  with tempfile.TemporaryDirectory() as root:
+    store = cache_lib.FeatureCache(root, "bench", {"v": 1})
+    raw = cache_lib.content_keys(f"product {i}" for i in range(n))
+    for lo in range(0, n, chunk):
+      store.put_rows(raw[lo:lo + chunk], np.random.default_rng(lo).normal(
+          size=(len(raw[lo:lo + chunk]), dim)).astype(np.float32))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    got, found = cache_lib.FeatureCache(root, "bench", {"v": 1}).lookup(raw)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert found.all()
+    print(f"lookup of {n} rows x {dim}: peak RSS {before:.0f} MB before, {after:.0f} MB after "
+          f"(+{after - before:.0f} MB; the result is {got.nbytes / 2**20:.0f} MB), "
+          f"{len(store.shards())} shards")
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
   p.add_argument("--dim", type=int, default=384)
   p.add_argument("--chunk", type=int, default=10_000)
   p.add_argument("--old-max", type=int, default=100_000)
+  p.add_argument("--rss", action="store_true", help="only the lookup memory of --rows")
   args = p.parse_args(argv)
+  if args.rss:
+    for n in args.rows:
+      _lookup_rss(n, args.dim, args.chunk)
+    return
   print("| rows | store | put s | lookup s | put rows/s | lookup rows/s | files | MB |")
   print("|---|---|---|---|---|---|---|---|")
   for n in args.rows:
