@@ -6,7 +6,8 @@ Embeds the tiny catalogue's photos with the smoke config's random tower through
 the feature store at STORE (m6jax.features.embed.image_embeddings: this
 process's share of the misses, then every row read back), saves the features
 to OUT_PREFIX<process>.npz and prints `RESULT {json}` with how many rows this
-process embedded.
+process embedded and over how many local devices its batches were split
+(0: one device).
 """
 
 import json
@@ -35,11 +36,20 @@ def main():
     rows.append(len(x))
     return x
 
-  embed.embed_image_batches = counted   # this process only: a module attribute
+  spread, inner_spread = [], embed.local_batch_sharding
+
+  def recorded(batch_size):
+    sharding = inner_spread(batch_size)
+    spread.append(0 if sharding is None else len(sharding.device_set))
+    return sharding
+
+  # This process only: module attributes, looked up at call time.
+  embed.embed_image_batches, embed.local_batch_sharding = counted, recorded
   feats = embed.image_embeddings(cfg, builder, SPLITS, store, seed=cfg.seed)
   np.savez(f"{out}{jax.process_index()}.npz", **feats)
   print("RESULT " + json.dumps({"process": jax.process_index(),
-                                "processes": jax.process_count(), "embedded": sum(rows)}),
+                                "processes": jax.process_count(), "embedded": sum(rows),
+                                "spread": spread}),
         flush=True)
 
 

@@ -183,7 +183,8 @@ def test_legacy_per_file_entries_are_ignored_listed_and_cleared(tmp_path, capsys
 @pytest.mark.slow
 def test_two_processes_embed_what_one_process_does(tiny_catalogue, tmp_path):
   """2 JAX processes on 127.0.0.1 split the misses (each embeds about half and writes
-  its own shard) and both return the features of one process; the stores agree."""
+  its own shard) and both return the features of one process; the stores agree.
+  Then one process with 2 forced host devices splits each batch over them."""
   cfg = tiny_config(tiny_catalogue, str(tmp_path / "tfds"))
   builder, _ = tfds_builder.prepare(cfg.data)
   one = embed.image_embeddings(cfg, builder, SPLITS, str(tmp_path / "one"), seed=cfg.seed)
@@ -209,3 +210,13 @@ def test_two_processes_embed_what_one_process_does(tiny_catalogue, tmp_path):
   rb, fb = b.lookup(keys)
   assert fa.all() and fb.all() and len(keys) == distinct <= n
   np.testing.assert_allclose(rb, ra, rtol=0, atol=1e-6)
+  assert [r["spread"] for r in res] == [[0], [0]]   # one device each
+
+  # One process with 2 local devices: each batch is split over both ('data' axis).
+  [out] = launch(1, 2, ["-m", "tests.embed_worker", tiny_catalogue, str(tmp_path / "tfds"),
+                        str(tmp_path / "spread"), str(tmp_path / "spread")])
+  r = json.loads(out.split("RESULT ", 1)[1])
+  assert r["spread"] == [2] and r["embedded"] == distinct
+  got = np.load(tmp_path / "spread0.npz")
+  for s in SPLITS:
+    np.testing.assert_allclose(got[s], one[s], rtol=0, atol=1e-5)

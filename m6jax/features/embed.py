@@ -8,8 +8,8 @@ matrices keyed by (N,) 'S20' content digests (store.lookup / put_rows), never as
 per-product dicts. With several JAX processes each embeds a contiguous share of
 the misses and writes its own shard; after a barrier every process reads all
 rows from the store (on a filesystem all processes share), so every process and
-the store end with the features of a one-process run. Within a process the
-tower runs on one device (the mesh's 'data' axis is not used here). Results
+the store end with the features of a one-process run. Within a process each
+image batch is split over the local devices (local_batch_sharding). Results
 come back split by split, in stored order.
 """
 
@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
+from jax.sharding import Mesh, NamedSharding
 
 from m6jax import mesh as mesh_lib
 from m6jax.data import pipeline
@@ -149,22 +150,38 @@ def image_embeddings(cfg, builder, splits, cache_dir=None, seed: int = 0) -> dic
   return {s: feats[bounds[i]:bounds[i + 1]] for i, s in enumerate(splits)}
 
 
+def local_batch_sharding(batch_size: int) -> NamedSharding | None:
+  """Batches split over this process's devices (the 'data' axis of a 1 x local-devices
+  mesh: no other process takes part), or None with one device or a batch size
+  they do not divide. Each device then runs the same program on its part."""
+  devices = jax.local_devices()
+  if len(devices) < 2 or batch_size % len(devices):
+    return None
+  mesh = Mesh(np.asarray(devices).reshape(1, -1), mesh_lib.AXES)
+  return mesh_lib.batch_sharding(mesh, per_seed=False)
+
+
 def embed_image_batches(tower, batches) -> np.ndarray:
   """Frozen image tower over batches {'image': uint8 (B, S, S, 3), 'mask'} -> (N, D).
 
   The tower's feature-map program (ImageTower.feature_map, the one Grad-CAM
   runs too) pooled by a second small one, so a run compiles the tower once;
   a batch is dispatched before the previous result is copied back, so
-  building the next batch overlaps with compute.
+  building the next batch overlaps with compute. With several local devices a
+  batch is split over them (local_batch_sharding).
   """
   pool = jax.jit(tower.pool)
 
   def embed(variables, images):
     return pool(tower.feature_map(variables, images))
 
-  chunks, pending = [], None
+  chunks, pending, variables, spread = [], None, tower.variables, False
   for b in batches:
-    out = embed(tower.variables, b["image"])
+    if spread is False:   # the first batch's size decides (later ones are padded to it)
+      spread = local_batch_sharding(len(b["image"]))
+      if spread:
+        variables = jax.device_put(variables, mesh_lib.replicated_sharding(spread.mesh))
+    out = embed(variables, jax.device_put(b["image"], spread) if spread else b["image"])
     if pending is not None:
       chunks.append(np.asarray(pending[0])[pending[1]])
     pending = (out, np.asarray(b["mask"], bool))
