@@ -19,7 +19,7 @@ from conftest import make_catalogue, tiny_config
 
 from m6jax.data import pipeline, tfds_builder, tokenize
 from m6jax.features import cache as cache_lib
-from m6jax.features import embed, prepare
+from m6jax.features import embed, prepare, store_format
 from m6jax.models import bert, towers
 
 SPLITS = ("train", "validation", "test")
@@ -283,23 +283,24 @@ def test_processes_write_same_entries(tmp_path):
 
 
 def test_bad_entries_are_misses_with_a_warning(tmp_path, caplog):
+  """A torn shard (whole file) and a row failing its checksum are misses, with one
+  warning naming the file; a rewrite (a newer shard) reads back."""
   store = cache_lib.FeatureCache(tmp_path, "t", {})
-  keys = ["ab12", "cd34", "ef56", "ab78", "cd90"]
-  store.put_many({k: np.full(16, i) for i, k in enumerate(keys)})
-  path = {k: store.dir / k[:2] / f"{k}.npy" for k in keys}
-  path["ab12"].write_bytes(b"\x93NUMPY truncated")
-  blob = bytearray(path["cd34"].read_bytes())
-  blob[-50] ^= 1                                     # one bit of the data: np.load reads it
-  path["cd34"].write_bytes(bytes(blob))
-  np.load(path["cd34"])
-  path["ef56"].write_bytes(path["ef56"].read_bytes()[:-10])          # torn trailer
-  np.save(path["ab78"], np.full(16, 3.0, np.float32))                 # no checksum
+  keys = [cache_lib.content_key(str(i)) for i in range(5)]
+  torn = store.put_rows(keys[:2], np.stack([np.full(16, i) for i in range(2)]))
+  flipped = store.put_rows(keys[2:], np.stack([np.full(16, i) for i in range(2, 5)]))
+  torn.write_bytes(torn.read_bytes()[:-10])
+  blob = bytearray(flipped.read_bytes())
+  blob[store_format.HEADER + 64 + 3] ^= 0x40         # row 1 (keys[3]), one bit of one float
+  flipped.write_bytes(bytes(blob))
   got = store.get_many(keys + ["0000"])
-  assert list(got) == ["cd90"] and np.all(got["cd90"] == 4)
-  assert "4 bad entries recomputed" in caplog.text
-  # Rewritten entries read back.
+  assert sorted(got) == sorted([keys[2], keys[4]]) and np.all(got[keys[4]] == 4)
+  assert "2 unreadable" in caplog.text and torn.name in caplog.text
+  assert "1 row(s) not matching their checksum" in caplog.text
+  # Rewritten entries read back (the newest copy wins); the torn shard is dropped.
   store.put_many({k: np.full(16, i) for i, k in enumerate(keys)})
   assert sorted(store.get_many(keys)) == sorted(keys)
+  assert not torn.exists()
 
 
 def test_corrupted_entry_is_recomputed(catalogue, tfds_dir, tmp_path, counts):
@@ -308,10 +309,10 @@ def test_corrupted_entry_is_recomputed(catalogue, tfds_dir, tmp_path, counts):
   root = str(tmp_path / "c")
   first = embed.image_embeddings(cfg, builder, SPLITS, root)
   rows = counts["image_rows"]
-  entry = sorted(pathlib.Path(root).rglob("*.npy"))[0]
-  blob = bytearray(entry.read_bytes())
-  blob[-41] ^= 0x40                                  # last byte of the features
-  entry.write_bytes(bytes(blob))
+  [shard] = pathlib.Path(root).rglob("shard-*" + cache_lib.EXT)
+  blob = bytearray(shard.read_bytes())
+  blob[store_format.HEADER + 3] ^= 0x40              # first row's first float
+  shard.write_bytes(bytes(blob))
   again = embed.image_embeddings(cfg, builder, SPLITS, root)
   assert counts["image_rows"] == rows + 1            # that product alone re-embedded
   for s in SPLITS:
@@ -330,10 +331,11 @@ def test_cli_lists_and_clears(tmp_path, capsys):
   assert "2 tower(s), 5 entries" in out
   # Entries unused for two days go with --older-than 1d; fresh ones stay.
   old = time.time() - 2 * 86400
-  for p in list(a.dir.glob("??/*.npy"))[:2]:
+  a.put_many({cache_lib.content_key("t9"): np.ones(8)})   # a second shard of minilm
+  for p in a.shards()[1:]:                                # the first one, unused for 2 days
     os.utime(p, (old, old))
   cache_lib.main(["clear", "--dir", str(root), "--older-than", "1d"])
-  assert "removed 2 file(s)" in capsys.readouterr().out
+  assert "removed 1 file(s)" in capsys.readouterr().out
   assert {r["tower"]: r["entries"] for r in cache_lib.summary(root)} == {"minilm": 1, "tiny": 2}
   cache_lib.main(["clear", "--dir", str(root), "--tower", "tiny"])
   assert [r["tower"] for r in cache_lib.summary(root)] == ["minilm"]

@@ -2,9 +2,15 @@
 
 Each tower runs once over the rows of all splits together (one compile per
 tower: one batch shape for images, one packed-row shape for texts), and only
-over the products that the shared feature cache (m6jax.features.cache) does not
-already hold for this tower, weights and preprocessing. Results come back
-split by split, in stored order.
+over the products that the shared feature store (m6jax.features.cache) does not
+already hold for this tower, weights and preprocessing. Features move as (N, D)
+matrices keyed by (N,) 'S20' content digests (store.lookup / put_rows), never as
+per-product dicts. With several JAX processes each embeds a contiguous share of
+the misses and writes its own shard; after a barrier every process reads all
+rows from the store (on a filesystem all processes share), so every process and
+the store end with the features of a one-process run. Within a process each
+image batch is split over the local devices (local_batch_sharding). Results
+come back split by split, in stored order.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
+from jax.sharding import Mesh, NamedSharding
 
 from m6jax import mesh as mesh_lib
 from m6jax.data import pipeline
@@ -26,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Part of every cache key: bump when a tower's preprocessing or math changes
 # its features beyond float rounding, so old entries are not reused.
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2   # 2: sharded store (per-product .npy entries of 1 are never read)
 
 
 def _weights_id(spec: str, tower: str) -> str:
@@ -47,68 +54,111 @@ def _store(cache_dir, tower: str, **spec) -> cache_lib.FeatureCache:
 
 
 class _Picked:
-  """Random-access view of chosen records of several sources: [(source, index)]."""
+  """Random-access view of chosen records of several sources: record i is
+  sources[which[i]][local[i]] (sources made on first use)."""
 
-  def __init__(self, picks):
-    self.picks = picks
+  def __init__(self, make_source, which: np.ndarray, local: np.ndarray):
+    self.make_source, self.which, self.local, self.sources = make_source, which, local, {}
 
   def __len__(self):
-    return len(self.picks)
+    return len(self.which)
 
   def __getitem__(self, i):
-    src, j = self.picks[i]
-    return src[j]
+    w = int(self.which[i])
+    if w not in self.sources:
+      self.sources[w] = self.make_source(w)
+    return self.sources[w][int(self.local[i])]
 
 
-def _assemble(keys: dict, feats: dict) -> dict:
-  """{split: [key]}, {key: (D,)} -> {split: float32 (N, D)}."""
-  dim = len(next(iter(feats.values()))) if feats else 0
-  return {s: (np.stack([feats[k] for k in ks]).astype(np.float32) if ks
-              else np.zeros((0, dim), np.float32)) for s, ks in keys.items()}
+def _fill(store, keys: np.ndarray, embed_rows, write: bool, what: str) -> np.ndarray:
+  """Features float32 (N, D) of content keys (N,) 'S20': the store's rows, and the
+  misses (each distinct key once, in stored order) embedded by embed_rows(positions
+  (M,)) -> (M, D) and written to the store when `write`.
+
+  With several JAX processes and `write`, each process embeds its contiguous share
+  of the misses and writes its own shard; after a barrier every process reads all
+  rows back from the store, which is the gather: the store must be on a filesystem
+  that every process sees.
+  """
+  feats, found = store.lookup(keys)
+  miss = np.flatnonzero(~found)
+  todo = miss[np.sort(np.unique(keys[miss], return_index=True)[1])]
+  split = write and jax.process_count() > 1
+  share = np.array_split(todo, jax.process_count())[jax.process_index()] if split else todo
+  log.info("%s features: %d rows, %d from the store, %d distinct to embed%s (%s)", what,
+           len(keys), int(found.sum()), len(todo),
+           f", {len(share)} by this process" if split else "", store.dir)
+  if split:   # every process has read the store before any share is written
+    mesh_lib.barrier("features looked up")
+  new = embed_rows(share) if len(share) else None
+  if new is not None and write:
+    store.put_rows(keys[share], new)
+  if split:
+    mesh_lib.barrier("features written")
+    feats, found = store.lookup(keys)
+    if not found.all():
+      raise RuntimeError(f"feature store {store.dir}: {int((~found).sum())} rows missing after "
+                         "every process wrote its share; it must be on a filesystem that "
+                         "every process sees")
+    return feats
+  if len(todo):
+    if feats.shape[1] != new.shape[1]:   # nothing was found: no width yet
+      feats = np.zeros((len(keys), new.shape[1]), np.float32)
+    done = keys[todo]
+    order = np.argsort(done)
+    feats[miss] = new[order[np.searchsorted(done[order], keys[miss])]]
+  return feats
+
+
+KEY_CHUNK = 4096   # stored photos read at a time to hash them
 
 
 def image_embeddings(cfg, builder, splits, cache_dir=None, seed: int = 0) -> dict:
-  """{split: float32 (N, D)} from the frozen image tower, in stored order.
+  """{split: float32 (N, D)} from the frozen image tower, in stored order (views of
+  one (sum N, D) matrix).
 
-  cache_dir: feature cache root ('' / None: the shared default). Products are
-  keyed by the sha1 of their stored JPEG bytes; only cache misses are
-  decoded and embedded, all splits in one pass.
+  cache_dir: feature store root ('' / None: the shared default). Products are
+  keyed by the sha1 of their stored JPEG bytes (read KEY_CHUNK at a time); only
+  store misses are decoded and embedded, all splits in one pass, split over
+  processes as _fill says.
   """
   name, spec, size = cfg.model.image.name, cfg.model.image.weights, cfg.data.image_size
   random = weights_lib.is_random(spec)
   store = _store(cache_dir, name, kind="image", weights=_weights_id(spec, name), image_size=size,
                  seed=seed if random else None, dtype="float32")
-  keys = {}
+  keys, bounds = [np.zeros(0, "S20")], [0]
   for s in splits:
     raw = builder.as_data_source(s, decoders={"image": tfds.decode.SkipDecoding()})
-    keys[s] = [cache_lib.content_key(r["image"]) for r in raw.__getitems__(range(len(raw)))]
-  feats = store.get_many({k for ks in keys.values() for k in ks})
-  picks, seen = [], set(feats)
-  for s in splits:
-    src = None
-    for i, k in enumerate(keys[s]):
-      if k not in seen:
-        if src is None:
-          src = builder.as_data_source(s)
-        picks.append((src, i, k))
-        seen.add(k)  # identical photos are embedded once
-  n = sum(map(len, keys.values()))
-  log.info("%s image features: %d rows, %d from cache, %d distinct photos to embed (%s)",
-           name, n, sum(k in feats for ks in keys.values() for k in ks), len(picks), store.dir)
-  if picks:
+    for lo in range(0, len(raw), KEY_CHUNK):
+      recs = raw.__getitems__(range(lo, min(lo + KEY_CHUNK, len(raw))))
+      keys.append(cache_lib.content_keys(r["image"] for r in recs))
+    bounds.append(bounds[-1] + len(raw))
+  keys, bounds = np.concatenate(keys), np.asarray(bounds)
+
+  def embed_rows(pos):
+    which = np.searchsorted(bounds, pos, side="right") - 1
+    rows = _Picked(lambda w: builder.as_data_source(splits[w]), which, pos - bounds[which])
     tower = towers.image_tower(name, spec, size, seed=seed)
     bs = cfg.data.batch_size
-    rows = _Picked([(src, i) for src, i, _ in picks])
     # Two reader threads decode and resize the next batches (PIL releases the
     # GIL) while the tower runs: 14.2 vs 14.8 s for the bundled catalogue.
-    emb = embed_image_batches(tower, tqdm.tqdm(
+    return embed_image_batches(tower, tqdm.tqdm(
         pipeline.batches(rows, bs, size, threads=2), total=pipeline.num_batches(len(rows), bs),
         desc=f"{name} embed", leave=False))
-    new = {k: e for (_, _, k), e in zip(picks, emb)}
-    if mesh_lib.is_writer():   # the cache is safe to share; one process writes it
-      store.put_many(new)
-    feats.update(new)
-  return _assemble(keys, feats)
+
+  feats = _fill(store, keys, embed_rows, True, f"{name} image")
+  return {s: feats[bounds[i]:bounds[i + 1]] for i, s in enumerate(splits)}
+
+
+def local_batch_sharding(batch_size: int) -> NamedSharding | None:
+  """Batches split over this process's devices (the 'data' axis of a 1 x local-devices
+  mesh: no other process takes part), or None with one device or a batch size
+  they do not divide. Each device then runs the same program on its part."""
+  devices = jax.local_devices()
+  if len(devices) < 2 or batch_size % len(devices):
+    return None
+  mesh = Mesh(np.asarray(devices).reshape(1, -1), mesh_lib.AXES)
+  return mesh_lib.batch_sharding(mesh, per_seed=False)
 
 
 def embed_image_batches(tower, batches) -> np.ndarray:
@@ -117,16 +167,21 @@ def embed_image_batches(tower, batches) -> np.ndarray:
   The tower's feature-map program (ImageTower.feature_map, the one Grad-CAM
   runs too) pooled by a second small one, so a run compiles the tower once;
   a batch is dispatched before the previous result is copied back, so
-  building the next batch overlaps with compute.
+  building the next batch overlaps with compute. With several local devices a
+  batch is split over them (local_batch_sharding).
   """
   pool = jax.jit(tower.pool)
 
   def embed(variables, images):
     return pool(tower.feature_map(variables, images))
 
-  chunks, pending = [], None
+  chunks, pending, variables, spread = [], None, tower.variables, False
   for b in batches:
-    out = embed(tower.variables, b["image"])
+    if spread is False:   # the first batch's size decides (later ones are padded to it)
+      spread = local_batch_sharding(len(b["image"]))
+      if spread:
+        variables = jax.device_put(variables, mesh_lib.replicated_sharding(spread.mesh))
+    out = embed(variables, jax.device_put(b["image"], spread) if spread else b["image"])
     if pending is not None:
       chunks.append(np.asarray(pending[0])[pending[1]])
     pending = (out, np.asarray(b["mask"], bool))
@@ -164,40 +219,33 @@ def _text_cache(cfg, cache_dir) -> cache_lib.FeatureCache:
 
 
 def text_cache_misses(cfg, texts, cache_dir=None) -> int:
-  """How many distinct `texts` the feature cache lacks (nothing is read)."""
+  """How many distinct `texts` the feature store lacks (only its indexes are read)."""
   cache = _text_cache(cfg, cache_dir)
-  return len(cache.missing({cache_lib.content_key(t) for t in texts}))
+  return len(np.unique(cache.missing(cache_lib.content_keys(texts))))
 
 
 def bert_features(cfg, texts, cache_dir=None, tower=None, store: bool = True) -> np.ndarray:
-  """BERT text features (N, D) float32 of `texts`, through the feature cache.
+  """BERT text features (N, D) float32 of `texts`, through the feature store.
 
   Keyed by the sha1 of each text (and the tower, weights and max_text_length),
   so a text a run already embedded is read back exactly as that run used it;
   the misses (each distinct text once) are embedded in one packed pass with
   `tower` (a callable returning the TextTower; default: load the configured
-  one) and stored when `store` (inference passes store=False, so serving new
-  products does not grow the shared cache).
+  one), split over processes as _fill says, and stored when `store` (inference
+  passes store=False, so serving new products does not grow the shared store;
+  each process then embeds all its misses).
   """
   name, spec = cfg.model.text.name, cfg.model.text.weights
-  cache = _text_cache(cfg, cache_dir)
-  keys = [cache_lib.content_key(t) for t in texts]
-  feats = cache.get_many(set(keys))
-  todo = {}
-  for k, t in zip(keys, texts):
-    if k not in feats:
-      todo.setdefault(k, t)  # identical texts are embedded once
-  log.info("%s text features: %d texts, %d from cache, %d distinct texts to embed (%s)",
-           name, len(keys), sum(k in feats for k in keys), len(todo), cache.dir)
-  if todo:
-    loaded = tower() if tower is not None else towers.text_tower(name, spec)
-    new = dict(zip(todo, embed_texts(cfg, loaded, list(todo.values()))))
-    if store and mesh_lib.is_writer():   # the cache is safe to share; one process writes it
-      cache.put_many(new)
-    feats.update(new)
-  if not keys:
+  texts = list(texts)
+  if not texts:
     return np.zeros((0, 0), np.float32)
-  return np.stack([feats[k] for k in keys]).astype(np.float32)
+
+  def embed_rows(pos):
+    loaded = tower() if tower is not None else towers.text_tower(name, spec)
+    return embed_texts(cfg, loaded, [texts[i] for i in pos])
+
+  return _fill(_text_cache(cfg, cache_dir), cache_lib.content_keys(texts), embed_rows, store,
+               f"{name} text")
 
 
 def embed_texts(cfg, tower, texts) -> np.ndarray:
