@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Part of every cache key: bump when a tower's preprocessing or math changes
 # its features beyond float rounding, so old entries are not reused.
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2   # 2: sharded store (per-product .npy entries of 1 are never read)
 
 
 def _weights_id(spec: str, tower: str) -> str:
