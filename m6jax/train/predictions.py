@@ -7,6 +7,7 @@ m6jax.inference.serve) is computed the same way:
 
   inputs(batch, mods, ...)          a pipeline batch -> the model's input dict
   replica_predict(apply_fn, ...)    jitted (params[, batch_stats], inputs) -> (K, B, C), (K, B, M)
+                                    (frozen, with `chunk`: in fixed windows of rows, in_windows)
   over_batches(predict_batch, ...)  a split's batches -> (K, N, C), (K, N, M) (padding dropped)
   seed_models / ensemble            (R, N, C) replicas -> (S, N, C) per seed -> (N, C)
 """
@@ -20,6 +21,11 @@ import jax
 import numpy as np
 
 from m6jax.train import steps
+
+# Rows per prediction window of a frozen head (m6jax.train.trainer): bounds the head's
+# temporaries (normalised, concatenated embeddings) at 10^6 products; smaller splits
+# run whole, as before.
+PREDICT_ROWS = 16384
 
 
 class UnknownProduct(KeyError):
@@ -67,18 +73,40 @@ def inputs(batch: dict, mods, *, tokenize: Callable | None = None,
 
 
 def replica_predict(apply_fn: Callable, frozen: bool, out_shardings=None,
-                    spmd_axis_name: str | None = None):
+                    spmd_axis_name: str | None = None, chunk: int | None = None):
   """The jitted K-replica prediction of `steps.predict_step`.
 
   frozen: (params (K, ...), embeddings {m: (N, D)}) -> (K, N, C) probabilities,
   (K, N, M) modality weights; else (params, batch_stats, inputs) (finetune).
+  chunk (frozen): past that many rows the head runs on windows of `chunk` rows
+  (`in_windows`), so its temporaries stay O(chunk), not O(N), and the result is numpy.
   """
   predict = functools.partial(steps.predict_step, apply_fn=apply_fn)
   if frozen:
     fn = jax.vmap(lambda p, f: predict(p, None, f), in_axes=(0, None))
   else:
     fn = jax.vmap(predict, in_axes=(0, 0, None), spmd_axis_name=spmd_axis_name)
-  return jax.jit(fn) if out_shardings is None else jax.jit(fn, out_shardings=out_shardings)
+  jit = functools.partial(jax.jit, out_shardings=out_shardings) if out_shardings else jax.jit
+  whole = jit(fn)
+  if not (frozen and chunk):
+    return whole
+  window = jit(lambda p, f, start: fn(p, {m: jax.lax.dynamic_slice_in_dim(x, start, chunk)
+                                          for m, x in f.items()}))
+  return functools.partial(in_windows, whole, window, chunk)
+
+
+def in_windows(whole: Callable, window: Callable, chunk: int, params, feats: dict):
+  """(K, N, ...) outputs of whole(params, feats), computed as window(params, feats, start)
+  over rows [start, start + chunk): one compiled shape per N, the last window moved back
+  to end at row N (its overlap dropped). Up to `chunk` rows: whole, unchanged."""
+  n = len(next(iter(feats.values())))
+  if n <= chunk:
+    return whole(params, feats)
+  parts = []
+  for start in range(0, n, chunk):
+    at = min(start, n - chunk)
+    parts.append([np.asarray(o)[:, start - at:] for o in window(params, feats, at)])
+  return tuple(np.concatenate(p, 1) for p in zip(*parts))
 
 
 def over_batches(predict_batch: Callable, batches):
