@@ -136,3 +136,13 @@ def test_bootstrap_in_blocks_equals_one_draw(monkeypatch):
   vals = intervals.macro_f1(y[whole], p[whole], 7)
   np.testing.assert_allclose([ours["low"], ours["high"]], np.quantile(vals, [0.025, 0.975]),
                              atol=0)
+
+
+def test_macro_f1_counts_match_sklearn_on_broadcast_shapes():
+  """(B, 1, N) labels against (B, K, N) predictions, some outside [0, C) (a padding -1,
+  an unknown class): per (b, k) sklearn's macro-F1 over labels=range(C)."""
+  rng = np.random.default_rng(0)
+  y, p = rng.integers(0, 7, (3, 1, 50)), rng.integers(-1, 8, (3, 4, 50))
+  ref = [[f1_score(y[i, 0], p[i, j], labels=range(7), average="macro", zero_division=0)
+          for j in range(4)] for i in range(3)]
+  np.testing.assert_allclose(intervals.macro_f1(y, p, 7), ref, atol=1e-12)
