@@ -60,21 +60,18 @@ def macro_f1(labels, preds, num_classes: int) -> np.ndarray:
   """(..., N) labels and predictions -> (...) macro-F1 over classes 0..C-1, as
   m6jax.evaluate.metrics (sklearn, labels=range(C), zero_division=0): a class absent
   from both labels and predictions of a sample counts as F1 0."""
-  labels, preds = np.broadcast_arrays(np.asarray(labels), np.asarray(preds))
-  lead, c = labels.shape[:-1], num_classes
-  rows = int(np.prod(lead))
-  y, p = labels.reshape(rows, -1), preds.reshape(rows, -1)
-  offset = (np.arange(rows) * c)[:, None]
+  labels, preds, c = np.asarray(labels), np.asarray(preds), num_classes
 
-  def counts(x, keep=True):
-    """(rows, N) class ids -> (rows, C) counts of the ids in [0, C) where `keep`: one
-    bincount over row-offset ids, O(rows N) rather than a (rows, N, C) one-hot."""
-    ok = (x >= 0) & (x < c) & keep
-    flat = np.where(ok, x + offset, rows * c).ravel()
-    return np.bincount(flat, minlength=rows * c + 1)[:-1].reshape(*lead, c)
+  def counts(x):
+    """(..., N) class ids -> (..., C) counts of the ids in [0, C): one bincount over
+    row-offset ids, O(rows N) rather than a (..., N, C) one-hot."""
+    rows = int(np.prod(x.shape[:-1]))
+    offset = (np.arange(rows) * c).reshape(*x.shape[:-1], 1)
+    flat = np.where((x >= 0) & (x < c), x + offset, rows * c).ravel()
+    return np.bincount(flat, minlength=rows * c + 1)[:-1].reshape(*x.shape[:-1], c)
 
-  tp = counts(y, y == p)
-  den = counts(y) + counts(p)
+  tp = counts(np.where(labels == preds, labels, -1))   # broadcast: (..., N)
+  den = counts(labels) + counts(preds)                 # labels counted before broadcasting
   f1 = np.where(den > 0, 2 * tp / np.maximum(den, 1), 0.0)
   return f1.mean(-1)
 
