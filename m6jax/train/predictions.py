@@ -7,13 +7,14 @@ m6jax.inference.serve) is computed the same way:
 
   inputs(batch, mods, ...)          a pipeline batch -> the model's input dict
   replica_predict(apply_fn, ...)    jitted (params[, batch_stats], inputs) -> (K, B, C), (K, B, M)
-                                    (frozen, with `chunk`: in fixed windows of rows, in_windows)
+                                    (frozen, with `chunk`: in fixed windows of rows, InWindows)
   over_batches(predict_batch, ...)  a split's batches -> (K, N, C), (K, N, M) (padding dropped)
   seed_models / ensemble            (R, N, C) replicas -> (S, N, C) per seed -> (N, C)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -79,7 +80,7 @@ def replica_predict(apply_fn: Callable, frozen: bool, out_shardings=None,
   frozen: (params (K, ...), embeddings {m: (N, D)}) -> (K, N, C) probabilities,
   (K, N, M) modality weights; else (params, batch_stats, inputs) (finetune).
   chunk (frozen): past that many rows the head runs on windows of `chunk` rows
-  (`in_windows`), so its temporaries stay O(chunk), not O(N), and the result is numpy.
+  (`InWindows`), so its temporaries stay O(chunk), not O(N), and the result is numpy.
   """
   predict = functools.partial(steps.predict_step, apply_fn=apply_fn)
   if frozen:
@@ -92,21 +93,32 @@ def replica_predict(apply_fn: Callable, frozen: bool, out_shardings=None,
     return whole
   window = jit(lambda p, f, start: fn(p, {m: jax.lax.dynamic_slice_in_dim(x, start, chunk)
                                           for m, x in f.items()}))
-  return functools.partial(in_windows, whole, window, chunk)
+  return InWindows(whole, window, chunk)
 
 
-def in_windows(whole: Callable, window: Callable, chunk: int, params, feats: dict):
-  """(K, N, ...) outputs of whole(params, feats), computed as window(params, feats, start)
-  over rows [start, start + chunk): one compiled shape per N, the last window moved back
-  to end at row N (its overlap dropped). Up to `chunk` rows: whole, unchanged."""
-  n = len(next(iter(feats.values())))
-  if n <= chunk:
-    return whole(params, feats)
-  parts = []
-  for start in range(0, n, chunk):
-    at = min(start, n - chunk)
-    parts.append([np.asarray(o)[:, start - at:] for o in window(params, feats, at)])
-  return tuple(np.concatenate(p, 1) for p in zip(*parts))
+@dataclasses.dataclass(frozen=True)
+class InWindows:
+  """(params, feats {m: (N, D)}) -> the (K, N, ...) outputs of whole(params, feats),
+  computed past `chunk` rows as window(params, feats, start) over rows [start, start +
+  chunk): one compiled shape per N, the last window moved back to end at row N (its
+  overlap dropped), numpy results. Up to `chunk` rows: whole, unchanged."""
+  whole: Callable
+  window: Callable
+  chunk: int
+
+  def __call__(self, params, feats: dict):
+    n = len(next(iter(feats.values())))
+    if n <= self.chunk:
+      return self.whole(params, feats)
+    parts = []
+    for start in range(0, n, self.chunk):
+      at = min(start, n - self.chunk)
+      parts.append([np.asarray(o)[:, start - at:] for o in self.window(params, feats, at)])
+    return tuple(np.concatenate(p, 1) for p in zip(*parts))
+
+  def _cache_size(self) -> int:
+    """Compiled programs held (as a jitted function's `_cache_size`)."""
+    return self.whole._cache_size() + self.window._cache_size()
 
 
 def over_batches(predict_batch: Callable, batches):
