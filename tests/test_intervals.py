@@ -122,3 +122,27 @@ def test_results_json_test_block_has_the_bootstrap_over_products():
     assert b[k]["low"] < b[k]["point"] < b[k]["high"]       # a non-zero width
     seed_mean = sc["summary"][k]["mean"]
     assert b["per_seed_mean"][k]["point"] == pytest.approx(seed_mean, abs=1e-6)
+
+
+def test_bootstrap_in_blocks_equals_one_draw(monkeypatch):
+  """Blocks of resample rows (bounded memory at 10^5+ products) draw the same (B, N)
+  indices, so the interval is the one of the whole (B, N) draw."""
+  y, p = _predictions(n=101, seed=6)
+  whole = np.random.default_rng(4).integers(0, 101, (300, 101))
+  blocks = np.concatenate(list(intervals.resample_blocks(101, 300, 4, block_elements=707)))
+  np.testing.assert_array_equal(blocks, whole)   # 7 rows a block, last one shorter
+  monkeypatch.setattr(intervals, "BLOCK_ELEMENTS", 707)
+  ours = intervals.bootstrap_ci(lambda a, b: intervals.macro_f1(a, b, 7), (y, p), 300, 4)
+  vals = intervals.macro_f1(y[whole], p[whole], 7)
+  np.testing.assert_allclose([ours["low"], ours["high"]], np.quantile(vals, [0.025, 0.975]),
+                             atol=0)
+
+
+def test_macro_f1_counts_match_sklearn_on_broadcast_shapes():
+  """(B, 1, N) labels against (B, K, N) predictions, some outside [0, C) (a padding -1,
+  an unknown class): per (b, k) sklearn's macro-F1 over labels=range(C)."""
+  rng = np.random.default_rng(0)
+  y, p = rng.integers(0, 7, (3, 1, 50)), rng.integers(-1, 8, (3, 4, 50))
+  ref = [[f1_score(y[i, 0], p[i, j], labels=range(7), average="macro", zero_division=0)
+          for j in range(4)] for i in range(3)]
+  np.testing.assert_allclose(intervals.macro_f1(y, p, 7), ref, atol=1e-12)

@@ -8,12 +8,15 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from m6jax.data import tfds_builder
 from m6jax.features import embed, prepare
 from m6jax.inference import predict, restore
+from m6jax.models import fusion
+from m6jax.train import predictions
 from tests.conftest import REPO
 from tests.trained import trained_run
 
@@ -227,3 +230,20 @@ def test_the_prediction_path_of_predict_is_the_trainers_on_the_same_states(tiny_
   new_products(tiny_catalogue, run.cols["test"]["uniq_id"], new_csv, images)
   got = predict.predict_products(inf, params, {}, predict.read_csv(inf, new_csv, images))
   np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_frozen_prediction_in_windows_equals_the_whole():
+  """Past `chunk` rows the frozen head runs on fixed windows (the last one moved back
+  to end at row N): the same probabilities and weights as one call on all rows."""
+  rng = np.random.default_rng(0)
+  feats = {"image": rng.normal(size=(50, 6)).astype(np.float32),
+           "text": rng.normal(size=(50, 5)).astype(np.float32)}
+  head = fusion.FusionHead(mode="early", num_classes=3, hidden=0, modality_weights=(0.5, 1.0))
+  params = jax.vmap(lambda k: head.init(k, {m: f[:1] for m, f in feats.items()})["params"])(
+      jax.random.split(jax.random.key(0), 2))
+  whole = predictions.replica_predict(head.apply, frozen=True)(params, feats)
+  windows = predictions.replica_predict(head.apply, frozen=True, chunk=8)(params, feats)
+  assert isinstance(windows[0], np.ndarray) and windows[0].shape == (2, 50, 3)
+  # Equal to float32 rounding: XLA may block the matmul differently per shape.
+  for a, b in zip(windows, whole):
+    np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6, atol=1e-7)

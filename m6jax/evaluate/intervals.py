@@ -1,8 +1,9 @@
 """Uncertainty over test products, and paired tests between two models.
 
 Everything is host-side numpy (plus scipy.stats for the exact tails), vectorised
-over one (B, N) matrix of resample indices, so 2,000 resamples of 126 products
-are one array operation:
+over a (B, N) matrix of resample indices, drawn in row blocks of about 2^20 indices
+(resample_blocks): 2,000 resamples of 126 products are one array operation, and
+10^5 test products stay within a few hundred MB:
 
   bootstrap_ci(accuracy, (labels, preds), resamples=2000, seed=0)
   paired_bootstrap_diff(correct_a, correct_b)        # same products, two models
@@ -21,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 LEVEL = 0.95
+BLOCK_ELEMENTS = 1 << 20   # resample indices drawn and scored at a time (bootstrap_ci)
 
 
 def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
@@ -28,10 +30,25 @@ def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
 
   Drawn as `np.random.default_rng(seed).integers(0, n, (B, n))`, the draw
   scipy.stats.bootstrap makes with the same generator."""
+  _check(n, resamples)
+  return np.random.default_rng(seed).integers(0, n, (resamples, n))
+
+
+def _check(n: int, resamples: int) -> None:
   if n < 1 or resamples < 1:
     raise ValueError(f"bootstrap needs n >= 1 products and resamples >= 1, got {n}, "
                      f"{resamples}")
-  return np.random.default_rng(seed).integers(0, n, (resamples, n))
+
+
+def resample_blocks(n: int, resamples: int, seed: int, block_elements: int | None = None):
+  """resample_indices(n, resamples, seed) in consecutive row blocks of about
+  `block_elements` (None: BLOCK_ELEMENTS) indices, so memory stays bounded at 10^5-10^6
+  products: the generator is drawn block after block, which yields the same (B, n) rows."""
+  _check(n, resamples)
+  rng = np.random.default_rng(seed)
+  rows = max(1, (block_elements or BLOCK_ELEMENTS) // n)
+  for start in range(0, resamples, rows):
+    yield rng.integers(0, n, (min(rows, resamples - start), n))
 
 
 def accuracy(labels, preds) -> np.ndarray:
@@ -43,12 +60,18 @@ def macro_f1(labels, preds, num_classes: int) -> np.ndarray:
   """(..., N) labels and predictions -> (...) macro-F1 over classes 0..C-1, as
   m6jax.evaluate.metrics (sklearn, labels=range(C), zero_division=0): a class absent
   from both labels and predictions of a sample counts as F1 0."""
-  labels, preds = np.asarray(labels), np.asarray(preds)
-  classes = np.arange(num_classes)
-  y = labels[..., None] == classes            # (..., N, C)
-  p = preds[..., None] == classes
-  tp = (y & p).sum(-2)
-  den = y.sum(-2) + p.sum(-2)
+  labels, preds, c = np.asarray(labels), np.asarray(preds), num_classes
+
+  def counts(x):
+    """(..., N) class ids -> (..., C) counts of the ids in [0, C): one bincount over
+    row-offset ids, O(rows N) rather than a (..., N, C) one-hot."""
+    rows = int(np.prod(x.shape[:-1]))
+    offset = (np.arange(rows) * c).reshape(*x.shape[:-1], 1)
+    flat = np.where((x >= 0) & (x < c), x + offset, rows * c).ravel()
+    return np.bincount(flat, minlength=rows * c + 1)[:-1].reshape(*x.shape[:-1], c)
+
+  tp = counts(np.where(labels == preds, labels, -1))   # broadcast: (..., N)
+  den = counts(labels) + counts(preds)                 # labels counted before broadcasting
   f1 = np.where(den > 0, 2 * tp / np.maximum(den, 1), 0.0)
   return f1.mean(-1)
 
@@ -67,8 +90,8 @@ def bootstrap_ci(statistic: Callable, data: Sequence, resamples: int = 2000, see
   n = len(data[0])
   if any(len(a) != n for a in data):
     raise ValueError(f"bootstrap data differ in length: {[len(a) for a in data]}")
-  idx = resample_indices(n, resamples, seed)
-  values = np.asarray(statistic(*(a[idx] for a in data)), np.float64)
+  values = np.concatenate([np.asarray(statistic(*(a[idx] for a in data)), np.float64)
+                           for idx in resample_blocks(n, resamples, seed)])
   point = float(np.asarray(statistic(*(a[None] for a in data)), np.float64).reshape(-1)[0])
   alpha = (1.0 - level) / 2
   low, high = np.quantile(values, [alpha, 1.0 - alpha])

@@ -7,12 +7,14 @@ m6jax.inference.serve) is computed the same way:
 
   inputs(batch, mods, ...)          a pipeline batch -> the model's input dict
   replica_predict(apply_fn, ...)    jitted (params[, batch_stats], inputs) -> (K, B, C), (K, B, M)
+                                    (frozen, with `chunk`: in fixed windows of rows, InWindows)
   over_batches(predict_batch, ...)  a split's batches -> (K, N, C), (K, N, M) (padding dropped)
   seed_models / ensemble            (R, N, C) replicas -> (S, N, C) per seed -> (N, C)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -20,6 +22,11 @@ import jax
 import numpy as np
 
 from m6jax.train import steps
+
+# Rows per prediction window of a frozen head (m6jax.train.trainer): bounds the head's
+# temporaries (normalised, concatenated embeddings) at 10^6 products; smaller splits
+# run whole, as before.
+PREDICT_ROWS = 16384
 
 
 class UnknownProduct(KeyError):
@@ -67,18 +74,51 @@ def inputs(batch: dict, mods, *, tokenize: Callable | None = None,
 
 
 def replica_predict(apply_fn: Callable, frozen: bool, out_shardings=None,
-                    spmd_axis_name: str | None = None):
+                    spmd_axis_name: str | None = None, chunk: int | None = None):
   """The jitted K-replica prediction of `steps.predict_step`.
 
   frozen: (params (K, ...), embeddings {m: (N, D)}) -> (K, N, C) probabilities,
   (K, N, M) modality weights; else (params, batch_stats, inputs) (finetune).
+  chunk (frozen): past that many rows the head runs on windows of `chunk` rows
+  (`InWindows`), so its temporaries stay O(chunk), not O(N), and the result is numpy.
   """
   predict = functools.partial(steps.predict_step, apply_fn=apply_fn)
   if frozen:
     fn = jax.vmap(lambda p, f: predict(p, None, f), in_axes=(0, None))
   else:
     fn = jax.vmap(predict, in_axes=(0, 0, None), spmd_axis_name=spmd_axis_name)
-  return jax.jit(fn) if out_shardings is None else jax.jit(fn, out_shardings=out_shardings)
+  jit = functools.partial(jax.jit, out_shardings=out_shardings) if out_shardings else jax.jit
+  whole = jit(fn)
+  if not (frozen and chunk):
+    return whole
+  window = jit(lambda p, f, start: fn(p, {m: jax.lax.dynamic_slice_in_dim(x, start, chunk)
+                                          for m, x in f.items()}))
+  return InWindows(whole, window, chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class InWindows:
+  """(params, feats {m: (N, D)}) -> the (K, N, ...) outputs of whole(params, feats),
+  computed past `chunk` rows as window(params, feats, start) over rows [start, start +
+  chunk): one compiled shape per N, the last window moved back to end at row N (its
+  overlap dropped), numpy results. Up to `chunk` rows: whole, unchanged."""
+  whole: Callable
+  window: Callable
+  chunk: int
+
+  def __call__(self, params, feats: dict):
+    n = len(next(iter(feats.values())))
+    if n <= self.chunk:
+      return self.whole(params, feats)
+    parts = []
+    for start in range(0, n, self.chunk):
+      at = min(start, n - self.chunk)
+      parts.append([np.asarray(o)[:, start - at:] for o in self.window(params, feats, at)])
+    return tuple(np.concatenate(p, 1) for p in zip(*parts))
+
+  def _cache_size(self) -> int:
+    """Compiled programs held (as a jitted function's `_cache_size`)."""
+    return self.whole._cache_size() + self.window._cache_size()
 
 
 def over_batches(predict_batch: Callable, batches):

@@ -243,7 +243,10 @@ class FrozenTrainer(Trainer):
     self.mods = fusion.modalities(cfg.model.fusion)
     # Cached embeddings are small: every device holds all of them.
     rep = mesh_lib.replicated_sharding(self.mesh)
-    self.feats = {s: mesh_lib.put_global({m: np.asarray(f[m]) for m in self.mods}, rep)
+    # Device arrays are taken as they are (no host copy: a 10^6-row caller puts each
+    # split on the device and frees its numpy form: benchmarks/rehearsal_1m.py).
+    self.feats = {s: mesh_lib.put_global({m: f[m] if isinstance(f[m], jax.Array)
+                                          else np.asarray(f[m]) for m in self.mods}, rep)
                   for s, f in feats.items()}
     self.labels = {s: mesh_lib.put_global(np.asarray(v), rep) for s, v in labels.items()}
     self.rows = (None if plan is None
@@ -258,7 +261,8 @@ class FrozenTrainer(Trainer):
         self._replicate(epoch, in_axes=(0, None, 0, 0, None, None if plan is None else 0)),
         donate_argnums=(0,), out_shardings=(self.replicas, self.outputs))
     self._predict = predictions.replica_predict(self.head.apply, frozen=True,
-                                                out_shardings=self.outputs)
+                                                out_shardings=self.outputs,
+                                                chunk=predictions.PREDICT_ROWS)
 
   def validate(self, states, val_labels) -> dict:
     """Per-replica validation scores; with folds, each replica on its selection rows
