@@ -432,7 +432,7 @@ def predict(workdir: str, csv_path: str, image_dir: str | None, out: str,
   if explain:
     maps = None
     if explain == "heatmaps":
-      from m6jax.explain import heatmaps   # optional: the Grad-CAM stack and matplotlib
+      from m6jax.explain import heatmaps  # optional: the Grad-CAM stack and matplotlib
       maps = heatmaps.write_heatmaps(run, params, products, res.probs, out + ".heatmaps")
     multimodal.write_predict_explanations(run.cfg, run, params, products, res.probs,
                                           out + ".explain.csv", maps)
