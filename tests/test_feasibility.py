@@ -2,6 +2,8 @@
 
 import json
 
+import os
+
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
@@ -173,7 +175,15 @@ def test_study_read_back_from_the_cache(tmp_path, monkeypatch):
   d = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "d", method="pca", seed=1,
                            cache_dir=root)
   assert "cached" not in c["timings"] and "cached" not in d["timings"]
-  assert cache.clear(root, tower="feasibility")["files"] == 3 * 4   # results + 3 projections
+  # Three studies stored (each its results and projections, in shards of its own): clear
+  # removes every stored file of the tower, and a study afterwards is computed again.
+  [info] = cache.summary(root)
+  stored = [f for f in os.listdir(info["dir"]) if f != "tower.json"]
+  assert len(stored) >= 3
+  assert cache.clear(root, tower="feasibility")["files"] == len(stored)
+  assert cache.summary(root) == []
+  e = fz.feasibility_study(embs, y, CLASS_NAMES, tmp_path / "e", method="pca", cache_dir=root)
+  assert "cached" not in e["timings"]
 
 
 # --- scale: stratified projection sample, MiniBatchKMeans past a size ----------------

@@ -20,6 +20,8 @@ from tests.test_resume import _cmd
 
 def test_handler_sets_the_flag_and_a_second_signal_gets_the_old_handler():
   calls = []
+  # Python's Ctrl-C handler, also where the suite runs as a background job (SIG_IGN there).
+  old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
   old = signal.signal(signal.SIGTERM, lambda s, f: calls.append(s))
   try:
     with preemption.handle_signals() as flag:
@@ -36,6 +38,7 @@ def test_handler_sets_the_flag_and_a_second_signal_gets_the_old_handler():
         os.kill(os.getpid(), signal.SIGINT)
   finally:
     signal.signal(signal.SIGTERM, old)
+    signal.signal(signal.SIGINT, old_int)
 
 
 def test_a_stop_saves_the_epoch_and_the_resumed_run_matches(tiny_catalogue, tmp_path):
