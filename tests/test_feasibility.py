@@ -1,7 +1,6 @@
 """Tests for m6jax.evaluate.feasibility (KMeans ARI study + projection plots)."""
 
 import json
-
 import os
 
 import numpy as np
