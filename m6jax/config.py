@@ -58,7 +58,7 @@ MIN = {   # key -> smallest allowed value
 }
 UNIT = ("model.dropout", "model.modality_dropout", "train.label_smoothing")   # in [0, 1)
 GROUP_KEYS = ("regex", "lr_mult", "unfreeze_at", "unfreeze_at_epoch")
-FREE = ("train.groups",)   # dicts whose keys are the user's names
+FREE = defaults.FREE
 
 
 def _get(cfg, key: str):

@@ -158,6 +158,27 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+FREE = ("train.groups",)   # dicts whose keys are the user's names: taken whole, not merged
+
+
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config (config.json, bundle.json) -> ConfigDict over base_config().
+
+  Knobs added after the run was saved take their default here, once, so readers of a
+  restored run need no fallbacks; the saved values win, and FREE dicts are the saved
+  ones whole (a run's layer groups are not merged with the defaults').
+  """
+  def merge(base: dict, over: dict, prefix: str) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+      key = prefix + k
+      if isinstance(v, dict) and isinstance(base.get(k), dict) and key not in FREE:
+        out[k] = merge(base[k], v, key + ".")
+      else:
+        out[k] = v
+    return out
+  return ml_collections.ConfigDict(merge(base_config().to_dict(), dict(saved), ""))
+
 # Image-tower parameter paths split into 'early' and 'late' layers, per backbone
 # (names as in m6jax/models/*.py; every name of m6jax.models.towers.IMAGE_TOWERS).
 _EFFICIENTNET_LATE = r"image/(block[67]_\d+|head)/.*"   # B0 and the Lite family

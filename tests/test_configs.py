@@ -145,3 +145,18 @@ def test_the_library_does_not_import_the_configs_package():
                else [n.module or ""] if isinstance(n, ast.ImportFrom) else [])
       bad += [f"{p}: {x}" for x in names if x == "configs" or x.startswith("configs.")]
   assert not bad, bad
+
+
+def test_a_saved_config_gets_new_knobs_from_the_defaults_and_keeps_its_own():
+  cfg = smoke.get_config()
+  cfg.train.groups = defaults.finetune_groups("tiny")
+  cfg.explain.ig_steps = 7
+  saved = cfg.to_dict()
+  del saved["explain"]["sample"], saved["feasibility_opts"]   # knobs added after the run
+  restored = defaults.saved_config(saved)
+  assert restored.explain.sample == defaults.base_config().explain.sample
+  assert restored.feasibility_opts.tsne_max == defaults.base_config().feasibility_opts.tsne_max
+  assert restored.explain.ig_steps == 7 and restored.model.fusion == cfg.model.fusion
+  # Free dicts are the run's own, not merged with the defaults' names.
+  assert set(restored.train.groups) == set(cfg.train.groups)
+  assert config_lib.problems(restored) == []

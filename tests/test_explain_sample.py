@@ -6,6 +6,7 @@ import types
 import numpy as np
 
 from configs import smoke
+from m6jax import defaults
 from m6jax.evaluate import sampling
 from m6jax.explain import run as explain_lib
 
@@ -28,9 +29,10 @@ def test_explain_sample_is_bounded_stratified_and_deterministic():
   np.testing.assert_array_equal(idx, sampling.explain_sample(cfg, y)[0])
   cfg.seed = 1
   assert not np.array_equal(idx, sampling.explain_sample(cfg, y)[0])
-  # A run saved before the knob existed gets its default.
-  del cfg.explain["sample"]
-  assert len(sampling.explain_sample(cfg, y)[0]) == 256
+  # A run saved before the knob existed gets its default (defaults.saved_config).
+  saved = cfg.to_dict()
+  del saved["explain"]["sample"]
+  assert len(sampling.explain_sample(defaults.saved_config(saved), y)[0]) == 256
 
 
 class _Source:
@@ -74,3 +76,17 @@ def test_rows_read_only_the_sample_in_configured_batches():
   streamed = [u for b in got for u, m in zip(b["uniq_id"], b["mask"]) if m]
   assert streamed == ids                                  # in the order the maps expect
 
+
+
+def test_balanced_sample_keeps_the_given_rows_and_deals_the_rest_over_the_classes():
+  y = _labels()
+  keep = [0, 1, 2]
+  idx = sampling.balanced_sample(y, 40, seed=0, keep=keep)
+  assert len(idx) == 40 and set(keep) <= set(idx.tolist())
+  rest = np.bincount(y[np.setdiff1d(idx, keep)], minlength=CLASSES)
+  # 37 rows over 7 classes, round-robin: the 2-row class gives what it has (less any
+  # kept rows of it), the others 5 or 6 each, whatever their size.
+  assert rest[-1] <= 2 and rest[:-1].min() >= 5 and rest[:-1].max() <= 7
+  np.testing.assert_array_equal(idx, sampling.balanced_sample(y, 40, seed=0, keep=keep))
+  assert not np.array_equal(idx, sampling.balanced_sample(y, 40, seed=1, keep=keep))
+  np.testing.assert_array_equal(sampling.balanced_sample(y, 0), np.arange(N))

@@ -14,6 +14,7 @@ import pytest
 from m6jax.explain import faithfulness, modality
 from m6jax.explain import text as text_lib
 from m6jax.models import bert, fusion
+from m6jax.track import metric_names
 
 CLS, SEP, PAD = 1, 2, 0   # the tiny vocabulary's special ids (the real one: 101, 102, 0)
 
@@ -241,11 +242,10 @@ def test_deletion_prefers_attributed_words_and_pixels():
 
 
 def test_deletion_goes_to_mlflow_metrics():
-  from m6jax.track import tracker
   res = {"explain": {"text": {"deletion": {"1": {"attributed": 0.2, "random": 0.05},
                                            "3": {"attributed": 0.3, "random": 0.1}}},
                      "image": {"deletion": {"attributed": 0.04, "random": 0.01, "fraction": 0.1}}}}
-  m = tracker.final_metrics(res)
+  m = metric_names.final_metrics(res)
   assert m["explain/text/deletion/top3/attributed"] == 0.3
   assert m["explain/text/deletion/top1/random"] == 0.05
   assert m["explain/image/deletion/random"] == 0.01 and "explain/image/deletion/fraction" not in m

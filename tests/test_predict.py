@@ -15,6 +15,7 @@ import pytest
 from m6jax.data import tfds_builder
 from m6jax.features import embed, prepare
 from m6jax.inference import predict, restore
+from m6jax.inference import products as products_lib
 from m6jax.models import fusion
 from m6jax.train import predictions
 from tests.conftest import REPO
@@ -228,7 +229,7 @@ def test_the_prediction_path_of_predict_is_the_trainers_on_the_same_states(tiny_
   np.testing.assert_allclose(inf.ensemble(inf.predict(params, None, "test")), want, atol=1e-6)
   new_csv, images = str(tmp_path / "new.csv"), str(tmp_path / "img")
   new_products(tiny_catalogue, run.cols["test"]["uniq_id"], new_csv, images)
-  got = predict.predict_products(inf, params, {}, predict.read_csv(inf, new_csv, images))
+  got = predict.predict_products(inf, params, {}, products_lib.read_csv(inf, new_csv, images))
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 

@@ -17,6 +17,7 @@ from mlflow.pyfunc import scoring_server
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from m6jax.inference import bundle, predict, serve
+from m6jax.inference import products as products_lib
 from tests.trained import trained_run
 
 
@@ -89,7 +90,7 @@ def test_paths_outside_the_folder_get_one_answer_whether_or_not_the_file_exists(
   status, body = no_folder.post([dict(r, image=r["image"]) for r in rows])
   assert status == 200
   got = _strict(body)
-  assert {r["note"] for r in got} == {predict.PATHS_REFUSED + ": text only"}
+  assert {r["note"] for r in got} == {products_lib.PATHS_REFUSED + ": text only"}
   assert all(r["predicted"] for r in got)   # from the text, as modality dropout trained it
 
 

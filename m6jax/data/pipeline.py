@@ -74,6 +74,13 @@ def row_batches(rows, data_cfg, batch_size: int) -> Iterator[dict]:
                     for r in chunk], batch_size)
 
 
+def image_batch(images, batch_size: int) -> dict:
+  """n <= B uint8 images (S, S, 3) -> {'image': (B, S, S, 3), 'mask': (B,)}, padded
+  with zero images (mask False) so shapes stay static."""
+  return _collate([{"image": np.asarray(x), "mask": np.bool_(True)} for x in images],
+                  batch_size)
+
+
 def _example(rec: dict, size: int, rng=None) -> dict:
   return {
       "image": square_image(rec["image"], size, rng),

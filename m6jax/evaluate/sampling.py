@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from m6jax import defaults
-
 MIN_PER_CLASS = 5   # rows every class keeps (or all of its rows, when it has fewer)
 
 
@@ -71,6 +69,33 @@ def stratified_sample(labels, size: int, seed: int = 0,
   return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
+def balanced_sample(labels, size: int, seed: int = 0, keep=()) -> np.ndarray:
+  """(N,) labels -> sorted indices: every index in `keep`, then rows dealt round-robin
+  over the classes (each class's rows in a seeded order) until `size` (<= 0 or >= N:
+  every row). Balanced, not proportional: for means over few rows (the products given
+  words by m6jax.explain.multimodal, whose integrated gradients cost seconds each)."""
+  labels = np.asarray(labels).reshape(-1)
+  n = len(labels)
+  if size <= 0 or size >= n:
+    return np.arange(n)
+  rng = np.random.default_rng(seed)
+  chosen = list(dict.fromkeys(int(i) for i in keep))
+  taken = set(chosen)
+  pools = [iter(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+  while len(chosen) < size and pools:
+    live = []
+    for pool in pools:
+      if len(chosen) >= size:
+        break
+      i = next((int(i) for i in pool if int(i) not in taken), None)
+      if i is not None:
+        chosen.append(i)
+        taken.add(i)
+        live.append(pool)
+    pools = live
+  return np.asarray(sorted(chosen))
+
+
 def describe(rows: int, of: int, seed: int, by: str = "label") -> dict:
   """The results.json record of a sample: {'rows', 'of', 'seed', 'stratified_by'}."""
   return {"rows": int(rows), "of": int(of), "seed": int(seed),
@@ -94,7 +119,6 @@ class Subset:
 def explain_sample(cfg, strata) -> tuple[np.ndarray, dict]:
   """(N,) class of each product (-1: unknown) -> (sorted indices of the products the
   explanations cover, their `describe` record): a stratified sample of at most
-  cfg.explain.sample (a run saved before that knob: its default), seeded by cfg.seed."""
-  size = cfg.explain.get("sample", defaults.base_config().explain.sample)
-  idx = stratified_sample(strata, size, cfg.seed)
+  cfg.explain.sample, seeded by cfg.seed."""
+  idx = stratified_sample(strata, cfg.explain.sample, cfg.seed)
   return idx, describe(len(idx), len(strata), cfg.seed)

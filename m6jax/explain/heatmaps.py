@@ -31,11 +31,9 @@ def file_name(product) -> str:
 def _batches(run, rows, products, bs: int):
   for s in range(0, len(rows), bs):
     chunk = rows[s:s + bs]
-    img = np.zeros((bs, run.data_cfg.image_size, run.data_cfg.image_size, 3), np.uint8)
-    for j, i in enumerate(chunk):
-      p = products[i]
-      img[j] = pipeline.image_from_file(p.image_bytes or p.image, run.data_cfg)
-    yield chunk, {"image": img, "mask": np.arange(bs) < len(chunk)}
+    yield chunk, pipeline.image_batch(
+        [pipeline.image_from_file(products[i].image_bytes or products[i].image, run.data_cfg)
+         for i in chunk], bs)
 
 
 def write_heatmaps(run, params, products, probs, folder: str) -> dict[int, str]:

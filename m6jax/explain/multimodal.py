@@ -21,6 +21,7 @@ import numpy as np
 from m6jax import files
 from m6jax import mesh as mesh_lib
 from m6jax.data import pipeline
+from m6jax.evaluate import sampling
 from m6jax.explain import faithfulness, modality
 from m6jax.explain import text as text_lib
 from m6jax.features import embed
@@ -32,7 +33,7 @@ TOP = 5   # words per product in captions and predict columns
 
 def text_explainer(cfg, run, params):
   """BertText / TfidfText for a frozen run whose head reads text; None (logged) otherwise."""
-  if "text" not in run.mods or not cfg.explain.get("words", True):
+  if "text" not in run.mods or not cfg.explain.words:
     return None
   if run.mode != "frozen":
     log.warning("text attributions: only frozen runs are explained (this run is %s)", run.mode)
@@ -41,12 +42,12 @@ def text_explainer(cfg, run, params):
   if run.text_features is not None:
     try:
       return text_lib.TfidfText(run.text_features, run.head, run.mods, params,
-                                cfg.model.get("norm", "l2"))
+                                cfg.model.norm)
     except ValueError as e:
       log.warning("text attributions skipped: %s", e)
       return None
   return text_lib.BertText(run.text_tower, run.head, run.mods, params, cfg.data.max_text_length,
-                           int(ex.get("ig_steps", 32)), ex.get("ig_baseline", "pad"))
+                           ex.ig_steps, ex.ig_baseline)
 
 
 def probs_fn(run, params):
@@ -57,14 +58,9 @@ def probs_fn(run, params):
 def image_embeddings(run, images) -> np.ndarray:
   """uint8 (N, S, S, 3) -> (N, Di) frozen image embeddings, in batches of data.batch_size."""
   bs = run.data_cfg.batch_size
-
-  def batches():
-    for s in range(0, len(images), bs):
-      img = np.zeros((bs,) + images.shape[1:], np.uint8)
-      chunk = images[s:s + bs]
-      img[:len(chunk)] = chunk
-      yield {"image": img, "mask": np.arange(bs) < len(chunk)}
-  return embed.embed_image_batches(run.image_tower, batches())
+  return embed.embed_image_batches(
+      run.image_tower, (pipeline.image_batch(images[s:s + bs], bs)
+                        for s in range(0, len(images), bs)))
 
 
 def caption(item, split=None, n: int = 3) -> str:
@@ -102,8 +98,7 @@ def explain_products(cfg, run, params, texts, targets, images=None, maps=None,
     out["items"] = explainer.explain(texts, image_emb if "image" in mods else None, targets)
     s = out["summary"]["text"] = {"method": type(explainer).__name__}
     if isinstance(explainer, text_lib.BertText):
-      s |= {"steps": int(cfg.explain.get("ig_steps", 32)),
-            "baseline": cfg.explain.get("ig_baseline", "pad")}
+      s |= {"steps": cfg.explain.ig_steps, "baseline": cfg.explain.ig_baseline}
     if faithful:
       if isinstance(explainer, text_lib.BertText):
         s["completeness"] = faithfulness.completeness(out["items"])
@@ -209,27 +204,6 @@ def write_predict_explanations(cfg, run, params, products, probs, path: str,
   return path
 
 
-def sample_rows(preds, keep, size: int, seed: int) -> np.ndarray:
-  """Sorted indices of the products explained with words: every index in `keep` (the
-  gallery's images), then a seeded sample dealt round-robin over the predicted classes
-  until `size` (0: every product). Integrated gradients through MiniLM cost seconds
-  per product on a CPU; the deletion curves are means over these products."""
-  n = len(preds)
-  if size <= 0 or size >= n:
-    return np.arange(n)
-  rng = np.random.default_rng(seed)
-  chosen = list(dict.fromkeys(int(i) for i in keep))
-  pools = [list(rng.permutation(np.flatnonzero(np.asarray(preds) == c)))
-           for c in np.unique(preds)]
-  while len(chosen) < size and any(pools):
-    for pool in pools:
-      while pool and int(pool[0]) in chosen:
-        pool.pop(0)
-      if pool and len(chosen) < size:
-        chosen.append(int(pool.pop(0)))
-  return np.asarray(sorted(chosen))
-
-
 def explain_split(cfg, run, params, split: str, ids, labels, preds, images, maps,
                   text_feats, out_dir: str, keep=(), texts=None):
   """m6jax.explain.run's hook: words, modality split and faithfulness of the
@@ -238,17 +212,17 @@ def explain_split(cfg, run, params, split: str, ids, labels, preds, images, maps
   images uint8 (N, S, S, 3), maps (N, S, S) the gallery's Grad-CAM maps, preds
   (N,) ensemble predictions, text_feats (N, Dt) the run's text embeddings or
   None; keep: rows that must be explained (the gallery's), the rest sampled up to
-  cfg.explain.words_max (sample_rows); texts (N,) the products' texts (None: the
-  whole test split's, from run.cols). Writes `<out_dir>/explanations.json` (per
-  product) and returns (results.json 'explain' entry, gallery captions (N,), '' for
-  a product not explained); (None, None) when the run or split is not explained
-  (finetune runs, new products).
+  cfg.explain.words_max (m6jax.evaluate.sampling.balanced_sample); texts (N,) the
+  products' texts (None: the whole test split's, from run.cols). Writes
+  `<out_dir>/explanations.json` (per product) and returns (results.json 'explain'
+  entry, gallery captions (N,), '' for a product not explained); (None, None) when
+  the run or split is not explained (finetune runs, new products).
   """
   if run.mode != "frozen" or split != "test":
     log.info("word/modality explanations: frozen runs' test split only (mode %s, split %s)",
              run.mode, split)
     return None, None
-  idx = sample_rows(preds, keep, cfg.explain.words_max, cfg.seed)
+  idx = sampling.balanced_sample(preds, cfg.explain.words_max, cfg.seed, keep=keep)
   texts = [str(t) for t in np.asarray(run.cols["test"]["text"] if texts is None else texts,
                                       object)[idx]]
   res = explain_products(cfg, run, params, texts, np.asarray(preds)[idx],

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from m6jax import files
+from m6jax import defaults, files
 from m6jax import mesh as mesh_lib
 from m6jax import workdir as workdir_lib
 from m6jax.data import images
@@ -206,8 +206,8 @@ class Bundle:
 
   @property
   def config(self) -> ml_collections.ConfigDict:
-    """The run's full config."""
-    return ml_collections.ConfigDict(self.meta["config"])
+    """The run's full config (knobs added since it was saved: their defaults)."""
+    return defaults.saved_config(self.meta["config"])
 
   @property
   def class_names(self) -> list[str]:

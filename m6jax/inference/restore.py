@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from m6jax import defaults
 from m6jax.data import pipeline
 from m6jax.features import embed
 from m6jax.inference import bundle as bundle_lib
@@ -42,12 +43,12 @@ SPLITS = ("train", "validation", "test")
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The ConfigDict a run saved in `workdir/config.json`."""
+  """The ConfigDict a run saved in `workdir/config.json` (defaults.saved_config)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training run")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return defaults.saved_config(json.load(f))
 
 
 class _PerSplit(dict):
@@ -126,7 +127,7 @@ class Inference:
     # Texts the run embedded come back from the shared feature cache exactly
     # as training used them (the key covers tower, weights and max length);
     # only the others are embedded, and not stored.
-    return embed.bert_features(self.cfg, list(texts), self.cfg.train.get("cache_dir") or None,
+    return embed.bert_features(self.cfg, list(texts), self.cfg.train.cache_dir or None,
                                tower=lambda: self.text_tower, store=False)
 
   def image_features_for(self, batches) -> np.ndarray:

@@ -52,6 +52,7 @@ from m6jax import workdir as workdir_lib
 from m6jax.data import catalogue, images
 from m6jax.inference import bundle as bundle_lib
 from m6jax.inference import predict, restore
+from m6jax.inference import products as products_lib
 from m6jax.models.weights import sources as weights_lib
 from m6jax.train import checkpoint
 
@@ -154,8 +155,8 @@ class Model(mlflow.pyfunc.PythonModel):
     blank = images.encode_jpeg(Image.new("RGB", (32, 32), (128, 128, 128)))
     # A text of max_text_length tokens or more: the row length most descriptions reach.
     text = " ".join(["warm"] * int(self._run.cfg.data.max_text_length))
-    p = predict.Product(0, 0, "warm-up", text=text if "text" in mods else "",
-                        image_bytes=blank if "image" in mods else b"")
+    p = products_lib.Product(0, 0, "warm-up", text=text if "text" in mods else "",
+                             image_bytes=blank if "image" in mods else b"")
     predict.predict_products(self._run, self._params, self._stats, [p])
 
   def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -163,8 +164,8 @@ class Model(mlflow.pyfunc.PythonModel):
     del context, params
     check_request(model_input, self._run.bundle, self.settings)
     try:
-      products = predict.read_frame(self._run, model_input, self.settings.image_dir,
-                                    refuse_paths=True, b64_column=B64_COLUMN)
+      products = products_lib.read_frame(self._run, model_input, self.settings.image_dir,
+                                         refuse_paths=True, b64_column=B64_COLUMN)
     except catalogue.DataError as e:
       raise RequestError(str(e)) from None
     probs = predict.predict_products(self._run, self._params, self._stats, products)

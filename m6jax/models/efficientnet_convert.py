@@ -22,65 +22,8 @@ import numpy as np
 from m6jax.models.weights import torch_pickle
 from m6jax.models.weights import sources as weights_lib
 from m6jax.models.weights import keras_h5
+from m6jax.models.weights import torch_layers
 from m6jax.models.efficientnet import EfficientNet, block_specs, variant_config
-
-
-def _np(a) -> np.ndarray:
-  if hasattr(a, "detach"):  # a torch tensor handed in directly
-    a = a.detach().cpu().numpy()
-  return np.asarray(a)
-
-
-class _Builder:
-  """Collects converted arrays into {'params', 'batch_stats'} with clear errors."""
-
-  def __init__(self, src: Mapping[str, Any], origin: str):
-    self.src, self.origin = src, origin
-    self.used: set[str] = set()
-    self.variables: dict = {"params": {}, "batch_stats": {}}
-
-  def get(self, key: str, shape: tuple | None = None) -> np.ndarray:
-    if key not in self.src:
-      raise KeyError(f"{self.origin}: missing weight {key!r}")
-    a = _np(self.src[key]).astype(np.float32)
-    if shape is not None and tuple(a.shape) != tuple(shape):
-      raise ValueError(f"{self.origin}: {key!r} has shape {tuple(a.shape)}, "
-                       f"expected {tuple(shape)}")
-    self.used.add(key)
-    return a
-
-  def put(self, collection: str, path: tuple[str, ...], value: np.ndarray):
-    d = self.variables[collection]
-    for p in path[:-1]:
-      d = d.setdefault(p, {})
-    d[path[-1]] = value
-
-  def torch_layer(self, params_shapes: dict, tname: str, fpath: tuple[str, ...], kind: str):
-    """One torch layer `tname` into the Flax module at `fpath`: 'fc' (Linear), 'bn'
-    (BatchNorm: scale, bias, running mean and var) or any conv kind (the kernel, see
-    _torch_conv). params_shapes: the model's expected params shapes. Returns the Flax
-    kernel shape for convs and fc (callers add what else their kind carries)."""
-    if kind == "bn":
-      c = _lookup(params_shapes, fpath + ("scale",))
-      self.put("params", fpath + ("scale",), self.get(tname + ".weight", c))
-      self.put("params", fpath + ("bias",), self.get(tname + ".bias", c))
-      self.put("batch_stats", fpath + ("mean",), self.get(tname + ".running_mean", c))
-      self.put("batch_stats", fpath + ("var",), self.get(tname + ".running_var", c))
-      return c
-    k = _lookup(params_shapes, fpath + ("kernel",))
-    if kind == "fc":
-      self.put("params", fpath + ("kernel",), self.get(tname + ".weight", k[::-1]).T.copy())
-      self.put("params", fpath + ("bias",), self.get(tname + ".bias", (k[1],)))
-    else:
-      self.put("params", fpath + ("kernel",),
-               _torch_conv(self.get(tname + ".weight", (k[3], k[2], k[0], k[1]))))
-    return k
-
-
-def _torch_conv(w: np.ndarray) -> np.ndarray:
-  # torch (O, I/groups, kh, kw) -> flax (kh, kw, I/groups, O); depthwise
-  # (C, 1, kh, kw) -> (kh, kw, 1, C) is the same transpose.
-  return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
 
 
 def _expected_shapes(variant: str, num_classes: int = 0) -> dict:
@@ -143,12 +86,6 @@ def _torch_names(variant: str, layout: str) -> list[tuple[str, tuple[str, ...], 
   return out
 
 
-def _lookup(tree: Mapping, path: tuple[str, ...]):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
 def load_torch(src, variant: str, include_classifier: bool = True) -> dict:
   """Torch EfficientNet state dict (path or mapping) -> {'params', 'batch_stats'}.
 
@@ -169,18 +106,17 @@ def load_torch(src, variant: str, include_classifier: bool = True) -> dict:
       k in src for k in ("_fc.weight", "classifier.weight"))
   num_classes = 0
   if has_fc:
-    num_classes = _np(src["_fc.weight" if layout == "lukemelas"
+    num_classes = torch_layers.as_numpy(src["_fc.weight" if layout == "lukemelas"
                           else "classifier.weight"]).shape[0]
   shapes = _expected_shapes(variant, num_classes)
-  b = _Builder(src, origin)
+  b = torch_layers.TorchLayers(src, origin)
   for tname, fpath, kind in _torch_names(variant, layout):
     if kind == "fc" and not has_fc:
       continue
-    k = b.torch_layer(shapes["params"], tname, fpath, kind)
+    k = b.layer(shapes["params"], tname, fpath, kind)
     if kind == "se":
       b.put("params", fpath + ("bias",), b.get(tname + ".bias", (k[3],)))
-  unused = [k for k in src if k not in b.used and not k.endswith("num_batches_tracked")
-            and not (not include_classifier and k.split(".")[0] in ("_fc", "classifier"))]
+  unused = b.unused(lambda k: not include_classifier and k.split(".")[0] in ("_fc", "classifier"))
   if unused:
     raise ValueError(f"{origin}: {len(unused)} weights not used for {variant!r} "
                      f"(wrong variant?), e.g. {unused[:5]}")

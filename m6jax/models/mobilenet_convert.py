@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from m6jax.models import mobilenet
-from m6jax.models.efficientnet_convert import _Builder, _np
 from m6jax.models.weights import sources as weights_lib
-from m6jax.models.weights import torch_pickle
+from m6jax.models.weights import torch_layers, torch_pickle
 
 TOWER = "mobilenetv2-torchvision"
 
@@ -74,14 +73,13 @@ def load_torch(src, include_classifier: bool = True) -> dict:
   else:
     origin = "MobileNetV2 state dict"
   has_fc = include_classifier and "classifier.1.weight" in src
-  num_classes = _np(src["classifier.1.weight"]).shape[0] if has_fc else 0
+  num_classes = torch_layers.as_numpy(src["classifier.1.weight"]).shape[0] if has_fc else 0
   shapes = _expected_shapes(num_classes)
-  b = _Builder(src, origin)
+  b = torch_layers.TorchLayers(src, origin)
   for tname, fpath, kind in torchvision_table():
     if kind != "fc" or has_fc:
-      b.torch_layer(shapes["params"], tname, fpath, kind)
-  unused = [k for k in src if k not in b.used and not k.endswith("num_batches_tracked")
-            and not (not include_classifier and k.startswith("classifier."))]
+      b.layer(shapes["params"], tname, fpath, kind)
+  unused = b.unused(lambda k: not include_classifier and k.startswith("classifier."))
   if unused:
     raise ValueError(f"{origin}: {len(unused)} weights not used by MobileNetV2 "
                      f"(torchvision, width 1.0), e.g. {unused[:5]}")

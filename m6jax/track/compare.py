@@ -27,13 +27,12 @@ import os
 
 from m6jax.evaluate import metrics as metrics_lib
 from m6jax.files import write_json, write_text
-from m6jax.track import paired
-from m6jax.track import tracker as tracker_lib
+from m6jax.track import metric_names, paired
 from m6jax.track.mlflow_store import STATE, child_runs, read_json
 
 log = logging.getLogger(__name__)
 LABEL = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
-STATS = ("mean",) + tracker_lib.STATS
+STATS = ("mean",) + metric_names.STATS
 
 
 def _row_from_results(cell, res, overrides, source="results.json") -> dict:
@@ -42,7 +41,7 @@ def _row_from_results(cell, res, overrides, source="results.json") -> dict:
          "n": t["summary"]["accuracy"]["n"], "ensemble": dict(t.get("ensemble", {}))}
   for k, st in t["summary"].items():
     row["test"][k] = {s: st[s] for s in STATS if st.get(s) is not None}
-  for k, vals in tracker_lib.best_val(res).items():
+  for k, vals in metric_names.best_val(res).items():
     row["val"][k] = metrics_lib.seed_stats(vals)["mean"]
   return row
 
@@ -58,8 +57,8 @@ def _row_from_run(cell, run, overrides) -> dict | None:
     parts = key.split("/")
     if parts[0] == "test" and len(parts) == 3 and parts[1] == "ensemble":
       row["ensemble"][parts[2]] = v
-    elif parts[0] == "test" and parts[1] in tracker_lib.TEST_METRICS and (
-        len(parts) == 2 or parts[2] in tracker_lib.STATS):
+    elif parts[0] == "test" and parts[1] in metric_names.TEST_METRICS and (
+        len(parts) == 2 or parts[2] in metric_names.STATS):
       row["test"].setdefault(parts[1], {})[parts[2] if len(parts) == 3 else "mean"] = v
     elif parts[0] == "val" and len(parts) == 2 and parts[1].startswith("best_"):
       row["val"][parts[1].removeprefix("best_")] = v
@@ -70,9 +69,9 @@ def row_metrics(row) -> dict:
   """A row -> metrics named as a run's own (test/<m>[/<stat>], test/ensemble/<m>,
   val/best_<m>), for the sweep's parent run."""
   out = {f"test/{k}" + ("" if s == "mean" else f"/{s}"): v
-         for k, st in row["test"].items() if k in tracker_lib.TEST_METRICS for s, v in st.items()}
+         for k, st in row["test"].items() if k in metric_names.TEST_METRICS for s, v in st.items()}
   out |= {f"test/ensemble/{k}": v for k, v in row["ensemble"].items()
-          if k in tracker_lib.TEST_METRICS}
+          if k in metric_names.TEST_METRICS}
   return out | {f"val/best_{k}": v for k, v in row["val"].items()}
 
 
