@@ -145,7 +145,7 @@ def use_xla_cache(cfg) -> None:
   (another head, a sweep cell) then loads its train, predict and Grad-CAM
   programs instead of compiling them. XLA keys each entry by the program, the
   jax version and the device, so an entry is only used where it applies."""
-  path = cfg.train.get("xla_cache_dir", "")
+  path = cfg.train.xla_cache_dir
   if path == "none" or jax.config.jax_compilation_cache_dir is not None:
     return
   jax.config.update("jax_compilation_cache_dir", path or str(weights_lib.cache_dir() / "xla"))

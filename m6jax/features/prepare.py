@@ -57,7 +57,7 @@ def setup(cfg, workdir: str) -> Setup:
       raise ValueError(f"split {s!r} is empty; the catalogue is too small for data.split")
   labels = {s: cols[s]["label"] for s in SPLITS}
   # None: the shared feature cache (m6jax.features.cache)
-  cache = cfg.train.get("cache_dir") or None
+  cache = cfg.train.cache_dir or None
   mods = fusion.modalities(cfg.model.fusion)
   feats, text_features = {}, None
   texts = {s: cols[s]["text"] for s in SPLITS}
@@ -76,13 +76,13 @@ def setup(cfg, workdir: str) -> Setup:
           cfg, texts, cache, tower=text_tower)
   if cfg.train.mode == "frozen":
     plan = None
-    if cfg.train.get("folds", 0) >= 2:
+    if cfg.train.folds >= 2:
       pooled = np.concatenate([labels[s] for s in folds.POOL_SPLITS])
       # Twins (the dataset's report) share a fold, as they share a split.
       groups = twins.group_index([u for s in folds.POOL_SPLITS for u in cols[s]["uniq_id"]],
                                  report.twin_groups)
       plan = folds.cv_plan(pooled, cfg.train.folds, cfg.seeds, cfg.data.split_seed,
-                           cfg.train.get("repeats", 1), groups)
+                           cfg.train.repeats, groups)
     trainer = trainer_lib.FrozenTrainer(cfg, len(class_names),
                                   {s: {m: f[s] for m, f in feats.items()} for s in SPLITS},
                                   labels, plan=plan)

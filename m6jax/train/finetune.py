@@ -54,7 +54,7 @@ class FinetuneTrainer(Trainer):
     shapes = jax.eval_shape(self._init_variables, self.keys[0])
     self.tx = self.make_optimizer(shapes["params"])
     log.info("parameter groups:\n%s", optim.describe_groups(
-        shapes["params"], dict(cfg.train.get("groups") or {}), self.steps_per_epoch))
+        shapes["params"], dict(cfg.train.groups), self.steps_per_epoch))
     self._init = jax.jit(jax.vmap(self._init_one), out_shardings=self.replicas)
     per_seed = cfg.train.data_order == "per_seed"
     self.train_batch_sharding = mesh_lib.batch_sharding(self.mesh, per_seed)
@@ -132,7 +132,7 @@ class FinetuneTrainer(Trainer):
     stays automatic (the batch split over it, gradients and BatchNorm
     statistics global as in the vmap program).
     """
-    loop = mesh_lib.resolve_replica_loop(self.cfg.train.get("replica_loop", "auto"))
+    loop = mesh_lib.resolve_replica_loop(self.cfg.train.replica_loop)
     if loop == "vmap":
       return jax.vmap(self._train_step, in_axes=(0, 0 if per_seed else None, 0),
                       spmd_axis_name="seed")

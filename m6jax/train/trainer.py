@@ -39,7 +39,7 @@ class NonFiniteLoss(FloatingPointError):
 
 def compute_dtype(cfg):
   """cfg.model.dtype -> the towers' and head's compute dtype (params stay float32)."""
-  return jnp.dtype(cfg.model.get("dtype", "float32"))
+  return jnp.dtype(cfg.model.dtype)
 
 
 def head_module(cfg, num_classes: int) -> fusion.FusionHead:
@@ -64,8 +64,7 @@ class Trainer:
                                    else seed_offsets, np.int32)
     self.num_replicas = len(self.seed_offsets)
     self.folds = 1   # replicas per seed model (cross-validation: its fold ensemble)
-    mcfg = cfg.get("mesh") or {}
-    self.mesh = mesh_lib.make_mesh(self.num_replicas, mcfg.get("seed", 0), mcfg.get("data", 0))
+    self.mesh = mesh_lib.make_mesh(self.num_replicas, cfg.mesh.seed, cfg.mesh.data)
     self.replicas = mesh_lib.replica_sharding(self.mesh)
     # Metrics and predictions: on every device, so every process can read them.
     self.outputs = mesh_lib.replicated_sharding(self.mesh)
