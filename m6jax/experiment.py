@@ -100,8 +100,9 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer, stop=None) -
     states, history = run.trainer.fit(run.cols["validation"]["label"], ckpt,
                                       on_epoch=on_epoch, stop=stop)
   bundle.save(workdir, run, states)   # what predict/explain/serve need besides the checkpoint
-  out: evals.Results = run_record(cfg, run, states, history)
-  ctx = evals.Context(cfg, workdir, run, states, history)
+  best_epoch = mesh.to_host(states.best_epoch).tolist()   # a collective: every process
+  out: evals.Results = run_record(cfg, run, states, history, best_epoch)
+  ctx = evals.Context(cfg, workdir, run, states, history, best_epoch)
   for name in cfg.evals:   # each evaluation adds its part (m6jax.evaluate.evals)
     fn, phase = evals.EVALS[name]
     t = time.time()
@@ -122,9 +123,10 @@ def _train_and_evaluate(cfg, workdir: str, on_epoch, timer: _Timer, stop=None) -
   return out
 
 
-def run_record(cfg, run, states, history: list) -> dict:
-  """results.json's description of the run (m6jax.evaluate.evals.Results)."""
-  validation = results.selection(history, mesh.to_host(states.best_epoch), cfg.train.select_by)
+def run_record(cfg, run, states, history: list, best_epoch: list) -> dict:
+  """results.json's description of the run (m6jax.evaluate.evals.Results); best_epoch
+  (R,) each replica's selected epoch (TrainState.best_epoch on the host)."""
+  validation = results.selection(history, best_epoch, cfg.train.select_by)
   return {
       "config_name": cfg.name, "mode": cfg.train.mode, "fusion": cfg.model.fusion,
       "seeds": [cfg.seed + k for k in range(cfg.seeds)],

@@ -79,6 +79,8 @@ class Context:
   run: prepare.Setup     # data, features and the trainer
   states: Any            # the trained states (leading replica axis)
   history: list
+  # (R,) each replica's selected epoch, gathered to the host once (a collective)
+  best_epoch: list
 
   @property
   def labels(self) -> dict:
@@ -107,12 +109,11 @@ def test_scores(ctx: Context) -> dict:
 
 def training_curves(ctx: Context) -> dict:
   """training_curves.png: loss and validation scores per epoch, selected epochs marked."""
-  best = mesh_lib.to_host(ctx.states.best_epoch).tolist()   # a collective: every process
   if ctx.history and mesh_lib.is_writer():
     curves.plot_training_curves(
         ctx.history, os.path.join(ctx.workdir, "training_curves.png"),
         [ctx.cfg.seed + k for k in range(ctx.cfg.seeds)], os.path.basename(ctx.workdir),
-        best, ctx.cfg.train.select_by)
+        ctx.best_epoch, ctx.cfg.train.select_by)
   return {}
 
 
