@@ -81,3 +81,10 @@ def test_embed_texts_order_and_shapes(tok):
   assert got.dtype == np.float32
   # One shape per call: batch_size rows of the longest text's length.
   assert traces == [(3, 128)]
+  # Tokenized and packed a few texts at a time (memory flat in N): the same rows, in
+  # order, and still one compiled shape (more than one chunk: max_length rows).
+  traces.clear()
+  chunked = tokenize.embed_texts(fake_encoder, tok, texts, batch_size=3, max_length=128,
+                                 progress=False, chunk=4)
+  np.testing.assert_array_equal(chunked, want)
+  assert set(traces) <= {(3, 128)}   # (jit may reuse the first call's trace: [])

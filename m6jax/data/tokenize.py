@@ -85,7 +85,8 @@ def bucket(n: int, cap: int | None = None) -> int:
 
 
 def packed_batches(ids_list: Sequence[Sequence[int]], batch_size: int, segments_per_row: int,
-                   pad_id: int = 0, row_length: int | None = None, pad_rows: bool = False):
+                   pad_id: int = 0, row_length: int | None = None, pad_rows: bool = False,
+                   full: bool = False):
   """Token id lists (N,) -> [(index, input_ids, segment_ids, position_ids)].
 
   The texts packed by pack_rows into rows of row_length tokens (default: the
@@ -93,7 +94,8 @@ def packed_batches(ids_list: Sequence[Sequence[int]], batch_size: int, segments_
   rows), so every batch has one shape. input_ids, segment_ids (1.. per text,
   0: padding) and position_ids (restarting at 0 per text) are int32 (B, L);
   index (B, segments_per_row) int64 is the text at each (row, segment), -1
-  where none. pad_rows: fewer rows than batch_size are padded to bucket(rows).
+  where none. pad_rows: fewer rows than batch_size are padded to bucket(rows);
+  full: every batch has batch_size rows (the callers' one shape over many calls).
   """
   lengths = [len(x) for x in ids_list]
   row_length = row_length or max(lengths)
@@ -101,6 +103,8 @@ def packed_batches(ids_list: Sequence[Sequence[int]], batch_size: int, segments_
   num_rows = min(batch_size, len(rows))
   if pad_rows:
     num_rows = bucket(num_rows, batch_size)
+  if full:
+    num_rows = batch_size
   out = []
   for start in range(0, len(rows), num_rows):
     ids = np.full((num_rows, row_length), pad_id, np.int32)
@@ -120,8 +124,12 @@ def packed_batches(ids_list: Sequence[Sequence[int]], batch_size: int, segments_
   return out
 
 
+TEXT_CHUNK = 8192   # texts tokenized and packed at a time (memory flat in the catalogue)
+
+
 def embed_texts(apply_fn: Callable, tokenizer, texts: Sequence[str], batch_size: int = 32,
-                max_length: int = 128, progress: bool | None = None) -> np.ndarray:
+                max_length: int = 128, progress: bool | None = None,
+                chunk: int = TEXT_CHUNK) -> np.ndarray:
   """texts (N,) -> float32 (N, H) embeddings, in the order of texts.
 
   Texts are truncated to max_length tokens and packed several to a row
@@ -130,34 +138,51 @@ def embed_texts(apply_fn: Callable, tokenizer, texts: Sequence[str], batch_size:
   (length buckets computed ~20 % padding). apply_fn(input_ids, segment_ids,
   position_ids), all (B, L) int32, returns (B, apply_fn.segments_per_row, H):
   see bert.make_embed_fn. It is wrapped in jax.jit unless already jitted.
-  progress: tqdm bar (default: more than 4 batches).
+  Texts are tokenized and packed `chunk` at a time and each batch's result is
+  copied into the (N, H) output as the next one runs, so memory beyond the
+  output stays flat in N. progress: tqdm bar in texts (default: more than 4
+  batches' worth).
   """
   import jax
   texts = list(texts)
   if not texts:
     raise ValueError("embed_texts: no texts")
   fn = apply_fn if hasattr(apply_fn, "lower") else jax.jit(apply_fn)
-  ids_list = tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
-  # Rows and row length rounded up (bucket): a few texts at a time (serving) reuse a
-  # handful of compiled shapes; a whole catalogue keeps (batch_size, max_length).
-  batches = packed_batches(ids_list, batch_size, apply_fn.segments_per_row,
-                           tokenizer.pad_token_id or 0,
-                           bucket(max(len(x) for x in ids_list), max_length), pad_rows=True)
+  # Row length rounded up (bucket): a few texts at a time (serving) reuse a handful
+  # of compiled shapes; more than one chunk keeps (batch_size, max_length) throughout.
+  fixed_length = max_length if len(texts) > chunk else None
   if progress is None:
-    progress = len(batches) > 4
+    progress = len(texts) > 4 * batch_size
+  bar = None
   if progress:
     from tqdm.auto import tqdm
-    batches = tqdm(batches, desc="embed texts", unit="batch")
-  results = []
-  for index, *arrays in batches:
-    emb = fn(*arrays)
-    # Dispatch is asynchronous: wait only for the previous batch, so building
-    # the next batch overlaps with compute and the progress bar stays honest.
-    if results:
-      jax.block_until_ready(results[-1][1])
-    results.append((index, emb))
-  out = np.zeros((len(texts), results[0][1].shape[-1]), np.float32)
-  for index, emb in results:
+    bar = tqdm(total=len(texts), desc="embed texts", unit="text")
+  out, pending = None, None
+
+  def copy_out(index, emb):   # waits for that batch only
+    nonlocal out
+    emb = np.asarray(emb, np.float32)
+    if out is None:
+      out = np.zeros((len(texts), emb.shape[-1]), np.float32)
     used = index >= 0
-    out[index[used]] = np.asarray(emb, dtype=np.float32)[used]
+    out[index[used]] = emb[used]
+    if bar is not None:
+      bar.update(int(used.sum()))
+
+  for start in range(0, len(texts), chunk):
+    ids_list = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length,
+                         padding=False, return_attention_mask=False,
+                         return_token_type_ids=False)["input_ids"]
+    row_length = fixed_length or bucket(max(len(x) for x in ids_list), max_length)
+    for index, *arrays in packed_batches(ids_list, batch_size, apply_fn.segments_per_row,
+                                         tokenizer.pad_token_id or 0, row_length, pad_rows=True,
+                                         full=fixed_length is not None):
+      # Dispatch is asynchronous: copy out the previous batch while this one runs.
+      emb = fn(*arrays)
+      if pending is not None:
+        copy_out(*pending)
+      pending = (np.where(index >= 0, index + start, -1), emb)
+  copy_out(*pending)
+  if bar is not None:
+    bar.close()
   return out
