@@ -155,6 +155,12 @@ def test_second_workdir_hits_cache(catalogue, tfds_dir, tmp_path, monkeypatch, c
   assert counts["image_tower"] == 1 and counts["image_rows"] == rows
   for s in SPLITS:
     np.testing.assert_array_equal(first.feats["image"][s], second.feats["image"][s])
+  # Embedded or read back, the splits are views of one matrix: every row without a copy.
+  for run in (first, second):
+    f = run.feats["image"]
+    whole = prepare.all_splits(f)
+    assert all(np.shares_memory(whole, f[s]) for s in SPLITS)
+    np.testing.assert_array_equal(whole, np.concatenate([f[s] for s in SPLITS]))
   assert [r["tower"] for r in cache_lib.summary()] == ["tiny"]
   assert not os.path.exists(tmp_path / "run1" / "cache")
   # train.cache_dir still overrides the shared default.
@@ -162,6 +168,22 @@ def test_second_workdir_hits_cache(catalogue, tfds_dir, tmp_path, monkeypatch, c
   prepare.setup(cfg, str(tmp_path / "run3"))
   assert counts["image_tower"] == 2 and counts["image_rows"] == 2 * rows
   assert [r["entries"] for r in cache_lib.summary(tmp_path / "own")] == [rows]
+
+
+def test_all_splits_views_without_copy_else_concatenated():
+  m = np.arange(20.0, dtype=np.float32).reshape(10, 2)
+  views = {"train": m[:6], "validation": m[6:8], "test": m[8:]}
+  whole = prepare.all_splits(views)
+  assert np.shares_memory(whole, m) and not whole.flags.writeable
+  np.testing.assert_array_equal(whole, m)
+  # Out of order, or not one array: a concatenation in SPLITS order.
+  swapped = {"train": m[:6], "validation": m[8:], "test": m[6:8]}
+  got = prepare.all_splits(swapped)
+  assert not np.shares_memory(got, m)
+  np.testing.assert_array_equal(got, np.concatenate([m[:6], m[8:], m[6:8]]))
+  np.testing.assert_array_equal(prepare.all_splits({s: v.copy() for s, v in views.items()}), m)
+  labels = {"train": [0, 1], "validation": [2], "test": [3]}
+  np.testing.assert_array_equal(prepare.all_splits(labels), [0, 1, 2, 3])
 
 
 def test_changed_product_reembeds_only_that_row(catalogue, tfds_dir, tiny_bert, tmp_path,

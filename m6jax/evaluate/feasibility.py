@@ -46,10 +46,27 @@ def _as_2d(embeddings, dtype=np.float64):
   return x
 
 
-def l2_normalize(x, eps=1e-12, dtype=np.float64):
-  """Row-wise L2 normalisation, (N, D) -> (N, D) of `dtype`; all-zero rows stay zero."""
+NORMALIZE_ROWS = 8192   # rows normalised at a time: np.linalg.norm's x*x temporary stays
+                        # (8192, D), not (N, D)
+
+
+def l2_normalize(x, eps=1e-12, dtype=np.float64, out=None):
+  """Row-wise L2 normalisation, (N, D) -> (N, D) of `dtype`; all-zero rows stay zero.
+
+  out: an (N, D) array of `dtype` to write into (a column block of a wider matrix:
+  `fuse`); None: a new array. Done NORMALIZE_ROWS rows at a time, each row exactly as
+  one whole-matrix call computes it.
+  """
   x = _as_2d(x, dtype)
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+  if out is None:
+    out = np.empty(x.shape, dtype)
+  elif out.shape != x.shape or out.dtype != dtype:
+    raise ValueError(f"out is {out.dtype} {out.shape}, expected {np.dtype(dtype)} {x.shape}")
+  for lo in range(0, x.shape[0], NORMALIZE_ROWS):
+    rows = x[lo:lo + NORMALIZE_ROWS]
+    np.divide(rows, np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), eps),
+              out=out[lo:lo + NORMALIZE_ROWS])
+  return out
 
 
 def kmeans_method(n: int, minibatch_from=None, batch_size: int = 1024) -> dict:
@@ -109,11 +126,17 @@ def fuse(embs, dtype=np.float64):
   """
   if not embs:
     raise ValueError("fuse needs at least one embedding set")
-  parts = [l2_normalize(e, dtype=dtype) for e in embs.values()]
+  parts = [_as_2d(e, dtype) for e in embs.values()]
   n = {p.shape[0] for p in parts}
   if len(n) != 1:
     raise ValueError(f"embedding sets disagree on N: {sorted(n)}")
-  return np.concatenate(parts, axis=1)
+  # Each set normalised straight into its column block: no normalised copies.
+  fused = np.empty((n.pop(), sum(p.shape[1] for p in parts)), dtype)
+  lo = 0
+  for p in parts:
+    l2_normalize(p, dtype=dtype, out=fused[:, lo:lo + p.shape[1]])
+    lo += p.shape[1]
+  return fused
 
 
 def project_2d(embeddings, method="tsne", seed=0, max_iter=500, num_threads=1):

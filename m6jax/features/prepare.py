@@ -41,6 +41,25 @@ class Setup:
     return "/".join(os.path.normpath(self.builder.data_dir).split(os.sep)[-2:])
 
 
+def all_splits(by_split: dict) -> np.ndarray:
+  """{split: (n_s, ...)} -> (sum n_s, ...) in SPLITS order: when the splits are
+  consecutive views of one array (as embed's features are), a read-only view of
+  them (no copy), else their concatenation."""
+  parts = [np.asarray(by_split[s]) for s in SPLITS]
+  first, owner = parts[0], parts[0].base
+  row = first.strides[0] if first.ndim else 0
+  ends = np.cumsum([0] + [len(p) for p in parts])
+  if owner is not None and first.ndim and all(
+      p.base is owner and p.flags.c_contiguous and p.dtype == first.dtype
+      and p.shape[1:] == first.shape[1:]
+      and p.__array_interface__["data"][0] == first.__array_interface__["data"][0] + row * lo
+      for p, lo in zip(parts, ends)):
+    # Every part lies inside `owner`, one after the other: so does their union.
+    return np.lib.stride_tricks.as_strided(first, (int(ends[-1]),) + first.shape[1:],
+                                           writeable=False)
+  return np.concatenate(parts)
+
+
 def text_features_needed(cfg) -> bool:
   """Whether the run uses cached text features (frozen mode, or a TF-IDF text tower)."""
   return "text" in fusion.modalities(cfg.model.fusion) and (
