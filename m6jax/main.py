@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from m6jax import config as config_lib
-from m6jax import console, experiment, files, workdir
+from m6jax import console, experiment, files, memory, workdir
 from m6jax.train import preemption
 
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
@@ -58,6 +58,7 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
+  memory.return_large_frees_to_os()
   console.setup(FLAGS.verbosity if FLAGS["verbosity"].present else None)
   try:   # experiment.run validates the config first, then starts multi-host JAX
     experiment.run(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart,

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m6jax import files
+from m6jax import files, memory
 from m6jax import mesh as mesh_lib
 from m6jax.data import catalogue, pipeline
 from m6jax.evaluate import sampling
@@ -366,6 +366,7 @@ def _define_flags():
 def main(argv):
   del argv
   from absl import app, flags
+  memory.return_large_frees_to_os()
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.INFO)
   f = flags.FLAGS

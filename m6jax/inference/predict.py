@@ -32,7 +32,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from m6jax import console, files
+from m6jax import console, files, memory
 from m6jax.data import catalogue, images, pipeline, tokenize
 from m6jax.explain import multimodal
 from m6jax.inference import restore
@@ -313,6 +313,7 @@ def predict(workdir: str, csv_path: str, image_dir: str | None, out: str,
 
 def main(argv):
   del argv
+  memory.return_large_frees_to_os()
   console.setup(FLAGS.verbosity if FLAGS["verbosity"].present else None)
   predict(FLAGS.workdir, FLAGS.csv, FLAGS.images, FLAGS.out, FLAGS.checkpoint, FLAGS.on_bad_row,
           "heatmaps" if FLAGS.explain and FLAGS.heatmaps else FLAGS.explain)
