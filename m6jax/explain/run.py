@@ -203,15 +203,14 @@ class _Maps:
   def run(self, batches) -> None:
     """Batch i+1 is dispatched before batch i's host work (stability, picks), so
     the two overlap: JAX returns before the device has finished."""
-    pending, start = None, 0
-    for b in batches:
-      out = self.dispatch(b, start)
-      if pending is not None:
-        self.consume(*pending)
-      pending = (b, start, out)
-      start += int(np.asarray(b["mask"]).sum())
-    if pending is not None:
-      self.consume(*pending)
+    def numbered():   # (batch, its first row)
+      start = 0
+      for b in batches:
+        yield b, start
+        start += int(np.asarray(b["mask"]).sum())
+
+    pipeline.overlapped(numbered(), lambda bs: self.dispatch(*bs),
+                        lambda bs, out: self.consume(*bs, out))
     self.per_image = np.concatenate(self.per_image)
     self.preds = np.concatenate(self.preds)
     self.probs = np.concatenate(self.probs)

@@ -178,12 +178,20 @@ def embed_image_batches(tower, batches, n: int | None = None) -> np.ndarray:
   def embed(variables, images):
     return pool(tower.feature_map(variables, images))
 
-  chunks, pending, variables, spread = [], None, tower.variables, False
+  chunks, variables, spread = [], tower.variables, False
   out, done = None, 0
 
-  def keep(emb, mask):
+  def dispatch(b):
+    nonlocal spread, variables
+    if spread is False:   # the first batch's size decides (later ones are padded to it)
+      spread = local_batch_sharding(len(b["image"]))
+      if spread:
+        variables = jax.device_put(variables, mesh_lib.replicated_sharding(spread.mesh))
+    return embed(variables, jax.device_put(b["image"], spread) if spread else b["image"])
+
+  def keep(b, emb):
     nonlocal out, done
-    rows = np.asarray(emb, np.float32)[mask]
+    rows = np.asarray(emb, np.float32)[np.asarray(b["mask"], bool)]
     if n is None:
       chunks.append(rows)
       return
@@ -192,18 +200,8 @@ def embed_image_batches(tower, batches, n: int | None = None) -> np.ndarray:
     out[done:done + len(rows)] = rows
     done += len(rows)
 
-  for b in batches:
-    if spread is False:   # the first batch's size decides (later ones are padded to it)
-      spread = local_batch_sharding(len(b["image"]))
-      if spread:
-        variables = jax.device_put(variables, mesh_lib.replicated_sharding(spread.mesh))
-    emb = embed(variables, jax.device_put(b["image"], spread) if spread else b["image"])
-    if pending is not None:
-      keep(*pending)
-    pending = (emb, np.asarray(b["mask"], bool))
-  if pending is None:
+  if not pipeline.overlapped(batches, dispatch, keep):
     raise ValueError("embed_image_batches: no batches")
-  keep(*pending)
   if n is None:
     return np.concatenate(chunks)
   if done != n:
