@@ -365,8 +365,8 @@ def _define_flags():
 def main(argv):
   del argv
   from absl import app, flags
-  memory.return_large_frees_to_os()
   from absl import logging as absl_logging
+  memory.return_large_frees_to_os()
   absl_logging.set_verbosity(absl_logging.INFO)
   f = flags.FLAGS
   if (f.csv is None) != (f.images is None):
